@@ -1,0 +1,31 @@
+"""hf-moe: mixture-of-experts decoders, converters and LoRA-expert fine-tuning for the Hugging Face stack.
+
+Importing the package registers the model types `hf_moe_mixtral` and `hf_moe_deepseek` with transformers' Auto
+classes, so `AutoModelForCausalLM.from_pretrained` loads our checkpoints without `trust_remote_code`.
+"""
+
+from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig
+from .modeling.modeling_hf_moe import (
+    DeepSeekMoEForCausalLM,
+    DeepSeekMoEForSequenceClassification,
+    DeepSeekMoEModel,
+    MixtralMoEForCausalLM,
+    MixtralMoEForSequenceClassification,
+    MixtralMoEModel,
+)
+from .registration import register_auto_classes
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "MixtralMoEConfig",
+    "MixtralMoEModel",
+    "MixtralMoEForCausalLM",
+    "MixtralMoEForSequenceClassification",
+    "DeepSeekMoEConfig",
+    "DeepSeekMoEModel",
+    "DeepSeekMoEForCausalLM",
+    "DeepSeekMoEForSequenceClassification",
+]

@@ -1,0 +1,1 @@
+"""Model code. A flat folder with single-dot imports only: its files are copied next to every saved checkpoint."""

@@ -1,0 +1,320 @@
+# Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
+"""Configurations of the two hf-moe decoder families.
+
+`MixtralMoEConfig` and `DeepSeekMoEConfig` describe points of one design space and are read by one modeling
+implementation (`modeling_hf_moe.py`). They differ in defaults and in the fields they expose:
+
+- Mixtral-style: every layer is sparse, experts have the width `intermediate_size`, no shared experts.
+- DeepSeekMoE-style: fine-grained experts of width `moe_intermediate_size`, `n_shared_experts` always-on shared
+  experts (optionally gated, as Qwen2-MoE), dense layers chosen by `first_k_dense_replace` / `moe_layer_freq`
+  (or an explicit `mlp_layer_types`), optional q/k RMSNorm and q/k/v biases.
+
+The fields that one family does not expose are class constants (or properties) on that family, so the modeling
+code reads the same attribute names from both.
+
+This file is copied next to every saved checkpoint (remote code): it imports only torch-free, public
+transformers helpers and nothing from hf_moe outside this folder.
+"""
+
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+MLP_LAYER_TYPES = ("sparse", "dense")
+
+# The tensor-parallel plan shared by both families. Keys are relative to the base model.
+_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",  # [E, 2I, H], [gate; up] along dim 1
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+    "layers.*.mlp.shared_experts.gate_proj": "colwise",
+    "layers.*.mlp.shared_experts.up_proj": "colwise",
+    "layers.*.mlp.shared_experts.down_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",  # dense layers
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+_EP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+    "layers.*.mlp.experts.down_proj": "grouped_gemm",
+    "layers.*.mlp.experts": "ep_dispatch_experts",
+}
+_PP_PLAN = {
+    "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+    "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+    "norm": (["hidden_states"], ["hidden_states"]),
+}
+
+
+def remote_code_auto_map(family: str) -> dict[str, str]:
+    """`auto_map` entries for every Auto class, pointing at the flat files saved next to a checkpoint."""
+    return {
+        "AutoConfig": f"configuration_hf_moe.{family}Config",
+        "AutoModel": f"modeling_hf_moe.{family}Model",
+        "AutoModelForCausalLM": f"modeling_hf_moe.{family}ForCausalLM",
+        "AutoModelForSequenceClassification": f"modeling_hf_moe.{family}ForSequenceClassification",
+    }
+
+
+def _check(condition: bool, field: str, value, allowed: str) -> None:
+    """Raise a ValueError that names the field, the value it got and what is allowed."""
+    if not condition:
+        raise ValueError(f"`{field}`={value!r} is invalid: {allowed}.")
+
+
+class MoEDecoderConfig(PreTrainedConfig):
+    """Fields and validation shared by both families (not registered as a model type of its own)."""
+
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_tp_plan = _TP_PLAN
+    base_model_ep_plan = _EP_PLAN
+    base_model_pp_plan = _PP_PLAN
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_dropout: float | int = 0.0
+    sliding_window: int | None = None
+    # routing
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    router_jitter_noise: float = 0.0
+    # balancing
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.check_fields()
+        # transformers writes only the saved object's own Auto class into `auto_map`; a folder must load as any head
+        family = type(self).__name__.removesuffix("Config")
+        self.auto_map = {**remote_code_auto_map(family), **(getattr(self, "auto_map", None) or {})}
+
+    def check_fields(self) -> None:
+        """Validate every field; raises `ValueError` naming the field, its value and what is allowed."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "num_experts", "moe_intermediate_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+        _check(self.head_dim is None or self.head_dim > 0, "head_dim", self.head_dim, "must be None or > 0")
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", self.num_attention_heads,
+                f"must divide hidden_size={self.hidden_size} (or set head_dim explicitly)",
+            )
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+            self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        _check(self.hidden_act in ACT2FN, "hidden_act", self.hidden_act, f"allowed: {sorted(ACT2FN)}")
+        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
+        _check(self.initializer_range >= 0, "initializer_range", self.initializer_range, "must be >= 0")
+        _check(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        _check(
+            self.sliding_window is None or self.sliding_window > 0, "sliding_window", self.sliding_window,
+            "must be None (full attention) or a positive number of tokens",
+        )
+        _check(
+            1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
+            f"must be between 1 and num_experts={self.num_experts}",
+        )
+        _check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
+        _check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
+        _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
+        if self.n_shared_experts > 0:
+            _check(
+                self.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size, "must be > 0 when n_shared_experts > 0",
+            )
+        _check(
+            not self.shared_expert_gate or self.n_shared_experts > 0, "shared_expert_gate", self.shared_expert_gate,
+            "can only be True when n_shared_experts > 0",
+        )
+        _check(
+            isinstance(self.mlp_layer_types, list) and len(self.mlp_layer_types) == self.num_hidden_layers,
+            "mlp_layer_types", self.mlp_layer_types, f"must be a list of num_hidden_layers={self.num_hidden_layers} "
+            f"entries",
+        )
+        for layer_type in self.mlp_layer_types:
+            _check(layer_type in MLP_LAYER_TYPES, "mlp_layer_types", self.mlp_layer_types,
+                   f"entries must be one of {MLP_LAYER_TYPES}")
+
+    def validate_moe_fields(self):
+        """`@strict` class validator: re-checks the fields at save time, after any mutation."""
+        self.check_fields()
+
+    @property
+    def num_sparse_layers(self) -> int:
+        return sum(layer_type == "sparse" for layer_type in self.mlp_layer_types)
+
+
+@strict
+class MixtralMoEConfig(MoEDecoderConfig):
+    r"""
+    Configuration of a Mixtral-style decoder (`model_type="hf_moe_mixtral"`): every layer is sparse, with
+    `num_local_experts` experts of width `intermediate_size` and a top-k softmax router.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, hidden_act,
+        max_position_embeddings, initializer_range, rms_norm_eps, use_cache, pad_token_id, bos_token_id,
+        eos_token_id, tie_word_embeddings, rope_parameters, attention_dropout:
+            As in [`~transformers.MixtralConfig`].
+        intermediate_size (`int`, defaults to 14336): width of each expert's SwiGLU FFN.
+        sliding_window (`int`, *optional*): sliding-window attention size (Mistral/Mixtral); `None` = full attention.
+        num_local_experts (`int`, defaults to 8): experts per layer (also readable as `num_experts`).
+        num_experts_per_tok (`int`, defaults to 2): experts each token is routed to (top-k).
+        norm_topk_prob (`bool`, defaults to `True`): renormalise the top-k probabilities to sum to one (Mixtral).
+        routed_scaling_factor (`float`, defaults to 1.0): multiplies the routed experts' gate weights.
+        router_jitter_noise (`float`, defaults to 0.0): multiplicative uniform noise `U(1-eps, 1+eps)` on the
+            router's input during training (Switch Transformer); the experts see the clean input.
+        output_router_logits (`bool`, defaults to `False`): return router logits and add the load-balancing loss
+            to `loss`. Turn it on for training.
+        router_aux_loss_coef (`float`, defaults to 0.001): weight of the load-balancing loss.
+
+    Example:
+
+    ```python
+    >>> from hf_moe import MixtralMoEConfig, MixtralMoEForCausalLM
+    >>> config = MixtralMoEConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    >>> model = MixtralMoEForCausalLM(config)
+    ```"""
+
+    model_type = "hf_moe_mixtral"
+    default_theta = 1000000.0
+    attribute_map = {"num_experts": "num_local_experts"}
+
+    max_position_embeddings: int = 4096 * 32
+    num_local_experts: int = 8
+
+    # Fields of the shared design space that the Mixtral family fixes.
+    n_shared_experts: ClassVar[int] = 0
+    shared_expert_gate: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = False
+    qkv_bias: ClassVar[bool] = False
+
+    @property
+    def moe_intermediate_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        return 0
+
+    @property
+    def mlp_layer_types(self) -> list[str]:
+        return ["sparse"] * self.num_hidden_layers
+
+
+@strict
+class DeepSeekMoEConfig(MoEDecoderConfig):
+    r"""
+    Configuration of a DeepSeekMoE-style decoder (`model_type="hf_moe_deepseek"`): fine-grained routed experts
+    plus always-on shared experts. Defaults follow DeepSeekMoE 16B.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, hidden_act,
+        max_position_embeddings, initializer_range, rms_norm_eps, use_cache, pad_token_id, bos_token_id,
+        eos_token_id, tie_word_embeddings, rope_parameters, attention_dropout, sliding_window:
+            As in [`MixtralMoEConfig`].
+        intermediate_size (`int`, defaults to 10944): width of the dense FFN of dense layers.
+        moe_intermediate_size (`int`, defaults to 1408): width of each routed expert.
+        n_routed_experts (`int`, defaults to 64): routed experts per sparse layer (also `num_experts`,
+            `num_local_experts`).
+        num_experts_per_tok (`int`, defaults to 6): routed experts per token.
+        n_shared_experts (`int`, defaults to 2): always-on shared experts, fused into one FFN of width
+            `shared_expert_intermediate_size`.
+        shared_expert_intermediate_size (`int`, *optional*): width of the fused shared FFN; defaults to
+            `n_shared_experts * moe_intermediate_size`.
+        shared_expert_gate (`bool`, defaults to `False`): scale the shared experts' output by
+            `sigmoid(Linear(H, 1)(x))`, as Qwen2-MoE.
+        first_k_dense_replace (`int`, defaults to 1): the first k layers are dense.
+        moe_layer_freq (`int`, defaults to 1): after the first k, layer i is sparse when `i % moe_layer_freq == 0`
+            (2 = GShard's "every other layer").
+        mlp_layer_types (`list[str]`, *optional*): explicit `"sparse"`/`"dense"` per layer; overrides the two
+            fields above.
+        norm_topk_prob (`bool`, defaults to `False`): renormalise the top-k probabilities.
+        routed_scaling_factor (`float`, defaults to 1.0): multiplies the routed experts' gate weights.
+        qk_norm (`bool`, defaults to `False`): RMSNorm on each head of q and k (Qwen3-MoE, OLMoE).
+        qkv_bias (`bool`, defaults to `False`): biases on the q/k/v projections (Qwen2-MoE).
+        router_jitter_noise, output_router_logits, router_aux_loss_coef: as in [`MixtralMoEConfig`].
+
+    Example:
+
+    ```python
+    >>> from hf_moe import DeepSeekMoEConfig, DeepSeekMoEForCausalLM
+    >>> config = DeepSeekMoEConfig(vocab_size=256, hidden_size=64, intermediate_size=256, moe_intermediate_size=32,
+    ...                            num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8,
+    ...                            num_experts_per_tok=2, n_shared_experts=1)
+    >>> model = DeepSeekMoEForCausalLM(config)
+    ```"""
+
+    model_type = "hf_moe_deepseek"
+    default_theta = 10000.0
+    attribute_map = {"num_experts": "n_routed_experts", "num_local_experts": "n_routed_experts"}
+
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 10944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None  # None = num_attention_heads (multi-head attention)
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    moe_intermediate_size: int = 1408
+    n_routed_experts: int = 64
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 2
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    mlp_layer_types: list[str] | None = None
+    norm_topk_prob: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool = False
+
+    def __post_init__(self, **kwargs):
+        _check(
+            isinstance(self.first_k_dense_replace, int) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace", self.first_k_dense_replace,
+            f"must be between 0 and num_hidden_layers={self.num_hidden_layers}",
+        )
+        _check(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1, "moe_layer_freq",
+               self.moe_layer_freq, "must be an integer >= 1")
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = [
+                "sparse" if i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0 else "dense"
+                for i in range(self.num_hidden_layers)
+            ]
+        if self.shared_expert_intermediate_size is None:
+            self.shared_expert_intermediate_size = self.n_shared_experts * self.moe_intermediate_size
+        super().__post_init__(**kwargs)
+
+
+__all__ = ["MixtralMoEConfig", "DeepSeekMoEConfig"]
