@@ -34,7 +34,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -307,6 +307,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+@auto_docstring(custom_intro="Base class of the hf-moe decoders: weight init, output capture, kernel flags.")
 class MoEPreTrainedModel(PreTrainedModel):
     config: MoEDecoderConfig
     base_model_prefix = "model"
@@ -335,6 +336,7 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
 
 
+@auto_docstring(custom_intro="The bare MoE decoder, outputting raw hidden states (and router logits on request).")
 class MoEModel(MoEPreTrainedModel):
     def __init__(self, config: MoEDecoderConfig):
         super().__init__(config)
@@ -351,6 +353,7 @@ class MoEModel(MoEPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -418,6 +421,7 @@ class _RouterAuxLossMixin:
         return loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
 
 
+@auto_docstring(custom_intro="The MoE decoder with a language-modeling head and the router load-balancing loss.")
 class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -433,6 +437,7 @@ class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -491,8 +496,10 @@ class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
         )
 
 
+@auto_docstring(
+    custom_intro="The MoE decoder with a classification head on the last non-padding token of each sequence."
+)
 class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
-    """Scores the last non-padding token of each sequence (as transformers' decoder classifiers)."""
 
     base_model_class = MoEModel
 
@@ -504,6 +511,7 @@ class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -565,29 +573,41 @@ class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
 
 
 class MixtralMoEModel(MoEModel):
+    """[`MoEModel`] for the `hf_moe_mixtral` model type."""
+
     config: MixtralMoEConfig
 
 
 class MixtralMoEForCausalLM(MoEForCausalLM):
+    """[`MoEForCausalLM`] for the `hf_moe_mixtral` model type."""
+
     config: MixtralMoEConfig
     base_model_class = MixtralMoEModel
 
 
 class MixtralMoEForSequenceClassification(MoEForSequenceClassification):
+    """[`MoEForSequenceClassification`] for the `hf_moe_mixtral` model type."""
+
     config: MixtralMoEConfig
     base_model_class = MixtralMoEModel
 
 
 class DeepSeekMoEModel(MoEModel):
+    """[`MoEModel`] for the `hf_moe_deepseek` model type."""
+
     config: DeepSeekMoEConfig
 
 
 class DeepSeekMoEForCausalLM(MoEForCausalLM):
+    """[`MoEForCausalLM`] for the `hf_moe_deepseek` model type."""
+
     config: DeepSeekMoEConfig
     base_model_class = DeepSeekMoEModel
 
 
 class DeepSeekMoEForSequenceClassification(MoEForSequenceClassification):
+    """[`MoEForSequenceClassification`] for the `hf_moe_deepseek` model type."""
+
     config: DeepSeekMoEConfig
     base_model_class = DeepSeekMoEModel
 
