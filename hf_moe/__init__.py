@@ -4,7 +4,7 @@ Importing the package registers the model types `hf_moe_mixtral` and `hf_moe_dee
 classes, so `AutoModelForCausalLM.from_pretrained` loads our checkpoints without `trust_remote_code`.
 """
 
-from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig
+from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, list_presets
 from .modeling.modeling_hf_moe import (
     DeepSeekMoEForCausalLM,
     DeepSeekMoEForSequenceClassification,
@@ -13,7 +13,9 @@ from .modeling.modeling_hf_moe import (
     MixtralMoEForSequenceClassification,
     MixtralMoEModel,
 )
+from .modeling.routing import collect_router_statistics, update_router_bias
 from .registration import register_auto_classes
+from .finetune.trainer import MoERouterCallback, add_router_callback
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,9 @@ __all__ = [
     "DeepSeekMoEModel",
     "DeepSeekMoEForCausalLM",
     "DeepSeekMoEForSequenceClassification",
+    "list_presets",
+    "collect_router_statistics",
+    "update_router_bias",
+    "MoERouterCallback",
+    "add_router_callback",
 ]

@@ -11,6 +11,7 @@ import sys
 
 from .conversion.native import EXPORT_FORMATS, export_native, import_native
 from .conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, ConversionError
+from .modeling.configuration_hf_moe import list_presets
 
 # Errors that mean "the input is wrong": reported in one line, exit code 2.
 INPUT_ERRORS = (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError)
@@ -77,13 +78,31 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_presets_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "presets", formatter_class=_HelpFormatter,
+        help="list the routing presets named after the MoE papers",
+        description=(
+            "List the presets of MixtralMoEConfig.from_preset / DeepSeekMoEConfig.from_preset: each fixes the\n"
+            "routing and balancing settings of one paper; sizes come from the overrides you pass."
+        ),
+    )
+    parser.set_defaults(run=run_presets)
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    for name, summary in list_presets().items():
+        print(f"{name:14s} {summary}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", formatter_class=_HelpFormatter,
         description="Mixture-of-experts decoders for the Hugging Face stack: conversion, fine-tuning, publishing.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (add_import_command, add_export_command):
+    for add_command in (add_import_command, add_export_command, add_presets_command):
         add_command(subparsers)
     return parser
 

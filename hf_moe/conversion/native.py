@@ -306,8 +306,18 @@ def _default_head_dim(config: MoEDecoderConfig) -> int:
 
 def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
     """Every field of `config` that `fmt` cannot represent, as "`field`=value: why (allowed: ...)" strings."""
-    checks = [("routed_scaling_factor", config.routed_scaling_factor == 1.0,
-               f"{fmt} routers do not scale the gate weights (allowed: 1.0)")]
+    checks = [
+        ("routed_scaling_factor", config.routed_scaling_factor == 1.0,
+         f"{fmt} routers do not scale the gate weights (allowed: 1.0)"),
+        ("router_type", config.router_type == "token_choice", f"{fmt} routes by token choice (allowed: 'token_choice')"),
+        ("scoring_func", config.scoring_func == "softmax", f"{fmt} routers use softmax scores (allowed: 'softmax')"),
+        ("n_group", config.n_group == 1, f"{fmt} has no group-limited routing (allowed: 1)"),
+        ("router_selection_bias", not config.router_selection_bias,
+         f"{fmt} routers have no selection bias (allowed: False)"),
+        ("noisy_gating", not config.noisy_gating, f"{fmt} routers have no noise projection (allowed: False)"),
+        ("eval_capacity_factor", config.eval_capacity_factor is None,
+         f"{fmt} never drops tokens at inference (allowed: None)"),
+    ]
     if fmt == "mixtral":
         checks += [
             ("n_shared_experts", config.n_shared_experts == 0, "mixtral has no shared experts (allowed: 0)"),
@@ -347,6 +357,9 @@ def check_exportable(config: MoEDecoderConfig, fmt: str) -> None:
     problems = _export_problems(config, fmt)
     if problems:
         raise ConversionError(f"cannot export to {fmt}: " + "; ".join(problems))
+    for field in ("capacity_factor", "random_routing"):
+        if getattr(config, field):
+            logger.warning(f"`{field}`={getattr(config, field)!r} is a training-time option that {fmt} drops.")
     if config.router_jitter_noise:
         detail = ("mixtral applies it to the experts' input as well" if fmt == "mixtral"
                   else f"{fmt} has no jitter and drops it")

@@ -16,12 +16,15 @@ This file is copied next to every saved checkpoint (remote code): it imports onl
 transformers helpers and nothing from hf_moe outside this folder.
 """
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+
+from .routing import ROUTER_TYPES, SCORING_FUNCS
 
 MLP_LAYER_TYPES = ("sparse", "dense")
 
@@ -96,20 +99,41 @@ class MoEDecoderConfig(PreTrainedConfig):
     rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
-    # routing
+    # routing (see routing.TopKRouter and the README's table)
+    router_type: str = "token_choice"
+    scoring_func: str = "softmax"
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_selection_bias: bool = False
     router_jitter_noise: float = 0.0
-    # balancing
+    noisy_gating: bool = False
+    random_routing: bool = False
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    dispatch_groups: int = 1
+    # balancing: each loss has its own coefficient; several can be on at once
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
+    aux_loss_per_layer: bool = False
+    router_z_loss_coef: float = 0.0
+    router_importance_loss_coef: float = 0.0
+    router_load_loss_coef: float = 0.0
+    expert_balance_loss_coef: float = 0.0
+    device_balance_loss_coef: float = 0.0
+    num_device_groups: int = 1
+    sequence_balance_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
         self.check_fields()
+        if self.head_dim is None:  # explicit, so that every RoPE initialiser (yarn, longrope, ...) reads it
+            self.head_dim = self.hidden_size // self.num_attention_heads
         # transformers writes only the saved object's own Auto class into `auto_map`; a folder must load as any head
         family = type(self).__name__.removesuffix("Config")
         self.auto_map = {**remote_code_auto_map(family), **(getattr(self, "auto_map", None) or {})}
@@ -143,8 +167,7 @@ class MoEDecoderConfig(PreTrainedConfig):
             f"must be between 1 and num_experts={self.num_experts}",
         )
         _check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
-        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
-        _check(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
+        self.check_routing_fields()
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.n_shared_experts > 0:
             _check(
@@ -163,6 +186,56 @@ class MoEDecoderConfig(PreTrainedConfig):
         for layer_type in self.mlp_layer_types:
             _check(layer_type in MLP_LAYER_TYPES, "mlp_layer_types", self.mlp_layer_types,
                    f"entries must be one of {MLP_LAYER_TYPES}")
+
+    def check_routing_fields(self) -> None:
+        num_experts, top_k = self.num_experts, self.num_experts_per_tok
+        _check(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"allowed: {ROUTER_TYPES}")
+        _check(self.scoring_func in SCORING_FUNCS, "scoring_func", self.scoring_func, f"allowed: {SCORING_FUNCS}")
+        _check(isinstance(self.n_group, int) and self.n_group >= 1 and num_experts % self.n_group == 0, "n_group",
+               self.n_group, f"must be a positive divisor of num_experts={num_experts}")
+        _check(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group,
+               f"must be between 1 and n_group={self.n_group}")
+        _check(top_k <= self.topk_group * (num_experts // self.n_group), "num_experts_per_tok", top_k,
+               f"must be at most topk_group * num_experts / n_group = {self.topk_group * (num_experts // self.n_group)}")
+        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
+        _check(not self.random_routing or top_k == 2, "random_routing", self.random_routing,
+               f"GShard random routing needs num_experts_per_tok=2 (got {top_k})")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, value, "must be None (no token dropping) or > 0")
+        _check(isinstance(self.dispatch_groups, int) and self.dispatch_groups >= 1, "dispatch_groups",
+               self.dispatch_groups, "must be an integer >= 1")
+        if self.router_type == "expert_choice":
+            _check(self.capacity_factor is not None, "capacity_factor", self.capacity_factor,
+                   "expert choice needs a capacity factor (tokens per expert = T * capacity_factor / E), e.g. 2.0")
+            for name in ("noisy_gating", "random_routing", "router_selection_bias"):
+                _check(not getattr(self, name), name, getattr(self, name), "not available with expert choice routing")
+            _check(self.n_group == 1, "n_group", self.n_group, "expert choice routing needs n_group=1")
+            _check(self.scoring_func == "softmax", "scoring_func", self.scoring_func,
+                   "expert choice routing uses softmax scores")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_importance_loss_coef",
+                     "router_load_loss_coef", "expert_balance_loss_coef", "device_balance_loss_coef",
+                     "sequence_balance_loss_coef", "router_bias_update_rate"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        _check(self.router_load_loss_coef == 0 or self.noisy_gating, "router_load_loss_coef",
+               self.router_load_loss_coef, "the smooth load estimator needs noisy_gating=True")
+        _check(isinstance(self.num_device_groups, int) and self.num_device_groups >= 1
+               and num_experts % self.num_device_groups == 0, "num_device_groups", self.num_device_groups,
+               f"must be a positive divisor of num_experts={num_experts}")
+        _check(self.router_bias_update_rate == 0 or self.router_selection_bias, "router_bias_update_rate",
+               self.router_bias_update_rate, "aux-loss-free balancing needs router_selection_bias=True")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """A config with the routing and balancing settings of a paper (see `hf_moe.list_presets()`), plus any
+        field given in `overrides`."""
+        family_presets = {key: preset for key, preset in PRESETS.items() if preset.family == cls.__name__}
+        if name not in family_presets:
+            owner = PRESETS[name].family if name in PRESETS else None
+            hint = f" (it is a preset of {owner})" if owner else ""
+            raise ValueError(f"`name`={name!r} is not a preset of {cls.__name__}{hint}: allowed: "
+                             f"{sorted(family_presets)}.")
+        return cls(**{**family_presets[name].settings, **overrides})
 
     def validate_moe_fields(self):
         """`@strict` class validator: re-checks the fields at save time, after any mutation."""
@@ -257,7 +330,7 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
         moe_layer_freq (`int`, defaults to 1): after the first k, layer i is sparse when `i % moe_layer_freq == 0`
             (2 = GShard's "every other layer").
         mlp_layer_types (`list[str]`, *optional*): explicit `"sparse"`/`"dense"` per layer; overrides the two
-            fields above.
+            fields above, which are then set to None unless they describe the same pattern.
         norm_topk_prob (`bool`, defaults to `False`): renormalise the top-k probabilities.
         routed_scaling_factor (`float`, defaults to 1.0): multiplies the routed experts' gate weights.
         qk_norm (`bool`, defaults to `False`): RMSNorm on each head of q and k (Qwen3-MoE, OLMoE).
@@ -292,29 +365,97 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
     n_shared_experts: int = 2
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
-    first_k_dense_replace: int = 1
-    moe_layer_freq: int = 1
+    first_k_dense_replace: int | None = 1
+    moe_layer_freq: int | None = 1
     mlp_layer_types: list[str] | None = None
     norm_topk_prob: bool = False
     qk_norm: bool = False
     qkv_bias: bool = False
 
     def __post_init__(self, **kwargs):
-        _check(
-            isinstance(self.first_k_dense_replace, int) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
-            "first_k_dense_replace", self.first_k_dense_replace,
-            f"must be between 0 and num_hidden_layers={self.num_hidden_layers}",
-        )
-        _check(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1, "moe_layer_freq",
-               self.moe_layer_freq, "must be an integer >= 1")
-        if self.mlp_layer_types is None:
-            self.mlp_layer_types = [
+        _check(isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0, "num_hidden_layers",
+               self.num_hidden_layers, "must be a positive integer")
+        schedule = None
+        if self.first_k_dense_replace is not None or self.mlp_layer_types is None:
+            _check(
+                isinstance(self.first_k_dense_replace, int)
+                and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+                "first_k_dense_replace", self.first_k_dense_replace,
+                f"must be between 0 and num_hidden_layers={self.num_hidden_layers}",
+            )
+            _check(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1, "moe_layer_freq",
+                   self.moe_layer_freq, "must be an integer >= 1")
+            schedule = [
                 "sparse" if i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0 else "dense"
                 for i in range(self.num_hidden_layers)
             ]
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = schedule
+        elif schedule != self.mlp_layer_types:
+            # an explicit per-layer list that the two schedule fields do not describe: they would mislead readers
+            self.first_k_dense_replace, self.moe_layer_freq = None, None
         if self.shared_expert_intermediate_size is None:
             self.shared_expert_intermediate_size = self.n_shared_experts * self.moe_intermediate_size
         super().__post_init__(**kwargs)
 
 
-__all__ = ["MixtralMoEConfig", "DeepSeekMoEConfig"]
+@dataclass(frozen=True)
+class Preset:
+    family: str  # the config class it belongs to
+    summary: str  # one line: paper and what it fixes
+    settings: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "mixtral": Preset("MixtralMoEConfig", "Mixtral (Jiang et al. 2024): top-2 of 8, softmax over the chosen two "
+                      "(renormalised), Switch load-balancing loss 0.02.",
+                      dict(num_local_experts=8, num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.02)),
+    "switch": Preset("MixtralMoEConfig", "Switch Transformer (Fedus et al. 2021): top-1, gate = router probability, "
+                     "jitter 0.01, capacity 1.25 (train) / 2.0 (eval), load-balancing loss 0.01.",
+                     dict(num_experts_per_tok=1, norm_topk_prob=False, router_jitter_noise=0.01,
+                          capacity_factor=1.25, eval_capacity_factor=2.0, router_aux_loss_coef=0.01)),
+    "gshard": Preset("MixtralMoEConfig", "GShard (Lepikhin et al. 2020): top-2 with random routing of the second "
+                     "expert, capacity 2N/E per group (factor 1.0 train, 2.0 eval), load-balancing loss 0.01.",
+                     dict(num_experts_per_tok=2, norm_topk_prob=True, random_routing=True, capacity_factor=1.0,
+                          eval_capacity_factor=2.0, router_aux_loss_coef=0.01)),
+    "noisy_topk": Preset("MixtralMoEConfig", "Sparsely-gated MoE (Shazeer et al. 2017): noisy top-4 gating, "
+                         "softmax over the kept logits, importance and load CV^2 losses 0.1 each.",
+                         dict(num_experts_per_tok=4, norm_topk_prob=True, noisy_gating=True,
+                              router_importance_loss_coef=0.1, router_load_loss_coef=0.1, router_aux_loss_coef=0.0)),
+    "st_moe": Preset("MixtralMoEConfig", "ST-MoE (Zoph et al. 2022): top-2, capacity 1.25 (train) / 2.0 (eval), "
+                     "load-balancing loss 0.01, router z-loss 0.001.",
+                     dict(num_experts_per_tok=2, norm_topk_prob=False, capacity_factor=1.25, eval_capacity_factor=2.0,
+                          router_aux_loss_coef=0.01, router_z_loss_coef=0.001)),
+    "expert_choice": Preset("MixtralMoEConfig", "Expert choice (Zhou et al. 2022): each expert takes its top "
+                            "T*2/E tokens; no balancing loss needed; not causal, so it cannot generate.",
+                            dict(router_type="expert_choice", capacity_factor=2.0, router_aux_loss_coef=0.0)),
+    "deepseek_moe": Preset("DeepSeekMoEConfig", "DeepSeekMoE (Dai et al. 2024): 64 fine-grained experts, top-6, "
+                           "2 shared, softmax without renormalisation, expert-level balance loss 0.001.",
+                           dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, norm_topk_prob=False,
+                                expert_balance_loss_coef=0.001, router_aux_loss_coef=0.0)),
+    "deepseek_v2": Preset("DeepSeekMoEConfig", "DeepSeek-V2 (2024): top-6 limited to the best 3 of 8 expert groups, "
+                          "2 shared, routed scaling 16, expert- (0.003) and device-level (0.05, 8 groups) losses.",
+                          dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, norm_topk_prob=False,
+                               n_group=8, topk_group=3, routed_scaling_factor=16.0, expert_balance_loss_coef=0.003,
+                               device_balance_loss_coef=0.05, num_device_groups=8, router_aux_loss_coef=0.0)),
+    "deepseek_v3": Preset("DeepSeekMoEConfig", "DeepSeek-V3 (2024): sigmoid scores, selection bias updated "
+                          "loss-free (gamma 0.001), top-8 within the best 4 of 8 groups, renormalised, scaling 2.5, "
+                          "1 shared, sequence-wise balance loss 0.0001.",
+                          dict(n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1, scoring_func="sigmoid",
+                               router_selection_bias=True, router_bias_update_rate=0.001, n_group=8, topk_group=4,
+                               norm_topk_prob=True, routed_scaling_factor=2.5, sequence_balance_loss_coef=0.0001,
+                               router_aux_loss_coef=0.0)),
+    "qwen2_moe": Preset("DeepSeekMoEConfig", "Qwen1.5/2-MoE: top-4 of 60, one gated shared expert 4x wide, no "
+                        "renormalisation, q/k/v biases, all layers sparse, load-balancing loss 0.001.",
+                        dict(n_routed_experts=60, num_experts_per_tok=4, n_shared_experts=1, shared_expert_gate=True,
+                             first_k_dense_replace=0, norm_topk_prob=False, qkv_bias=True,
+                             router_aux_loss_coef=0.001)),
+}
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> `Family: one-line summary`."""
+    return {name: f"{preset.family}: {preset.summary}" for name, preset in PRESETS.items()}
+
+
+__all__ = ["MixtralMoEConfig", "DeepSeekMoEConfig", "PRESETS", "list_presets"]

@@ -15,6 +15,7 @@ installed: it imports torch, transformers and, with single-dot imports, the file
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
-from .routing import TopKRouter, load_balancing_loss_func
+from .routing import (
+    TopKRouter,
+    accumulate_router_statistics,
+    router_losses,
+    router_statistics,
+    token_mask_for_router_rows,
+)
 
 
 class MoEMLP(nn.Module):
@@ -108,7 +115,7 @@ class MoESparseBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, S, H]
         input_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, input_shape[-1])  # [T, H]
-        _, top_k_weights, top_k_index = self.gate(hidden_states)  # [T, k], [T, k]
+        _, top_k_weights, top_k_index, _ = self.gate(hidden_states)  # [T, k], [T, k]
         output = self.experts(hidden_states, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             shared_output = self.shared_experts(hidden_states)
@@ -319,8 +326,10 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "tokens_per_expert", "routing_totals"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(TopKRouter, index=0),
+        "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
         "hidden_states": MoEDecoderLayer,
         "attentions": MoEAttention,
     }
@@ -334,6 +343,12 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if hasattr(module, "noise_weight"):
+                init.zeros_(module.noise_weight)  # Shazeer et al.: no signal, uniform noise at init
+            if hasattr(module, "e_score_correction_bias"):
+                init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.tokens_per_expert)
+            init.zeros_(module.routing_totals)
 
 
 @auto_docstring(custom_intro="The bare MoE decoder, outputting raw hidden states (and router logits on request).")
@@ -350,6 +365,10 @@ class MoEModel(MoEPreTrainedModel):
         self.rotary_emb = MoERotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def routers(self) -> list[TopKRouter]:
+        """The router of every sparse layer, in layer order (the order of captured router outputs)."""
+        return [layer.mlp.gate for layer in self.layers if isinstance(layer.mlp, MoESparseBlock)]
 
     @merge_with_config_defaults
     @capture_outputs
@@ -400,29 +419,68 @@ class MoEModel(MoEPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
-class _RouterAuxLossMixin:
-    """Adds `router_aux_loss_coef * load-balancing loss` to a head's loss, computed once from captured router logits.
-
-    Under Trainer with `num_items_in_batch` (gradient accumulation, several ranks), the task loss is a sum over the
-    whole global batch divided by its item count, and micro-batch losses are summed, not averaged. The aux loss is a
-    mean over one micro-batch, so it is weighted by the micro-batch's share of the items: the sum over micro-batches
-    is then the item-weighted mean of the aux loss, not a multiple of it.
+@dataclass
+class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    router_losses (`dict[str, torch.Tensor]`, *optional*):
+        Every balancing loss that is on, unweighted, keyed by the name of its config coefficient.
+    router_stats (`list[dict[str, torch.Tensor]]`, *optional*):
+        Per sparse layer: `load`, `max_violation`, `entropy`, `dropped_fraction`, `z_loss` (with `output_router_stats`).
     """
 
-    def router_aux_loss(self, router_logits, attention_mask) -> torch.Tensor | None:
-        return load_balancing_loss_func(
-            router_logits, self.config.num_experts, self.config.num_experts_per_tok, attention_mask
-        )
+    router_losses: dict | None = None
+    router_stats: list | None = None
 
-    def add_router_aux_loss(self, loss, aux_loss, items_in_micro_batch, num_items_in_batch):
-        if loss is None or aux_loss is None:
+
+@dataclass
+class MoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+    r"""
+    aux_loss (`torch.Tensor`, *optional*): the Switch load-balancing loss (with `output_router_logits`).
+    router_logits (`tuple[torch.Tensor]`, *optional*): router logits of every sparse layer, each `[B*S, E]`.
+    router_losses, router_stats: as in [`MoECausalLMOutputWithPast`].
+    """
+
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_losses: dict | None = None
+    router_stats: list | None = None
+
+
+class _RouterLossMixin:
+    """Balancing losses, router statistics and load counting, computed once per forward from captured decisions.
+
+    Under Trainer with `num_items_in_batch` (gradient accumulation, several ranks), the task loss is a sum over the
+    whole global batch divided by its item count, and micro-batch losses are summed, not averaged. The balancing
+    losses are means over one micro-batch, so they are weighted by the micro-batch's share of the items: their sum
+    over micro-batches is then the item-weighted mean, not a multiple of it.
+    """
+
+    def routing_outputs(self, outputs, attention_mask, batch_size, output_router_logits, output_router_stats):
+        """-> (losses, statistics). In training, also adds this forward's counts to each router's counters (for
+        aux-loss-free bias updates and logged metrics; read with `routing.collect_router_statistics`)."""
+        decisions = outputs.get("router_decisions") or ()
+        if not decisions:
+            return {}, None
+        token_mask = token_mask_for_router_rows(attention_mask, decisions[0].probs.shape[0])
+        if self.training:
+            accumulate_router_statistics(self.model.routers(), decisions, token_mask)
+        losses = router_losses(decisions, self.config, attention_mask, batch_size) if output_router_logits else {}
+        statistics = router_statistics(decisions, token_mask) if output_router_stats else None
+        return losses, statistics
+
+    def add_router_losses(self, loss, losses, items_in_micro_batch, num_items_in_batch):
+        if loss is None or not losses:
             return loss
+        weighted = sum(getattr(self.config, name) * value.to(loss.device) for name, value in losses.items())
         share = 1.0 if num_items_in_batch is None else items_in_micro_batch / num_items_in_batch
-        return loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
+        return loss + share * weighted
+
+    def wants_router_decisions(self, output_router_logits, output_router_stats) -> bool:
+        return bool(output_router_logits or output_router_stats or self.training)
 
 
 @auto_docstring(custom_intro="The MoE decoder with a language-modeling head and the router load-balancing loss.")
-class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
+class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
@@ -448,15 +506,19 @@ class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_stats: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoECausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside); -100 is ignored.
         output_router_logits (`bool`, *optional*):
-            Return the router logits of every sparse layer and add `router_aux_loss_coef * aux_loss` to `loss`.
-            Defaults to `config.output_router_logits`.
+            Collect the router logits of every sparse layer and add to `loss` every balancing loss whose
+            coefficient is non-zero, e.g. `router_aux_loss_coef * aux_loss`. Defaults to
+            `config.output_router_logits`.
+        output_router_stats (`bool`, *optional*, defaults to `False`):
+            Also compute per-layer router statistics (load, max-violation, entropy, dropped fraction, z-loss).
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices.
         """
@@ -470,37 +532,51 @@ class MoEForCausalLM(_RouterAuxLossMixin, MoEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        losses, statistics = self.routing_outputs(
+            outputs, attention_mask, logits.shape[0], output_router_logits, output_router_stats
+        )
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask) if output_router_logits else None
-        if labels is not None:
             shift_labels = kwargs.get("shift_labels")
             shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
-            loss = self.add_router_aux_loss(
-                loss, aux_loss, shift_labels.ne(-100).sum(), kwargs.get("num_items_in_batch")
-            )
+            loss = self.add_router_losses(loss, losses, shift_labels.ne(-100).sum(), kwargs.get("num_items_in_batch"))
 
-        return MoeCausalLMOutputWithPast(
+        return MoECausalLMOutputWithPast(
             loss=loss,
-            aux_loss=aux_loss,
+            aux_loss=losses.get("router_aux_loss_coef"),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            router_losses=losses or None,
+            router_stats=statistics,
         )
+
+    def generate(self, *args, **kwargs):
+        if self.config.router_type == "expert_choice":
+            raise ValueError(
+                "`router_type`='expert_choice' cannot generate: each expert picks its tokens among ALL tokens of the "
+                "batch, so a token's routing depends on later tokens (not causal). Use it for training and "
+                "sequence classification, or set router_type='token_choice' (e.g. a copy of the config with "
+                "capacity_factor=None) to generate with the same weights."
+            )
+        return super().generate(*args, **kwargs)
 
 
 @auto_docstring(
     custom_intro="The MoE decoder with a classification head on the last non-padding token of each sequence."
 )
-class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
-
+class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
+    # The classification losses are per-micro-batch means (regression and multi-label ignore `num_items_in_batch`),
+    # so Trainer must average micro-batches itself: it then divides every term, the balancing losses included.
+    accepts_loss_kwargs = False
     base_model_class = MoEModel
 
     def __init__(self, config: MoEDecoderConfig):
@@ -522,13 +598,17 @@ class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_stats: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutputWithPast:
+    ) -> MoESequenceClassifierOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or float targets for regression / multi-label, per `config.problem_type`).
         output_router_logits (`bool`, *optional*):
-            Add `router_aux_loss_coef * aux_loss` to `loss`. Defaults to `config.output_router_logits`.
+            Add every balancing loss whose coefficient is non-zero to `loss`. Defaults to
+            `config.output_router_logits`.
+        output_router_stats (`bool`, *optional*, defaults to `False`):
+            Also compute per-layer router statistics (load, max-violation, entropy, dropped fraction, z-loss).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -540,9 +620,13 @@ class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # [B, S, num_labels]
+        losses, statistics = self.routing_outputs(
+            outputs, attention_mask, logits.shape[0], output_router_logits, output_router_stats
+        )
         batch_size = logits.shape[0]
         if self.config.pad_token_id is None and batch_size != 1:
             raise ValueError("Cannot classify a batch of several sequences without `config.pad_token_id`.")
@@ -558,14 +642,17 @@ class MoEForSequenceClassification(_RouterAuxLossMixin, MoEPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask) if output_router_logits else None
-            loss = self.add_router_aux_loss(loss, aux_loss, labels.ne(-100).sum(), kwargs.get("num_items_in_batch"))
-        return SequenceClassifierOutputWithPast(
+            loss = self.add_router_losses(loss, losses, labels.ne(-100).sum(), kwargs.get("num_items_in_batch"))
+        return MoESequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            aux_loss=losses.get("router_aux_loss_coef"),
+            router_logits=outputs.router_logits,
+            router_losses=losses or None,
+            router_stats=statistics,
         )
 
 

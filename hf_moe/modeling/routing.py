@@ -1,98 +1,480 @@
 # Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
-"""Routers and balancing losses: the one place where a routing or balancing formula lives.
+"""Routers, balancing losses and router statistics: the one place where a routing or balancing formula lives.
 
-A router maps the tokens of a sparse layer to experts. It returns `(router_logits, top_k_weights, top_k_index)`:
+A router maps the T tokens of a sparse layer to experts and returns
 
-    router_logits  [T, E]  raw scores, recorded by output capture for the balancing losses
-    top_k_weights  [T, k]  gate weight of each chosen expert
-    top_k_index    [T, k]  chosen expert ids; the id E (one past the last expert) means "no expert"
-                           and always carries weight 0 (the experts module skips it)
+    router_logits  [T, E]  clean linear scores (recorded by output capture as `router_logits`)
+    top_k_weights  [T, k]  gate weight of each slot; exactly 0 (and no gradient) for slots that are not dispatched
+    top_k_index    [T, k]  expert id of each slot, always a valid id in [0, E)
+    decision       RouterDecision: everything the balancing losses and the statistics need
 
-This file is copied next to every saved checkpoint (remote code): torch and transformers imports only.
+Slots that are not dispatched (dropped by capacity, by GShard random routing, or padding slots of expert choice)
+keep a valid expert id with weight 0, so every experts implementation (eager, grouped_mm, batched_mm) computes the
+same result and the token passes through on the residual path for that slot's share.
+
+This file is copied next to every saved checkpoint (remote code): torch imports only.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ROUTER_TYPES = ("token_choice", "expert_choice")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class RouterDecision:
+    """What one sparse layer's router decided (T tokens, E experts, k slots per token)."""
+
+    logits: torch.Tensor  # [T, E] clean router logits
+    probs: torch.Tensor  # [T, E] fp32 clean, unbiased routing distribution (rows sum to 1)
+    top_k_index: torch.Tensor  # [T, k] chosen experts, before capacity
+    top_k_weights: torch.Tensor  # [T, k] gate weights after capacity (0 where not dispatched)
+    valid: torch.Tensor  # [T, k] bool: the slot holds a real choice (False only for expert-choice padding)
+    dispatched: torch.Tensor  # [T, k] bool: valid and sent to its expert
+    load_probs: torch.Tensor | None = None  # [T, E] P(token goes to expert) under noisy gating (Shazeer 2017)
+
 
 class TopKRouter(nn.Module):
-    """Token-choice top-k router over a softmax of linear scores.
+    """The router of one sparse layer; every knob comes from the config.
 
-    p = softmax(x W^T)                                  # [T, E], computed in fp32
-    w, i = top_k(p)                                     # Switch / GShard / DeepSeekMoE (softmax, then top-k)
-    w = w / sum(w)            if norm_topk_prob          # Mixtral (equivalent to top-k of logits, then softmax)
-    w = w * routed_scaling_factor
-
-    With `router_jitter_noise` = eps > 0, the router's input is multiplied by U(1 - eps, 1 + eps) during training
-    (Switch Transformer, section 2.4); the experts see the clean input.
+    Token choice (`router_type="token_choice"`):
+        s = softmax(x W^T) or sigmoid(x W^T)                       scores, fp32                       [T, E]
+        chosen = top_k(s + b) within the best `topk_group` of `n_group` expert groups (DeepSeek-V2/V3);
+                 b is the selection bias (aux-loss-free balancing, DeepSeek-V3); it shifts selection only
+        w = s[chosen];  w = w / sum(w) if norm_topk_prob;  w = w * routed_scaling_factor
+        Mixtral's top-k-then-softmax is softmax-then-top-k with norm_topk_prob=True (the same numbers).
+    Noisy top-k (Shazeer et al. 2017), training only: logits + N(0, 1) * softplus(x W_noise^T) choose the experts
+        and give the gates.
+    Jitter (Switch Transformer): the router's input is multiplied by U(1 - eps, 1 + eps) in training.
+    GShard random routing (top-2, training): the second expert is dispatched with probability min(1, 2 * w_2).
+    Capacity (`capacity_factor` in training, `eval_capacity_factor` in eval; None = dropless): tokens are split into
+        `dispatch_groups` contiguous groups; each expert takes at most C = ceil(cf * k * T_group / E) slots per group,
+        first choices of all tokens first, then second choices, each in token order (GShard); the rest are dropped.
+    Expert choice (Zhou et al. 2022): s = softmax(x W^T); each expert takes its top C = ceil(cf * T_group / E)
+        tokens of its group, with gate s[t, e]. It looks at every token of the group, so it is not causal.
     """
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
+        if config.noisy_gating:
+            self.noise_weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
+        if config.router_selection_bias:
+            # DeepSeek-V3 name; fp32, persistent (saved in checkpoints), updated by `update_router_bias`
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+        # counts of the training forwards since the last `collect_router_statistics`, see `routing_counts`
+        self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        self.routing_totals = nn.Buffer(torch.zeros(5, dtype=torch.float32), persistent=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    def forward(self, hidden_states: torch.Tensor):  # [T, H]
+        config = self.config
+        if self.training and config.router_jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - config.router_jitter_noise,
+                                                             1.0 + config.router_jitter_noise)
             hidden_states = hidden_states * noise
         router_logits = F.linear(hidden_states, self.weight)  # [T, E]
-        router_probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = torch.topk(router_probs, self.top_k, dim=-1)  # [T, k]
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        top_k_weights = top_k_weights * self.routed_scaling_factor
-        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
+        probs = routing_probabilities(router_logits, config.scoring_func)
+
+        if config.router_type == "expert_choice":
+            capacity_factor = capacity_factor_for(config, self.training)
+            top_k_index, top_k_weights, valid = expert_choice(probs, capacity_factor, config.dispatch_groups)
+            dispatched, load_probs = valid, None
+        else:
+            gate_logits, load_probs = router_logits, None
+            if self.training and config.noisy_gating:
+                gate_logits, load_probs = self.noisy_logits(hidden_states, router_logits)
+            scores = scores_from_logits(gate_logits, config.scoring_func)  # [T, E] fp32
+            choice_scores = scores
+            if config.router_selection_bias:
+                choice_scores = scores + self.e_score_correction_bias
+            if config.n_group > 1:
+                choice_scores = limit_to_top_groups(
+                    choice_scores, config.n_group, config.topk_group, config.scoring_func
+                )
+            top_k_index = torch.topk(choice_scores, self.top_k, dim=-1).indices  # [T, k]
+            top_k_weights = scores.gather(1, top_k_index)  # unbiased scores
+            if config.norm_topk_prob:
+                top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+            valid = torch.ones_like(top_k_index, dtype=torch.bool)
+            dispatched = valid
+            if self.training and config.random_routing:
+                dispatched = gshard_random_routing(top_k_weights)
+            capacity_factor = capacity_factor_for(config, self.training)
+            if capacity_factor is not None:
+                dispatched = dispatched & within_capacity(
+                    top_k_index, dispatched, self.num_experts, capacity_factor, config.dispatch_groups
+                )
+        top_k_weights = top_k_weights * config.routed_scaling_factor
+        top_k_weights = torch.where(dispatched, top_k_weights, torch.zeros_like(top_k_weights))
+
+        decision = RouterDecision(
+            logits=router_logits,
+            probs=probs,
+            top_k_index=top_k_index,
+            top_k_weights=top_k_weights,
+            valid=valid,
+            dispatched=dispatched,
+            load_probs=load_probs,
+        )
+        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index, decision
+
+    def noisy_logits(self, hidden_states, clean_logits):
+        """H = clean + N(0, 1) * softplus(x W_noise^T), and the smooth load estimator of Shazeer et al. (2017):
+        P(t -> e) = Phi((clean_e - kth_excluding_e(H)) / std_e), where kth_excluding_e is the k-th largest noisy
+        logit among the other experts (the (k+1)-th of H if e is in H's top-k, else the k-th)."""
+        noise_std = F.softplus(F.linear(hidden_states, self.noise_weight)) + 1e-2  # [T, E]
+        noisy = clean_logits + torch.randn_like(clean_logits) * noise_std
+        k = self.top_k
+        top = torch.topk(noisy, min(k + 1, self.num_experts), dim=-1).values  # [T, k+1]
+        kth_if_in = top[:, -1:] if self.num_experts > k else torch.full_like(top[:, :1], float("-inf"))
+        kth_if_out = top[:, k - 1 : k]
+        in_top_k = noisy >= kth_if_out
+        threshold = torch.where(in_top_k, kth_if_in, kth_if_out)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        load_probs = normal.cdf((clean_logits.float() - threshold.float()) / noise_std.float())
+        return noisy, load_probs
+
+
+def scores_from_logits(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(logits.float())
+    return F.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def routing_probabilities(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """The unbiased routing distribution P[t, e] used by the balancing losses: softmax, or sigmoid scores
+    normalised to sum to one (DeepSeek-V3's s')."""
+    scores = scores_from_logits(logits, scoring_func)
+    if scoring_func == "sigmoid":
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores
+
+
+def limit_to_top_groups(scores: torch.Tensor, n_group: int, topk_group: int, scoring_func: str) -> torch.Tensor:
+    """Group-limited routing: experts form `n_group` equal groups; only the `topk_group` best groups stay
+    selectable. A group's score is its best expert (DeepSeek-V2, softmax) or the sum of its best two
+    (DeepSeek-V3, sigmoid)."""
+    num_tokens, num_experts = scores.shape
+    grouped = scores.view(num_tokens, n_group, num_experts // n_group)
+    if scoring_func == "sigmoid":
+        group_scores = grouped.topk(min(2, num_experts // n_group), dim=-1).values.sum(dim=-1)  # [T, G]
+    else:
+        group_scores = grouped.max(dim=-1).values
+    top_groups = group_scores.topk(topk_group, dim=-1).indices  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, top_groups, True)
+    expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(num_tokens, num_experts)
+    return scores.masked_fill(~expert_mask, float("-inf"))
+
+
+def gshard_random_routing(top_k_weights: torch.Tensor) -> torch.Tensor:
+    """GShard (Lepikhin et al. 2020): the first expert is always used; the second with probability
+    min(1, 2 * w_2 / (w_1 + w_2)). Returns the [T, 2] dispatch mask."""
+    normalized = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    keep_second = torch.rand_like(normalized[:, 1]) < (2 * normalized[:, 1]).clamp(max=1.0)
+    return torch.stack([torch.ones_like(keep_second), keep_second], dim=-1)
+
+
+def capacity_factor_for(config, training: bool) -> float | None:
+    if training:
+        return config.capacity_factor
+    if config.router_type == "expert_choice" and config.eval_capacity_factor is None:
+        return config.capacity_factor
+    return config.eval_capacity_factor
+
+
+def group_slices(num_tokens: int, groups: int) -> list[slice]:
+    """`groups` contiguous, near-equal token ranges (GShard's local group dispatching)."""
+    groups = max(1, min(groups, num_tokens))
+    bounds = [num_tokens * g // groups for g in range(groups + 1)]
+    return [slice(bounds[g], bounds[g + 1]) for g in range(groups)]
+
+
+def within_capacity(top_k_index, dispatched, num_experts: int, capacity_factor: float, groups: int):
+    """[T, k] mask of the slots that fit in their expert's capacity C = ceil(cf * k * T_group / E), in GShard's
+    priority: all first choices in token order, then all second choices, and so on."""
+    num_tokens, top_k = top_k_index.shape
+    keep = torch.zeros_like(dispatched)
+    for tokens in group_slices(num_tokens, groups):
+        group_size = tokens.stop - tokens.start
+        capacity = max(1, math.ceil(capacity_factor * top_k * group_size / num_experts))
+        slots = F.one_hot(top_k_index[tokens], num_experts) * dispatched[tokens, :, None]  # [Tg, k, E]
+        slots = slots.transpose(0, 1).reshape(top_k * group_size, num_experts)  # slot-major priority
+        position = torch.cumsum(slots, dim=0)  # 1-based position in the expert's buffer
+        fits = ((position <= capacity) & (slots > 0)).any(dim=-1)  # [k * Tg]
+        keep[tokens] = fits.view(top_k, group_size).transpose(0, 1)
+    return keep
+
+
+def expert_choice(probs: torch.Tensor, capacity_factor: float, groups: int):
+    """Expert choice routing (Zhou et al. 2022): in each token group, expert e takes the C = ceil(cf * T_g / E)
+    tokens with the highest probs[:, e]. Returns per-token slots [T, k_max] (index, weight, valid), where k_max is
+    the largest number of experts that took one token; padding slots are invalid with weight 0."""
+    num_tokens, num_experts = probs.shape
+    chosen = torch.zeros_like(probs, dtype=torch.bool)  # [T, E]
+    for tokens in group_slices(num_tokens, groups):
+        group_size = tokens.stop - tokens.start
+        capacity = min(group_size, max(1, math.ceil(capacity_factor * group_size / num_experts)))
+        picked = probs[tokens].topk(capacity, dim=0).indices  # [C, E] token ids within the group
+        chosen[tokens] = torch.zeros_like(chosen[tokens]).scatter(0, picked, True)
+    max_slots = max(1, int(chosen.sum(dim=-1).max()))
+    top_k_index = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :max_slots]
+    valid = chosen.gather(1, top_k_index)
+    top_k_weights = probs.gather(1, top_k_index) * valid
+    return top_k_index, top_k_weights, valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Balancing losses. Each takes the decisions of every sparse layer and a [B*S] mask of real tokens (or None).
+# Per-layer losses are averaged over the sparse layers, so a coefficient does not depend on depth.
+
+
+def _token_weights(decision: RouterDecision, token_mask: torch.Tensor | None) -> torch.Tensor:
+    rows = decision.probs.shape[0]
+    if token_mask is None:
+        return decision.probs.new_ones(rows)
+    return token_mask.to(decision.probs.device, torch.float32)
+
+
+def _expert_counts(decision: RouterDecision, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of weights[t] for each slot in `slots` ([T, k] bool), per expert: [E]."""
+    num_experts = decision.probs.shape[-1]
+    per_slot = (weights[:, None] * slots).reshape(-1)
+    return torch.zeros(num_experts, device=per_slot.device).scatter_add(0, decision.top_k_index.reshape(-1), per_slot)
 
 
 def token_mask_for_router_rows(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
-    """The [B*S] mask of real (non-padding) tokens for a layer's router rows.
-
-    `attention_mask` is the [B, S_total] mask given to the model; with a KV cache it also covers the past tokens, so
-    only its last S = num_rows / B columns belong to the rows routed in this forward.
-    """
+    """The [B*S] mask of real tokens for a layer's router rows. With a KV cache the [B, S_total] attention mask
+    also covers past tokens; only its last S = num_rows / B columns belong to this forward."""
     if attention_mask is None or attention_mask.dim() != 2:
         return None
-    batch_size = attention_mask.shape[0]
-    seq_len = num_rows // batch_size
+    seq_len = num_rows // attention_mask.shape[0]
     return attention_mask[:, -seq_len:].reshape(-1)
 
 
-def load_balancing_loss_func(
-    router_logits: tuple[torch.Tensor, ...] | None,
-    num_experts: int,
-    top_k: int,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Switch Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6; GShard's l_aux for top-2).
+def load_balancing_loss(decisions, token_mask=None, per_layer: bool = False) -> torch.Tensor:
+    """Switch Transformer / GShard load-balancing loss (Fedus et al. 2021, eqs. 4-6):
 
-        f_e = (1 / T) * #{(t, j) : expert e is token t's j-th choice}      # sums to k over experts
-        P_e = (1 / T) * sum_t softmax(logits_t)_e
-        loss = E * sum_e f_e * P_e
+        f_e = (1/T) * #{(t, j): expert e is token t's j-th choice}      (sums to k)
+        P_e = (1/T) * sum_t P[t, e]
+        loss = E * sum_e f_e * P_e                                       (k when perfectly balanced)
 
-    pooled over all sparse layers (T counts every layer's tokens) and over real tokens only when an attention mask
-    is given. A perfectly balanced router gives k; this matches transformers' `load_balancing_loss_func`.
-    Returns None when there are no router logits.
-    """
-    if not router_logits:
-        return None
-    device = router_logits[0].device
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    num_tokens = torch.zeros((), dtype=torch.float32, device=device)
-    for layer_logits in router_logits:
-        probs = F.softmax(layer_logits.to(device), dim=-1, dtype=torch.float32)  # [T, E]
-        selected = torch.topk(probs, top_k, dim=-1).indices  # [T, k]
-        token_mask = token_mask_for_router_rows(attention_mask, probs.shape[0])
-        token_mask = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.to(device, torch.float32)
-        tokens_per_expert = tokens_per_expert.scatter_add(
-            0, selected.reshape(-1), token_mask.repeat_interleave(top_k)
-        )
-        prob_per_expert = prob_per_expert + (probs * token_mask[:, None]).sum(dim=0)
-        num_tokens = num_tokens + token_mask.sum()
-    return num_experts * torch.sum((tokens_per_expert / num_tokens) * (prob_per_expert / num_tokens))
+    Pooled over layers (T counts every layer's tokens; transformers' `load_balancing_loss_func`), or the mean of
+    the per-layer losses with `per_layer=True`."""
+    num_experts = decisions[0].probs.shape[-1]
+    counts, prob_sums, totals = [], [], []
+    for decision in decisions:
+        weights = _token_weights(decision, token_mask)
+        counts.append(_expert_counts(decision, weights, decision.valid))
+        prob_sums.append((decision.probs * weights[:, None]).sum(dim=0))
+        totals.append(weights.sum())
+    if per_layer:
+        losses = [num_experts * torch.sum((c / n) * (p / n)) for c, p, n in zip(counts, prob_sums, totals)]
+        return torch.stack(losses).mean()
+    total = torch.stack(totals).sum()
+    return num_experts * torch.sum((torch.stack(counts).sum(0) / total) * (torch.stack(prob_sums).sum(0) / total))
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var / mean^2 (unbiased variance, as in Shazeer et al.'s reference code)."""
+    return values.float().var() / (values.float().mean() ** 2 + 1e-10)
+
+
+def importance_loss(decisions, token_mask=None) -> torch.Tensor:
+    """Shazeer et al. (2017): CV(Importance)^2 with Importance_e = sum_t gate[t, e]."""
+    losses = []
+    for decision in decisions:
+        weights = _token_weights(decision, token_mask)
+        num_experts = decision.probs.shape[-1]
+        gates = (decision.top_k_weights.float() * weights[:, None]).reshape(-1)
+        importance = torch.zeros(num_experts, device=gates.device).scatter_add(0, decision.top_k_index.reshape(-1),
+                                                                               gates)
+        losses.append(cv_squared(importance))
+    return torch.stack(losses).mean()
+
+
+def load_loss(decisions, token_mask=None) -> torch.Tensor | None:
+    """Shazeer et al. (2017): CV(Load)^2 with the smooth Load_e = sum_t P(t -> e) of noisy top-k gating.
+    None when no layer has load probabilities (noisy gating off, or not training)."""
+    losses = []
+    for decision in decisions:
+        if decision.load_probs is None:
+            continue
+        weights = _token_weights(decision, token_mask)
+        losses.append(cv_squared((decision.load_probs * weights[:, None]).sum(dim=0)))
+    return torch.stack(losses).mean() if losses else None
+
+
+def z_loss(decisions, token_mask=None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits_t)^2."""
+    losses = []
+    for decision in decisions:
+        weights = _token_weights(decision, token_mask)
+        log_z = torch.logsumexp(decision.logits.float(), dim=-1)
+        losses.append((log_z.square() * weights).sum() / weights.sum())
+    return torch.stack(losses).mean()
+
+
+def _deepseek_f_and_p(decision: RouterDecision, weights: torch.Tensor):
+    """DeepSeekMoE: f_i = E / (k T) * sum_t 1(t -> i),  P_i = (1/T) * sum_t P[t, i]."""
+    num_tokens = weights.sum()
+    num_experts, top_k = decision.probs.shape[-1], decision.top_k_index.shape[-1]
+    f = _expert_counts(decision, weights, decision.valid) * num_experts / (top_k * num_tokens)
+    p = (decision.probs * weights[:, None]).sum(dim=0) / num_tokens
+    return f, p
+
+
+def expert_balance_loss(decisions, token_mask=None) -> torch.Tensor:
+    """DeepSeekMoE expert-level balance loss (Dai et al. 2024, eq. 12-14): sum_i f_i P_i."""
+    losses = []
+    for decision in decisions:
+        f, p = _deepseek_f_and_p(decision, _token_weights(decision, token_mask))
+        losses.append(torch.sum(f * p))
+    return torch.stack(losses).mean()
+
+
+def device_balance_loss(decisions, num_device_groups: int, token_mask=None) -> torch.Tensor:
+    """DeepSeekMoE device-level balance loss (eq. 15-17): experts form D equal contiguous groups (devices);
+    f'_d = mean of f_i over the group, P'_d = sum of P_i over the group; loss = sum_d f'_d P'_d."""
+    losses = []
+    for decision in decisions:
+        f, p = _deepseek_f_and_p(decision, _token_weights(decision, token_mask))
+        f_device = f.view(num_device_groups, -1).mean(dim=-1)
+        p_device = p.view(num_device_groups, -1).sum(dim=-1)
+        losses.append(torch.sum(f_device * p_device))
+    return torch.stack(losses).mean()
+
+
+def sequence_balance_loss(decisions, batch_size: int, token_mask=None) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss: per sequence of S real tokens,
+    f_i = E / (k S) * sum_t 1(i in TopK_t),  P_i = (1/S) * sum_t s'[t, i]  (s' = scores normalised to sum 1),
+    loss = sum_i f_i P_i; averaged over sequences and layers."""
+    losses = []
+    for decision in decisions:
+        num_experts, top_k = decision.probs.shape[-1], decision.top_k_index.shape[-1]
+        weights = _token_weights(decision, token_mask).view(batch_size, -1)  # [B, S]
+        chosen = F.one_hot(decision.top_k_index, num_experts) * decision.valid[..., None]  # [T, k, E]
+        chosen = chosen.sum(dim=1).view(batch_size, -1, num_experts).float()  # [B, S, E]
+        probs = decision.probs.view(batch_size, -1, num_experts)
+        seq_len = weights.sum(dim=-1).clamp(min=1)[:, None]  # [B, 1]
+        f = (chosen * weights[..., None]).sum(dim=1) * num_experts / (top_k * seq_len)  # [B, E]
+        p = (probs * weights[..., None]).sum(dim=1) / seq_len
+        losses.append(torch.sum(f * p, dim=-1).mean())
+    return torch.stack(losses).mean()
+
+
+def router_losses(decisions, config, attention_mask=None, batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Every balancing loss whose coefficient is non-zero, unweighted, keyed by its config coefficient's name.
+    `router_aux_loss_coef` (the Switch loss) is always computed: it is the `aux_loss` of the model output."""
+    if not decisions:
+        return {}
+    token_mask = token_mask_for_router_rows(attention_mask, decisions[0].probs.shape[0])
+    losses = {"router_aux_loss_coef": load_balancing_loss(decisions, token_mask, config.aux_loss_per_layer)}
+    if config.router_z_loss_coef > 0:
+        losses["router_z_loss_coef"] = z_loss(decisions, token_mask)
+    if config.router_importance_loss_coef > 0:
+        losses["router_importance_loss_coef"] = importance_loss(decisions, token_mask)
+    if config.router_load_loss_coef > 0 and (value := load_loss(decisions, token_mask)) is not None:
+        losses["router_load_loss_coef"] = value
+    if config.expert_balance_loss_coef > 0:
+        losses["expert_balance_loss_coef"] = expert_balance_loss(decisions, token_mask)
+    if config.device_balance_loss_coef > 0:
+        losses["device_balance_loss_coef"] = device_balance_loss(decisions, config.num_device_groups, token_mask)
+    if config.sequence_balance_loss_coef > 0:
+        losses["sequence_balance_loss_coef"] = sequence_balance_loss(decisions, batch_size, token_mask)
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router statistics and aux-loss-free balancing.
+
+
+@torch.no_grad()
+def routing_counts(decision: RouterDecision, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive counts of one forward of one layer: the dispatched load [E], and the totals [5] of
+    (tokens, valid slots, dispatched slots, sum of routing entropies, sum of logsumexp(logits)^2)."""
+    weights = _token_weights(decision, token_mask)
+    load = _expert_counts(decision, weights, decision.dispatched)
+    probs = decision.probs
+    entropy = -(probs * torch.log(probs.clamp(min=1e-20))).sum(dim=-1)
+    log_z = torch.logsumexp(decision.logits.float(), dim=-1)
+    totals = torch.stack([
+        weights.sum(),
+        (decision.valid * weights[:, None]).sum(),
+        (decision.dispatched * weights[:, None]).sum(),
+        (entropy * weights).sum(),
+        (log_z.square() * weights).sum(),
+    ])
+    return load, totals
+
+
+def statistics_from_counts(load: torch.Tensor, totals: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`load` [E] (dispatched slots per expert), `max_violation` (max load / mean load - 1), `entropy` (mean
+    routing entropy, nats), `dropped_fraction` (valid slots not dispatched), `z_loss` (mean logsumexp^2)."""
+    tokens, valid, dispatched, entropy_sum, z_sum = totals.unbind(0)
+    return {
+        "load": load,
+        "max_violation": load.max() / load.mean().clamp(min=1e-20) - 1,
+        "entropy": entropy_sum / tokens.clamp(min=1),
+        "dropped_fraction": 1 - dispatched / valid.clamp(min=1),
+        "z_loss": z_sum / tokens.clamp(min=1),
+    }
+
+
+def router_statistics(decisions, token_mask=None) -> list[dict[str, torch.Tensor]]:
+    """Statistics of one forward, per sparse layer (see `statistics_from_counts`)."""
+    return [statistics_from_counts(*routing_counts(decision, token_mask)) for decision in decisions]
+
+
+@torch.no_grad()
+def accumulate_router_statistics(routers, decisions, token_mask=None) -> None:
+    """Add one training forward's counts to each router's counters (read by `collect_router_statistics`)."""
+    for router, decision in zip(routers, decisions):
+        load, totals = routing_counts(decision, token_mask)
+        router.tokens_per_expert += load
+        router.routing_totals += totals
+
+
+def sparse_layer_routers(model) -> list[TopKRouter]:
+    return [module for module in model.modules() if isinstance(module, TopKRouter)]
+
+
+@torch.no_grad()
+def collect_router_statistics(model, reset: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Per sparse layer, the statistics of every training forward since the last reset, summed over
+    data-parallel ranks (one all-reduce)."""
+    routers = sparse_layer_routers(model)
+    if not routers:
+        return []
+    counts = torch.stack([torch.cat([router.tokens_per_expert, router.routing_totals]) for router in routers])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    if reset:
+        for router in routers:
+            router.tokens_per_expert.zero_()
+            router.routing_totals.zero_()
+    num_experts = routers[0].num_experts
+    return [statistics_from_counts(row[:num_experts], row[num_experts:]) for row in counts]
+
+
+@torch.no_grad()
+def update_router_bias(model, statistics=None, update_rate: float | None = None) -> list[dict[str, torch.Tensor]]:
+    """Auxiliary-loss-free balancing (DeepSeek-V3; Wang et al. 2024): after an optimizer step,
+    b_e += gamma * sign(mean_load - load_e), from the loads of every forward since the last update on every rank.
+    gamma defaults to `config.router_bias_update_rate`. For custom loops call it after `optimizer.step()`;
+    with Trainer use `hf_moe.finetune.trainer.MoERouterCallback`. Returns the statistics it used."""
+    statistics = collect_router_statistics(model) if statistics is None else statistics
+    for router, layer_statistics in zip(sparse_layer_routers(model), statistics):
+        if not hasattr(router, "e_score_correction_bias"):
+            continue
+        gamma = router.config.router_bias_update_rate if update_rate is None else update_rate
+        load = layer_statistics["load"]
+        router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+    return statistics
