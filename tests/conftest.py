@@ -1,0 +1,148 @@
+"""Shared tiny configs and models for both hf-moe families.
+
+Every model here has random weights (no download) and tiny shapes so that the whole suite runs on 2 CPU cores:
+vocab 128, hidden 32, 2-3 layers, 4-8 experts. `pad_token_id` is 0, so test inputs draw token ids from [1, 128).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import hf_moe  # noqa: F401  (registers the model types with the Auto classes)
+from hf_moe import (
+    DeepSeekMoEConfig,
+    DeepSeekMoEForCausalLM,
+    DeepSeekMoEForSequenceClassification,
+    DeepSeekMoEModel,
+    MixtralMoEConfig,
+    MixtralMoEForCausalLM,
+    MixtralMoEForSequenceClassification,
+    MixtralMoEModel,
+)
+
+VOCAB_SIZE = 128
+PAD_TOKEN_ID = 0
+
+
+def make_mixtral_config(**overrides) -> MixtralMoEConfig:
+    """Mixtral-style: 2 sparse layers, 4 experts of width 64, top-2, GQA 4/2 heads."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    kwargs.update(overrides)
+    return MixtralMoEConfig(**kwargs)
+
+
+def make_deepseek_config(**overrides) -> DeepSeekMoEConfig:
+    """DeepSeek-style: layer 0 dense, layers 1-2 sparse with 8 fine-grained experts of width 16, top-2, one gated
+    shared expert, q/k RMSNorm and q/k/v biases."""
+    kwargs = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        shared_expert_gate=True,
+        first_k_dense_replace=1,
+        qk_norm=True,
+        qkv_bias=True,
+        max_position_embeddings=256,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    kwargs.update(overrides)
+    return DeepSeekMoEConfig(**kwargs)
+
+
+@torch.no_grad()
+def randomize_weights_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Overwrite every parameter with random values, so no parameter keeps an init default that could hide a bug
+    (router weights, RMSNorm scales around 1, biases included). Uses the global torch RNG: seed it first."""
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.copy_(1.0 + 0.2 * torch.randn_like(param))
+        elif name.endswith("bias"):
+            param.copy_(0.1 * torch.randn_like(param))
+        else:
+            param.copy_(std * torch.randn_like(param))
+    return model
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    make_config: Callable[..., object]
+    causal_lm_class: type
+    base_model_class: type
+    sequence_classification_class: type
+
+    def causal_lm(self, seed: int = 0, **config_overrides):
+        """A CausalLM with random weights, in eval mode."""
+        torch.manual_seed(seed)
+        model = self.causal_lm_class(self.make_config(**config_overrides))
+        return randomize_weights_(model).eval()
+
+    def sequence_classifier(self, seed: int = 0, **config_overrides):
+        torch.manual_seed(seed)
+        model = self.sequence_classification_class(self.make_config(**config_overrides))
+        return randomize_weights_(model).eval()
+
+    def base_model(self, seed: int = 0, **config_overrides):
+        torch.manual_seed(seed)
+        model = self.base_model_class(self.make_config(**config_overrides))
+        return randomize_weights_(model).eval()
+
+
+FAMILIES = {
+    "mixtral": Family(
+        "mixtral", make_mixtral_config, MixtralMoEForCausalLM, MixtralMoEModel, MixtralMoEForSequenceClassification
+    ),
+    "deepseek": Family(
+        "deepseek", make_deepseek_config, DeepSeekMoEForCausalLM, DeepSeekMoEModel,
+        DeepSeekMoEForSequenceClassification,
+    ),
+}
+
+
+def random_input_ids(batch_size: int, seq_len: int, seed: int = 1) -> torch.LongTensor:
+    """Token ids in [1, VOCAB_SIZE): never the pad token."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> Family:
+    """Runs a test once per family (Mixtral-style and DeepSeek-style)."""
+    return FAMILIES[request.param]
+
+
+@pytest.fixture
+def mixtral_config() -> Callable[..., MixtralMoEConfig]:
+    return make_mixtral_config
+
+
+@pytest.fixture
+def deepseek_config() -> Callable[..., DeepSeekMoEConfig]:
+    return make_deepseek_config
