@@ -51,12 +51,17 @@ class MoERouterCallback(TrainerCallback):
         if not self.log_metrics or logs is None or self._steps_since_log == 0:
             return
         steps = self._steps_since_log
+        metrics = {}
         for name in METRICS:
             per_layer = [float(totals[name]) / steps for totals in self._since_log]
-            logs[f"router/{name}"] = sum(per_layer) / len(per_layer)
+            metrics[f"router/{name}"] = sum(per_layer) / len(per_layer)
             if self.per_layer_metrics:
                 for layer, value in enumerate(per_layer):
-                    logs[f"router/layer_{layer}/{name}"] = value
+                    metrics[f"router/layer_{layer}/{name}"] = value
+        logs.update(metrics)
+        # Trainer.log appends its copy of `logs` to the history before calling on_log: complete that entry too
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
         self._since_log, self._steps_since_log = [], 0
 
 

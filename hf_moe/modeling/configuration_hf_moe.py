@@ -411,20 +411,20 @@ PRESETS = {
                       "(renormalised), Switch load-balancing loss 0.02.",
                       dict(num_local_experts=8, num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.02)),
     "switch": Preset("MixtralMoEConfig", "Switch Transformer (Fedus et al. 2021): top-1, gate = router probability, "
-                     "jitter 0.01, capacity 1.25 (train) / 2.0 (eval), load-balancing loss 0.01.",
+                     "jitter 0.01, capacity factor 1.25 in training (dropless inference), load-balancing loss 0.01.",
                      dict(num_experts_per_tok=1, norm_topk_prob=False, router_jitter_noise=0.01,
-                          capacity_factor=1.25, eval_capacity_factor=2.0, router_aux_loss_coef=0.01)),
+                          capacity_factor=1.25, router_aux_loss_coef=0.01)),
     "gshard": Preset("MixtralMoEConfig", "GShard (Lepikhin et al. 2020): top-2 with random routing of the second "
-                     "expert, capacity 2N/E per group (factor 1.0 train, 2.0 eval), load-balancing loss 0.01.",
+                     "expert, capacity 2N/E per group in training (dropless inference), load-balancing loss 0.01.",
                      dict(num_experts_per_tok=2, norm_topk_prob=True, random_routing=True, capacity_factor=1.0,
-                          eval_capacity_factor=2.0, router_aux_loss_coef=0.01)),
+                          router_aux_loss_coef=0.01)),
     "noisy_topk": Preset("MixtralMoEConfig", "Sparsely-gated MoE (Shazeer et al. 2017): noisy top-4 gating, "
                          "softmax over the kept logits, importance and load CV^2 losses 0.1 each.",
                          dict(num_experts_per_tok=4, norm_topk_prob=True, noisy_gating=True,
                               router_importance_loss_coef=0.1, router_load_loss_coef=0.1, router_aux_loss_coef=0.0)),
-    "st_moe": Preset("MixtralMoEConfig", "ST-MoE (Zoph et al. 2022): top-2, capacity 1.25 (train) / 2.0 (eval), "
-                     "load-balancing loss 0.01, router z-loss 0.001.",
-                     dict(num_experts_per_tok=2, norm_topk_prob=False, capacity_factor=1.25, eval_capacity_factor=2.0,
+    "st_moe": Preset("MixtralMoEConfig", "ST-MoE (Zoph et al. 2022): top-2, capacity factor 1.25 in training "
+                     "(dropless inference), load-balancing loss 0.01, router z-loss 0.001.",
+                     dict(num_experts_per_tok=2, norm_topk_prob=False, capacity_factor=1.25,
                           router_aux_loss_coef=0.01, router_z_loss_coef=0.001)),
     "expert_choice": Preset("MixtralMoEConfig", "Expert choice (Zhou et al. 2022): each expert takes its top "
                             "T*2/E tokens; no balancing loss needed; not causal, so it cannot generate.",

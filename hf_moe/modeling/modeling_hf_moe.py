@@ -560,12 +560,21 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
+        # Routing that looks at other tokens is not causal: a cached decoding step would route differently from a
+        # full forward over the same text.
         if self.config.router_type == "expert_choice":
             raise ValueError(
                 "`router_type`='expert_choice' cannot generate: each expert picks its tokens among ALL tokens of the "
                 "batch, so a token's routing depends on later tokens (not causal). Use it for training and "
                 "sequence classification, or set router_type='token_choice' (e.g. a copy of the config with "
                 "capacity_factor=None) to generate with the same weights."
+            )
+        if self.config.eval_capacity_factor is not None:
+            raise ValueError(
+                f"`eval_capacity_factor`={self.config.eval_capacity_factor} cannot generate: expert capacity is "
+                "shared by all tokens of a forward, so whether a token is dropped depends on the other tokens and "
+                "rows (a cached decoding step drops differently from a full forward). Set eval_capacity_factor=None "
+                "(dropless inference) to generate."
             )
         return super().generate(*args, **kwargs)
 

@@ -138,8 +138,7 @@ class TopKRouter(nn.Module):
         kth_if_out = top[:, k - 1 : k]
         in_top_k = noisy >= kth_if_out
         threshold = torch.where(in_top_k, kth_if_in, kth_if_out)
-        normal = torch.distributions.Normal(0.0, 1.0)
-        load_probs = normal.cdf((clean_logits.float() - threshold.float()) / noise_std.float())
+        load_probs = torch.special.ndtr((clean_logits.float() - threshold.float()) / noise_std.float())  # Phi
         return noisy, load_probs
 
 
