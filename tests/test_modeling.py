@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import torch.nn.functional as F
 from conftest import FAMILIES, PAD_TOKEN_ID, random_input_ids, randomize_weights_
 from torch.testing import assert_close
@@ -185,12 +186,15 @@ def test_from_pretrained_applies_attention_and_experts_implementation(family, tm
         assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
 
 
-def test_default_experts_implementation_is_grouped_mm(family):
-    """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`."""
-    assert family.causal_lm().config._experts_implementation == "grouped_mm"
+def test_default_experts_implementation_is_sorted_mm_on_cpu(family):
+    """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`;
+    without a GPU our models default to our own `sorted_mm` kernel, and the transformers kernels stay selectable."""
+    expected = "grouped_mm" if torch.cuda.is_available() else "sorted_mm"
+    assert family.causal_lm().config._experts_implementation == expected
+    assert "sorted_mm" in ALL_EXPERTS_FUNCTIONS
 
 
-@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("experts_implementation", ["sorted_mm", "grouped_mm", "batched_mm"])
 def test_experts_implementation_matches_eager_in_outputs_and_gradients(family, experts_implementation):
     model = family.causal_lm().train()
     input_ids = random_input_ids(2, 9)

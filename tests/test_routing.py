@@ -517,7 +517,7 @@ def test_token_choice_without_capacity_factor_never_drops():
     assert decision.dispatched.all()
 
 
-@pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("experts_implementation", ["eager", "sorted_mm", "grouped_mm", "batched_mm"])
 def test_token_with_every_slot_dropped_leaves_the_layer_output_equal_to_its_residual(experts_implementation):
     # C = max(1, ceil(0.1 * 2 * 16 / 4)) = 1 slot per expert for 16 tokens: at most 4 tokens keep a slot
     torch.manual_seed(0)
@@ -661,7 +661,7 @@ def test_experts_implementations_agree_in_outputs_and_gradients(routing):
     else:
         assert all(layer["dropped_fraction"] > 0 for layer in eager.router_stats)
     assert any(g.abs().max() > 0 for n, g in eager_grads.items() if "experts.gate_up_proj" in n)
-    for implementation in ("grouped_mm", "batched_mm"):
+    for implementation in ("sorted_mm", "grouped_mm", "batched_mm"):
         out, grads = run(implementation)
         assert_close(out.logits, eager.logits, atol=1e-5, rtol=0, msg=implementation)
         assert_close(out.loss, eager.loss, atol=1e-5, rtol=0, msg=implementation)

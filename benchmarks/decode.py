@@ -1,0 +1,58 @@
+"""(c) Greedy decoding with a KV cache, new tokens per second, batch 1 and 8.
+
+Ours under each experts implementation vs transformers' native class on the same weights vs the dense Llama floor
+with the same active FLOPs per token.
+
+    python benchmarks/decode.py             # writes BENCHMARKS.md
+    python benchmarks/decode.py --smoke     # tiny models, prints only
+"""
+
+import argparse
+
+import torch
+from common import markdown_table, round_robin_medians, write_section
+from models import FAMILIES, build_models
+
+
+def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int):
+    rows = []
+    for family in FAMILIES:
+        models = build_models(family, smoke)
+        vocab = next(iter(models.values())).config.vocab_size
+        for batch in (1, 8):
+            torch.manual_seed(2)
+            prompt = torch.randint(1, vocab, (batch, prompt_len))
+
+            def decode(model):
+                with torch.no_grad():
+                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+            outputs = {name: model.generate(prompt, max_new_tokens=4, do_sample=False) for name, model in
+                       models.items() if name != "dense floor"}
+            assert all(torch.equal(out, outputs["ours sorted_mm"]) for out in outputs.values()), family
+            times = round_robin_medians({name: (lambda m=model: decode(m)) for name, model in models.items()},
+                                        repeats=repeats)
+            floor = times["dense floor"]
+            for name, ms in times.items():
+                rows.append([family, batch, name, f"{batch * new_tokens / ms * 1000:.1f}", f"{floor / ms:.2f}"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    return markdown_table(["family", "batch", "model", "new tokens / s", "speed vs dense floor"], rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.smoke:
+        measure(True, 4, 3, 1)
+        return
+    table = measure(False, args.prompt_len, args.new_tokens, args.repeats)
+    write_section("decode", f"## (c) Greedy decoding with a KV cache, fp32 (prompt {args.prompt_len}, "
+                  f"{args.new_tokens} new tokens)\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+# Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
+"""`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward.
+
+Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
+experts can select it (`experts_implementation="sorted_mm"`), and hf-moe models use it by default on CPU.
+
+The (token, slot) pairs are sorted by expert; each expert that received tokens runs two plain matrix products on
+its contiguous block of rows:
+
+    x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
+    gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
+    a_s  = act(gate_s) * up_s                       [S, I]
+    y_s  = a_s @ down_proj[e]^T                     [S, H]
+    out  = index_add over pairs of w_s * y_s        [T, H]
+
+Why not autograd through `gate_up_proj[e]`: slicing a parameter inside a loop makes autograd allocate a full-size
+[E, ...] gradient for every slice. The backward below writes each expert's gradient block into one [E, ...]
+buffer instead, and recomputes the cheap elementwise parts rather than storing them. Work is proportional to the
+pairs routed plus the number of experts that received tokens; there is no [T, E, ...] intermediate. Expert ids
+>= num_experts (tokens owned by another rank under expert parallelism) are skipped.
+"""
+
+import torch
+from transformers.integrations.moe import ExpertsInterface
+
+SORTED_MM = "sorted_mm"
+
+
+def _expert_blocks(counts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, start row, end row) for every expert with at least one pair, in sorted-row order."""
+    blocks, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
+        if count:
+            blocks.append((expert, start, start + count))
+            start += count
+    return blocks
+
+
+def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[S, H] rows of sorted pairs -> [T, H] sums per token. (scatter_add_: index_add_ costs milliseconds even for a
+    handful of rows on this CPU build.)"""
+    index = token_of[:, None].expand(-1, pair_rows.shape[1])
+    return torch.zeros_like(like).scatter_add_(0, index, pair_rows.to(like.dtype))
+
+
+class _SortedExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, counts, act_fn):
+        # hidden_states [T, H]; pair_weights [S] (sorted); gate_up_proj [E, 2I, H]; down_proj [E, H, I]
+        # token_of [S] token of each sorted pair; counts [E] pairs per expert
+        blocks = _expert_blocks(counts)
+        num_pairs = token_of.shape[0]
+        x_sorted = hidden_states[token_of]  # [S, H]
+        gate_up = x_sorted.new_empty(num_pairs, gate_up_proj.shape[1])  # [S, 2I]
+        for expert, start, end in blocks:
+            torch.mm(x_sorted[start:end], gate_up_proj[expert].t(), out=gate_up[start:end])
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = act_fn(gate) * up  # [S, I]
+        expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H]
+        for expert, start, end in blocks:
+            torch.mm(activated[start:end], down_proj[expert].t(), out=expert_out[start:end])
+        expert_out.mul_(pair_weights[:, None].to(expert_out.dtype))
+        output = _sum_into_tokens(expert_out, token_of, hidden_states)
+
+        ctx.save_for_backward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up)
+        ctx.blocks, ctx.act_fn = blocks, act_fn
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up = ctx.saved_tensors
+        blocks, act_fn = ctx.blocks, ctx.act_fn
+        grad_output = grad_output.contiguous()
+        x_sorted = hidden_states[token_of]  # [S, H]
+        grad_pair_out = grad_output[token_of]  # [S, H], d loss / d (w_s * y_s)
+
+        with torch.enable_grad():
+            gate = gate_up[:, : gate_up.shape[1] // 2].detach().requires_grad_()
+            activated_gate = act_fn(gate)  # [S, I]
+        up = gate_up[:, gate_up.shape[1] // 2 :]
+        activated = activated_gate.detach() * up  # [S, I]
+
+        # d loss / d a for unit weights, per expert: grad_pair_out @ down_proj[e]
+        grad_activated = torch.empty_like(activated)
+        for expert, start, end in blocks:
+            torch.mm(grad_pair_out[start:end], down_proj[expert], out=grad_activated[start:end])
+        grad_pair_weights = (grad_activated * activated).sum(dim=-1)  # d loss / d w_s = <grad, y_s>
+        grad_activated.mul_(pair_weights[:, None].to(grad_activated.dtype))
+
+        grad_down_proj = torch.zeros_like(down_proj) if ctx.needs_input_grad[3] else None
+        if grad_down_proj is not None:
+            weighted_grad = grad_pair_out * pair_weights[:, None].to(grad_pair_out.dtype)
+            for expert, start, end in blocks:
+                torch.mm(weighted_grad[start:end].t(), activated[start:end], out=grad_down_proj[expert])
+
+        grad_up = grad_activated * activated_gate.detach()
+        (grad_gate,) = torch.autograd.grad(activated_gate, gate, grad_activated * up)
+        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)  # [S, 2I]
+
+        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if ctx.needs_input_grad[2] else None
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_x_sorted = torch.empty_like(x_sorted)
+            for expert, start, end in blocks:
+                torch.mm(grad_gate_up[start:end], gate_up_proj[expert], out=grad_x_sorted[start:end])
+            grad_hidden = _sum_into_tokens(grad_x_sorted, token_of, hidden_states)
+        if grad_gate_up_proj is not None:
+            for expert, start, end in blocks:
+                torch.mm(grad_gate_up[start:end].t(), x_sorted[start:end], out=grad_gate_up_proj[expert])
+        return grad_hidden, grad_pair_weights.to(pair_weights.dtype), grad_gate_up_proj, grad_down_proj, None, None, None
+
+
+def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Experts forward for `@use_experts_implementation` modules with gated, bias-free, non-transposed weights
+    (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`)."""
+    if not self.has_gate or self.has_bias or self.is_transposed or getattr(self, "has_post_expert_norm", False):
+        raise ValueError(
+            "`experts_implementation`='sorted_mm' supports gated experts without biases, transposed weights or "
+            "post-expert norms; use 'grouped_mm' or 'eager' for this model."
+        )
+    num_tokens, top_k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_ids = expert_ids[order]
+    local = sorted_ids < self.num_experts  # drop ids of experts on other ranks (expert parallelism)
+    order, sorted_ids = order[local], sorted_ids[local]
+    counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+    token_of = order // top_k
+    pair_weights = top_k_weights.reshape(-1)[order]
+    return _SortedExpertsFunction.apply(
+        hidden_states, pair_weights, self.gate_up_proj, self.down_proj, token_of, counts, self.act_fn
+    )
+
+
+ExpertsInterface.register(SORTED_MM, sorted_mm_experts_forward)
