@@ -16,10 +16,12 @@ from .modeling.modeling_hf_moe import (
 from .modeling.routing import collect_router_statistics, update_router_bias
 from .registration import register_auto_classes
 from .finetune.trainer import MoERouterCallback, add_router_callback
+from .finetune.lora_moe import LoraMoeConfig, MixLoraConfig, MolaConfig, register_lora_moe_methods
 
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_lora_moe_methods()  # MIXLORA, LORAMOE, MOLA: get_peft_model / PeftModel.from_pretrained find them
 
 __all__ = [
     "MixtralMoEConfig",
@@ -35,4 +37,7 @@ __all__ = [
     "update_router_bias",
     "MoERouterCallback",
     "add_router_callback",
+    "MixLoraConfig",
+    "LoraMoeConfig",
+    "MolaConfig",
 ]

@@ -17,11 +17,12 @@ Why not autograd through `gate_up_proj[e]`: slicing a parameter inside a loop ma
 [E, ...] gradient for every slice. The backward below writes each expert's gradient block into one [E, ...]
 buffer instead, and recomputes the cheap elementwise parts rather than storing them. Work is proportional to the
 pairs routed plus the number of experts that received tokens; there is no [T, E, ...] intermediate. Expert ids
->= num_experts (tokens owned by another rank under expert parallelism) are skipped.
+>= num_experts (tokens owned by another rank under expert parallelism) are skipped. Under `torch.compile` the
+data-dependent loop would break the graph, so compiled code runs transformers' `grouped_mm` instead.
 """
 
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 SORTED_MM = "sorted_mm"
 
@@ -119,6 +120,9 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
             "`experts_implementation`='sorted_mm' supports gated experts without biases, transposed weights or "
             "post-expert norms; use 'grouped_mm' or 'eager' for this model."
         )
+    if torch.compiler.is_compiling():
+        # the per-expert loop depends on the data (counts per expert): let compiled graphs use one grouped op
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, top_k = top_k_index.shape
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)

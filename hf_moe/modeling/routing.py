@@ -275,7 +275,7 @@ def load_balancing_loss(decisions, token_mask=None, per_layer: bool = False) -> 
         prob_sums.append((decision.probs * weights[:, None]).sum(dim=0))
         totals.append(weights.sum())
     if per_layer:
-        losses = [num_experts * torch.sum((c / n) * (p / n)) for c, p, n in zip(counts, prob_sums, totals)]
+        losses = [c.numel() * torch.sum((c / n) * (p / n)) for c, p, n in zip(counts, prob_sums, totals)]
         return torch.stack(losses).mean()
     total = torch.stack(totals).sum()
     return num_experts * torch.sum((torch.stack(counts).sum(0) / total) * (torch.stack(prob_sums).sum(0) / total))

@@ -1,0 +1,43 @@
+"""LoRA-expert PEFT methods for dense decoders: MixLoRA, LoRAMoE and MoLA, registered with peft by `import hf_moe`.
+
+    import hf_moe
+    from peft import get_peft_model
+    model = get_peft_model(base, hf_moe.MixLoraConfig(task_type="CAUSAL_LM"))
+    out = model(input_ids=ids, labels=ids)   # out.loss includes the aux loss; out.aux_loss, out.aux_losses
+    model.save_pretrained(folder)            # adapter_config.json + adapter_model.safetensors
+
+Files, following peft's split: `config.py` (what is saved), `layer.py` (what an adapted module computes, shared maths
+in `functional.py`), `model.py` (which module gets which layer; which auxiliary losses), `losses.py` and
+`aux_loss.py` (how those losses are computed and reach `outputs.loss`), `data.py` (LoRAMoE's type ids from a dataset
+column), `registration.py`. `materialize.py` (MixLoRA adapter + base -> standalone MoE checkpoint) is imported on
+demand: `from hf_moe.finetune.lora_moe.materialize import materialize`.
+"""
+
+from .aux_loss import TYPE_IDS_KWARG, LoraMoeLossCallback, add_lora_moe_callback, pop_logged_aux_losses
+from .config import MOLA_PRESETS, LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
+from .data import TypeIdsCollator
+from .layer import LoraMoeLinear, MixLoraFeedForward, MixLoraLinear, MolaLinear, RoutedLoraLinear
+from .model import LoraMoeModel, MixLoraModel, MolaModel
+from .registration import register_lora_moe_methods
+
+__all__ = [
+    "MOLA_PRESETS",
+    "TYPE_IDS_KWARG",
+    "LoraExpertConfig",
+    "LoraMoeConfig",
+    "LoraMoeLinear",
+    "LoraMoeLossCallback",
+    "LoraMoeModel",
+    "MixLoraConfig",
+    "MixLoraFeedForward",
+    "MixLoraLinear",
+    "MixLoraModel",
+    "MolaConfig",
+    "MolaLinear",
+    "MolaModel",
+    "RoutedLoraLinear",
+    "TypeIdsCollator",
+    "add_lora_moe_callback",
+    "pop_logged_aux_losses",
+    "register_lora_moe_methods",
+]

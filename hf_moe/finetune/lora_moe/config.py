@@ -1,0 +1,214 @@
+"""Configurations of the three LoRA-expert methods: every hyperparameter is a field saved in adapter_config.json.
+
+| config | `peft_type` | experts live in | routing | auxiliary loss |
+|---|---|---|---|---|
+| `MixLoraConfig` | MIXLORA | each FFN block: expert e = frozen FFN + its own LoRA on gate/up/down; plain LoRA on the targeted attention projections | top-k per token, renormalised (Mixtral) | Switch load balancing, `router_aux_loss_coef` |
+| `LoraMoeConfig` | LORAMOE | each targeted Linear: frozen W + N LoRA experts | dense softmax over all experts | Localized Balancing Constraint, `lbc_weight` / `lbc_delta` |
+| `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
+
+Defaults follow the papers' reference code (see each class). `target_modules=None` picks the method's default
+modules for Llama, Mistral, Qwen2, Qwen3 and Gemma bases (`model.TARGET_MODULES`).
+"""
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from .peft_types import LORAMOE, MIXLORA, MOLA
+
+# MoLA's layer-wise allocations (Gao et al. 2024), expert counts for the four quarters of the layers, lowest first.
+# Every preset spends the same 20 experts per quarter-set, as in the paper's equal-budget comparison.
+MOLA_PRESETS = {
+    "uniform": (5, 5, 5, 5),  # MoLA-□
+    "triangle": (2, 4, 6, 8),  # fewer experts in lower layers (the paper's best arXiv variant, "2-4-6-8")
+    "inverted": (8, 6, 4, 2),  # more experts in lower layers
+    "hourglass": (8, 2, 2, 8),  # MoLA-⋈: most experts in the lowest and highest layers
+}
+
+
+def _require(condition: bool, name: str, value, allowed: str) -> None:
+    """Raise a ValueError naming the field, the value it got and what is allowed."""
+    if not condition:
+        raise ValueError(f"`{name}`={value!r} is invalid: {allowed}.")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class LoraExpertConfig(PeftConfig):
+    """Fields shared by the three methods: LoRA shape, which modules are adapted, and initialisation."""
+
+    r: int = field(default=8, metadata=_help("Rank of every LoRA (each expert and each plain LoRA)."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator: delta = lora_alpha / r * B A x."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA inputs (one mask per layer "
+                                                              "call, shared by that call's experts)."))
+    target_modules: list[str] | str | None = field(
+        default=None, metadata=_help("Module names (suffix match) or one regex to adapt; None = the method's "
+                                     "default for the base's model_type."))
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata=_help("Module names (suffix match) or one regex never to adapt."))
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata=_help("Only adapt these decoder layer indices (None = all)."))
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata=_help("Name of the layer list used with layers_to_transform, e.g. 'layers'."))
+    modules_to_save: list[str] | None = field(
+        default=None, metadata=_help("Extra modules trained in full and saved (e.g. a classification head)."))
+    init_lora_weights: bool = field(
+        default=True, metadata=_help("True: A kaiming-uniform, B zero (the adapter starts as the base model). "
+                                     "False: B random too (tests)."))
+    router_init_std: float | None = field(
+        default=None, metadata=_help("Router weights ~ N(0, std); None = kaiming-uniform(a=sqrt(5)), nn.Linear's "
+                                     "default."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(_positive_int(self.r), "r", self.r, "must be a positive integer")
+        _require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _require(self.router_init_std is None or self.router_init_std > 0, "router_init_std", self.router_init_std,
+                 "must be None (kaiming-uniform) or > 0")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+
+@dataclass
+class MixLoraConfig(LoraExpertConfig):
+    """MixLoRA (Li et al. 2024, arXiv 2404.15159): each targeted FFN block becomes a sparse MoE whose experts share the
+    frozen FFN and add their own LoRA on gate/up/down; targeted Linears (attention projections) get plain LoRA.
+
+        expert e:  y_e = (W_down + dW_down^e) [act((W_gate + dW_gate^e) x) * (W_up + dW_up^e) x]
+        block:     y = sum_{e in top-k} w_e y_e,   w = top-k of softmax(W_router x), renormalised
+
+    `target_modules` may name FFN blocks (modules with gate_proj/up_proj/down_proj/act_fn, e.g. "mlp") and Linears:
+    the type of each matched module decides. Defaults: r 8, alpha 16, dropout 0.05, 8 experts, top-2 (the published
+    MixLoRA adapters), router N(0, 0.02) and Switch loss 0.001 (MoE-PEFT's code default; its README examples use 0.01).
+    """
+
+    num_experts: int = field(default=8, metadata=_help("LoRA experts per FFN block."))
+    top_k: int = field(default=2, metadata=_help("Experts per token (Mixtral-style, weights renormalised)."))
+    router_init_std: float | None = field(default=0.02, metadata=_help("Router weights ~ N(0, std)."))
+    router_aux_loss_coef: float = field(
+        default=0.001, metadata=_help("Weight of the Switch load-balancing loss, computed over the router logits of "
+                                      "all layers together (Mixtral's load_balancing_loss_func)."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MIXLORA
+        _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
+        _require(_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k", self.top_k,
+                 f"must be between 1 and num_experts={self.num_experts}")
+        _require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
+
+
+@dataclass
+class LoraMoeConfig(LoraExpertConfig):
+    """LoRAMoE (Dou et al. 2024, arXiv 2312.09979): every targeted Linear gets N LoRA experts and a dense router.
+
+        y = W x + b + lora_alpha / r * sum_e softmax(W_route x)_e B_e A_e x
+
+    Localized Balancing Constraint (LBC), exactly as the reference code (`peft/tuners/lora.py` of Ablustrund/LoRAMoE):
+    the experts form `lbc_num_types` contiguous groups; group g serves samples of type `lbc_num_types - 1 - g` (with
+    two types, experts [0, N/2) serve type 1, e.g. world-knowledge samples, and [N/2, N) serve type 0). For one Linear
+    and a batch of B samples of types t_b:
+
+        Q[b, e] = sum over the sequence (padding included) of softmax(W_route x)_e          importance  [B, N]
+        I[b, e] = 1 + lbc_delta if expert e serves type t_b else 1 - lbc_delta                            [B, N]
+        lbc = Var(I * Q) / (Mean(I * Q)^2 + 1e-10)          (unbiased variance over all B*N entries; 0 if B*N = 1)
+
+    summed over every LoRAMoE Linear of the model and added to the loss as `lbc_weight * sum`. Types come from the
+    forward kwarg `lora_moe_type_ids` ([B] ints); without it the LBC is skipped, as in the reference.
+    Defaults: 6 experts, r 4, alpha 32, dropout 0.05, delta 0.1, weight 0.1 (the paper; the repository's
+    `run_loramoe.sh` uses 8 experts and delta = weight = 0), on gate/up/down.
+    """
+
+    r: int = field(default=4, metadata=_help("Rank of every LoRA expert."))
+    lora_alpha: int = field(default=32, metadata=_help("Expert scaling numerator: lora_alpha / r."))
+    num_experts: int = field(default=6, metadata=_help("LoRA experts per targeted Linear."))
+    lbc_num_types: int = field(default=2, metadata=_help("Number of sample types = expert groups of the LBC; "
+                                                         "must divide num_experts."))
+    lbc_delta: float = field(default=0.1, metadata=_help("delta of the LBC type matrix: 1 +- delta."))
+    lbc_weight: float = field(default=0.1, metadata=_help("beta, the weight of the LBC in the loss."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = LORAMOE
+        _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
+        _require(_positive_int(self.lbc_num_types) and self.num_experts % self.lbc_num_types == 0, "lbc_num_types",
+                 self.lbc_num_types, f"must be a positive divisor of num_experts={self.num_experts}")
+        _require(0 <= self.lbc_delta < 1, "lbc_delta", self.lbc_delta, "must be in [0, 1)")
+        _require(self.lbc_weight >= 0, "lbc_weight", self.lbc_weight, "must be >= 0")
+
+
+@dataclass
+class MolaConfig(LoraExpertConfig):
+    """MoLA (Gao et al. 2024, arXiv 2402.08562): every targeted Linear gets E_l LoRA experts with a top-k router,
+    with a number of experts that depends on the decoder layer l.
+
+        y = W x + b + lora_alpha / r * sum_{e in top-k} w_e B_e A_e x,   w = top-k of softmax(W_router x), renormalised
+
+    `num_experts`: an int (every layer), a list with one int per decoder layer, or a preset from `MOLA_PRESETS`
+    (counts for the four quarters of the layers, lowest first): "uniform" 5-5-5-5, "triangle" 2-4-6-8 (the
+    reference's default, fewer experts in lower layers), "inverted" 8-6-4-2, "hourglass" 8-2-2-8. `top_k`: an int or
+    one per layer. Optional load balancing as the reference's `--obalance`: per layer the Switch loss over that
+    layer's routers, divided by k_l, summed over layers (coefficient 0.001 there; off by default).
+    Defaults: r 8, alpha 16, dropout 0.05, top-2, all seven projections.
+    """
+
+    num_experts: int | list[int] | str = field(
+        default="triangle", metadata=_help("Experts per targeted Linear: an int, one int per layer, or a preset: "
+                                           f"{sorted(MOLA_PRESETS)}."))
+    top_k: int | list[int] = field(default=2, metadata=_help("Experts per token: an int or one per layer."))
+    router_aux_loss_coef: float = field(
+        default=0.0, metadata=_help("Weight of the per-layer Switch load-balancing loss (the reference's "
+                                    "--obalance uses 0.001)."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MOLA
+        if isinstance(self.num_experts, str):
+            _require(self.num_experts in MOLA_PRESETS, "num_experts", self.num_experts,
+                     f"allowed presets: {sorted(MOLA_PRESETS)}, or an int, or one int per layer")
+        else:
+            counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
+            _require(len(counts) > 0 and all(map(_positive_int, counts)), "num_experts", self.num_experts,
+                     "must be a positive int, a non-empty list of positive ints, or a preset name")
+        top_k = self.top_k if isinstance(self.top_k, list) else [self.top_k]
+        _require(len(top_k) > 0 and all(map(_positive_int, top_k)), "top_k", self.top_k,
+                 "must be a positive int or a non-empty list of positive ints")
+        _require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
+
+    def experts_per_layer(self, num_layers: int) -> list[int]:
+        """E_l for every decoder layer l: quarter q of the layers is [q L / 4, (q + 1) L / 4)."""
+        if isinstance(self.num_experts, int):
+            return [self.num_experts] * num_layers
+        if isinstance(self.num_experts, str):
+            quarters = MOLA_PRESETS[self.num_experts]
+            return [quarters[layer * 4 // num_layers] for layer in range(num_layers)]
+        _require(len(self.num_experts) == num_layers, "num_experts", self.num_experts,
+                 f"a list needs one entry per decoder layer (the model has {num_layers})")
+        return list(self.num_experts)
+
+    def top_k_per_layer(self, num_layers: int) -> list[int]:
+        """k_l for every decoder layer, checked against E_l."""
+        experts = self.experts_per_layer(num_layers)
+        if isinstance(self.top_k, int):
+            top_k = [self.top_k] * num_layers
+        else:
+            _require(len(self.top_k) == num_layers, "top_k", self.top_k,
+                     f"a list needs one entry per decoder layer (the model has {num_layers})")
+            top_k = list(self.top_k)
+        for layer, (k, count) in enumerate(zip(top_k, experts)):
+            _require(k <= count, "top_k", self.top_k, f"layer {layer} has {count} experts, so k must be <= {count}")
+        return top_k

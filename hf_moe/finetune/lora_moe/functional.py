@@ -1,0 +1,46 @@
+"""The maths shared by the layers of the three methods: router gates and LoRA (expert) products.
+
+Shapes: T tokens, E experts, k experts per token, r LoRA rank, `in` / `out` the features of the adapted Linear.
+Router probabilities are always fp32 softmax (`routing.scores_from_logits`, as our MoE models compute them).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ...modeling.routing import scores_from_logits
+
+
+def top_k_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral-style top-k routing: p = softmax(logits) in fp32, keep the k largest, renormalise them to sum to one
+    (`routing.TopKRouter` with norm_topk_prob=True). Returns (weights [T, k] fp32, index [T, k])."""
+    probs = scores_from_logits(logits, "softmax")
+    weights, index = probs.topk(top_k, dim=-1)
+    return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), index
+
+
+def expert_gates(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate of every expert for every token, [T, E] fp32: the dense softmax when `top_k` is None (LoRAMoE), else
+    the renormalised top-k weights with zeros elsewhere (MoLA). Also returns the top-k index [T, k] (None if dense)."""
+    if top_k is None:
+        return scores_from_logits(logits, "softmax"), None
+    weights, index = top_k_gates(logits, top_k)
+    return torch.zeros_like(logits, dtype=weights.dtype).scatter(1, index, weights), index
+
+
+def lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """B A x for x [..., in], A [r, in], B [out, r] -> [..., out]."""
+    return F.linear(F.linear(x, lora_a), lora_b)
+
+
+def lora_mixture(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sum_e gates[t, e] * B_e A_e x_t for every token at once, [T, out].
+
+    x [T, in], A [E, r, in], B [E, out, r], gates [T, E]. The E rank-r down-projections are one GEMM of width E*r
+    (cheap next to the base Linear for small r), scaled by the gates, then one GEMM back up: an expert whose gate is
+    0 contributes nothing and gets no gradient, so top-k routing needs no gather. Nothing of size [T, E, out] is built.
+    """
+    num_experts, rank, _ = lora_a.shape
+    hidden = F.linear(x, lora_a.reshape(num_experts * rank, -1)).view(-1, num_experts, rank)  # [T, E, r]
+    hidden = hidden * gates.to(hidden.dtype).unsqueeze(-1)
+    stacked_b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_experts * rank)  # [out, E*r]
+    return F.linear(hidden.reshape(-1, num_experts * rank), stacked_b)

@@ -1,0 +1,301 @@
+"""The layers of the three methods: what each adapted module computes.
+
+| layer | wraps | used by |
+|---|---|---|
+| `LoraMoeLinear`, `MolaLinear` (one `RoutedLoraLinear`) | an nn.Linear | LoRAMoE (dense gates), MoLA (top-k gates) |
+| `MixLoraFeedForward` | an FFN block (gate_proj, up_proj, down_proj, act_fn) | MixLoRA's experts |
+| `MixLoraLinear` | an nn.Linear | MixLoRA's plain LoRA on attention projections |
+
+Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in], held in
+`nn.ParameterDict`s keyed by adapter name whose attribute names start with the method's prefix (`mixlora_`,
+`loramoe_`, `mola_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`), every router
+call appends a `RoutingRecord` that the auxiliary losses read after the forward.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+
+from .functional import expert_gates, lora, lora_mixture, top_k_gates
+
+
+@dataclass
+class RoutingRecord:
+    """One router call of one layer during a forward."""
+
+    adapter: str
+    layer_index: int | None  # decoder layer of the module (MoLA's per-layer loss), None if unknown
+    logits: torch.Tensor  # [T, E] router logits
+    top_k_index: torch.Tensor | None  # [T, k] chosen experts; None for dense routing (LoRAMoE)
+    batch_size: int  # B, with T = B * S
+
+
+class LoraExpertLayer(BaseTunerLayer):
+    """Plumbing shared by every layer of the three methods: per-adapter settings, creation and initialisation of the
+    stacked parameters, and recording of router outputs. Subclasses list their containers in `adapter_layer_names`
+    (router first when there is one)."""
+
+    other_param_names = ("lora_dropout", "scaling", "num_experts", "top_k")
+
+    def _init_layer(self, base_layer: nn.Module, layer_index: int | None) -> None:
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.top_k: dict[str, int | None] = {}
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._records: list[RoutingRecord] | None = None
+
+    def _reference_weight(self) -> torch.Tensor:
+        """A weight of the wrapped module: new adapter tensors take its device and dtype."""
+        return next(self.get_base_layer().parameters())
+
+    def _add_adapter(self, adapter_name: str, config, shapes: dict[str, tuple[int, ...]], num_experts: int,
+                     top_k: int | None) -> None:
+        reference = self._reference_weight()
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
+        for name, shape in shapes.items():
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=reference.device, dtype=dtype))
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling[adapter_name] = config.scaling
+        self.num_experts[adapter_name] = num_experts
+        self.top_k[adapter_name] = top_k
+        self.reset_parameters(adapter_name, config)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, config) -> None:
+        """Routers ~ N(0, router_init_std) or kaiming-uniform(a=sqrt(5)); every expert's A kaiming-uniform (as an
+        nn.Linear(in, r)); B zero, so that the adapted model starts as the base (random with init_lora_weights=False).
+        """
+        for name in self.adapter_layer_names:
+            param = getattr(self, name)[adapter_name]
+            if name.endswith("router") and config.router_init_std is not None:
+                nn.init.normal_(param, std=config.router_init_std)
+            elif name.endswith("_B") and config.init_lora_weights:
+                nn.init.zeros_(param)
+            else:  # one matrix per expert, so that the fan-in is the matrix's own
+                for matrix in param.view(-1, *param.shape[-2:]):
+                    nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """This adapter's parameters by attribute name without the method prefix (`router`, `A`, `gate_A`, ...)."""
+        return {name.split("_", 1)[1]: getattr(self, name)[adapter_name] for name in self.adapter_layer_names}
+
+    def _adapters_to_run(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        return [name for name in self.active_adapters if name in getattr(self, self.adapter_layer_names[0])]
+
+    # Recording (driven by the hooks of aux_loss.py)
+    def start_recording(self) -> None:
+        self._records = []
+
+    def stop_recording(self) -> list[RoutingRecord]:
+        records, self._records = self._records or [], None
+        return records
+
+    def _record(self, adapter_name: str, logits: torch.Tensor, top_k_index: torch.Tensor | None, batch_size: int):
+        if self._records is not None:
+            self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size))
+
+
+def _batch_size(x: torch.Tensor) -> int:
+    return x.shape[0] if x.dim() > 2 else 1
+
+
+class RoutedLoraLinear(nn.Module, LoraExpertLayer):
+    """A frozen Linear plus routed LoRA experts (LoRAMoE and MoLA):
+
+        y = W x + b + (alpha / r) * sum_e g_e(x) B_e A_e dropout(x),   g = gates of softmax(W_router x)
+
+    with g the dense softmax (`top_k` None, LoRAMoE) or its renormalised top-k (MoLA). x [..., in] -> y [..., out].
+    """
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config, num_experts: int, top_k: int | None,
+                 layer_index: int | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} adapts nn.Linear modules, got {type(base_layer).__name__}: "
+                            f"check `target_modules`.")
+        self._init_layer(base_layer, layer_index)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k)
+
+    def update_layer(self, adapter_name: str, config, num_experts: int, top_k: int | None) -> None:
+        base = self.get_base_layer()
+        router, lora_a, lora_b = self.adapter_layer_names
+        shapes = {router: (num_experts, base.in_features), lora_a: (num_experts, config.r, base.in_features),
+                  lora_b: (num_experts, base.out_features, config.r)}
+        self._add_adapter(adapter_name, config, shapes, num_experts, top_k)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._adapters_to_run():
+            result = result + self._experts(x, adapter_name).to(result.dtype)
+        return result
+
+    def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        weights = self.adapter_tensors(adapter_name)
+        tokens = x.reshape(-1, x.shape[-1]).to(weights["A"].dtype)  # [T, in]
+        logits = F.linear(tokens, weights["router"])  # [T, E]
+        gates, top_k_index = expert_gates(logits, self.top_k[adapter_name])
+        self._record(adapter_name, logits, top_k_index, _batch_size(x))
+        dropped = self.lora_dropout[adapter_name](tokens)
+        delta = lora_mixture(dropped, weights["A"], weights["B"], gates) * self.scaling[adapter_name]
+        return delta.view(*x.shape[:-1], -1)
+
+
+class LoraMoeLinear(RoutedLoraLinear):
+    """LoRAMoE's layer: dense softmax gates over all experts."""
+
+    adapter_layer_names = ("loramoe_router", "loramoe_A", "loramoe_B")
+
+
+class MolaLinear(RoutedLoraLinear):
+    """MoLA's layer: top-k gates over this decoder layer's E_l experts."""
+
+    adapter_layer_names = ("mola_router", "mola_A", "mola_B")
+
+
+class MixLoraLayer(LoraExpertLayer):
+    """Base of MixLoRA's two layers (the tuner's `tuner_layer_cls`)."""
+
+
+class MixLoraLinear(nn.Module, MixLoraLayer):
+    """MixLoRA's plain LoRA on a Linear (attention projections): y = W x + b + (alpha / r) B A dropout(x)."""
+
+    adapter_layer_names = ("mixlora_A", "mixlora_B")
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_index: int | None = None):
+        super().__init__()
+        self._init_layer(base_layer, layer_index)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config, **_) -> None:
+        base = self.get_base_layer()
+        shapes = {"mixlora_A": (config.r, base.in_features), "mixlora_B": (base.out_features, config.r)}
+        self._add_adapter(adapter_name, config, shapes, num_experts=1, top_k=None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._adapters_to_run():
+            weights = self.adapter_tensors(adapter_name)
+            dropped = self.lora_dropout[adapter_name](x.to(weights["A"].dtype))
+            delta = lora(dropped, weights["A"], weights["B"]) * self.scaling[adapter_name]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """(alpha / r) B A, [out, in]: what merging adds to W."""
+        weights = self.adapter_tensors(adapter_name)
+        return weights["B"] @ weights["A"] * self.scaling[adapter_name]
+
+
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_feed_forward(module: nn.Module, name: str = "the module") -> None:
+    """MixLoRA needs a SwiGLU-style FFN: Linear gate_proj/up_proj [I, H], down_proj [H, I] and act_fn."""
+    missing = [attr for attr in FFN_PROJECTIONS if not isinstance(getattr(module, attr, None), nn.Linear)]
+    missing += [] if callable(getattr(module, "act_fn", None)) else ["act_fn"]
+    if missing:
+        raise ValueError(f"MixLoRA turns FFN blocks into MoEs, but {name} ({type(module).__name__}) has no "
+                         f"{missing}: target FFN blocks with nn.Linear gate_proj, up_proj, down_proj and an act_fn "
+                         f"(Llama, Mistral, Qwen2/3, Gemma MLPs), e.g. target_modules=['mlp'].")
+
+
+class MixLoraFeedForward(nn.Module, MixLoraLayer):
+    """A frozen FFN block turned into a sparse MoE of E experts that share it (MixLoRA):
+
+        w, idx = top-k of softmax(W_router x), renormalised                                        [T, k]
+        h_e = act(W_gate x + s B^g_e A^g_e x') * (W_up x + s B^u_e A^u_e x')                      [T, I]
+        y   = W_down (sum_{e in idx} w_e h_e) + b_down + sum_{e in idx} w_e s B^d_e A^d_e h_e'   [T, H]
+
+    (s = alpha / r, x' and h_e' after LoRA dropout). This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three
+    weights carry expert e's LoRA, because down_proj is linear and the weights sum to one. W_gate x and W_up x are
+    computed once per token and shared by all experts, and W_down runs once per token on the gate-weighted mix; only
+    the rank-r LoRA products run per expert.
+    """
+
+    adapter_layer_names = ("mixlora_router", "mixlora_gate_A", "mixlora_gate_B", "mixlora_up_A", "mixlora_up_B",
+                           "mixlora_down_A", "mixlora_down_B")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, num_experts: int, top_k: int,
+                 layer_index: int | None = None):
+        super().__init__()
+        check_feed_forward(base_layer)
+        self._init_layer(base_layer, layer_index)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k)
+
+    def update_layer(self, adapter_name: str, config, num_experts: int, top_k: int) -> None:
+        ffn, r, experts = self.get_base_layer(), config.r, num_experts
+        hidden, width = ffn.gate_proj.in_features, ffn.gate_proj.out_features
+        shapes = {
+            "mixlora_router": (experts, hidden),
+            "mixlora_gate_A": (experts, r, hidden), "mixlora_gate_B": (experts, width, r),
+            "mixlora_up_A": (experts, r, hidden), "mixlora_up_B": (experts, width, r),
+            "mixlora_down_A": (experts, r, width), "mixlora_down_B": (experts, hidden, r),
+        }
+        self._add_adapter(adapter_name, config, shapes, num_experts, top_k)
+
+    def _adapter_to_run(self) -> str | None:
+        adapters = self._adapters_to_run()
+        if len(adapters) > 1:
+            raise ValueError(f"MixLoRA runs one adapter per FFN block at a time, but {adapters} are active: choose "
+                             f"one with `set_adapter(name)`.")
+        return adapters[0] if adapters else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        adapter_name = self._adapter_to_run()
+        if adapter_name is None:
+            return self.base_layer(hidden_states)
+        ffn, weights = self.base_layer, self.adapter_tensors(adapter_name)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        dtype = weights["router"].dtype
+        logits = F.linear(x.to(dtype), weights["router"])  # [T, E]
+        gate_weights, top_k_index = top_k_gates(logits, self.top_k[adapter_name])  # [T, k]
+        self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states))
+        gate, up = ffn.gate_proj(x).to(dtype), ffn.up_proj(x).to(dtype)  # shared by every expert: once per token
+        mix, down_lora = self._mix_experts(x.to(dtype), gate, up, gate_weights, top_k_index, adapter_name)
+        out = ffn.down_proj(mix.to(hidden_states.dtype)) + down_lora.to(hidden_states.dtype)
+        return out.view(hidden_states.shape)
+
+    def _mix_experts(self, x, gate, up, gate_weights, top_k_index, adapter_name):
+        """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H]), one pass per expert that got tokens."""
+        weights, scaling = self.adapter_tensors(adapter_name), self.scaling[adapter_name]
+        dropout, act_fn = self.lora_dropout[adapter_name], self.base_layer.act_fn
+        dropped = dropout(x)
+        mix = gate.new_zeros(gate.shape)
+        down_lora = x.new_zeros(x.shape[0], weights["down_B"].shape[1])
+        for expert in top_k_index.unique().tolist():
+            token, slot = (top_k_index == expert).nonzero(as_tuple=True)
+            x_e = dropped[token]
+            gate_e = gate[token] + scaling * lora(x_e, weights["gate_A"][expert], weights["gate_B"][expert])
+            up_e = up[token] + scaling * lora(x_e, weights["up_A"][expert], weights["up_B"][expert])
+            hidden_e = act_fn(gate_e) * up_e
+            weight_e = gate_weights[token, slot].unsqueeze(-1)
+            mix.index_add_(0, token, weight_e * hidden_e)
+            down_e = lora(dropout(hidden_e), weights["down_A"][expert], weights["down_B"][expert])
+            down_lora.index_add_(0, token, weight_e * scaling * down_e)
+        return mix, down_lora
+
+    @torch.no_grad()
+    def expert_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Every expert's FFN with its LoRA merged: gate, up [E, I, H] and down [E, H, I], W + s B_e A_e."""
+        ffn, weights, scaling = self.base_layer, self.adapter_tensors(adapter_name), self.scaling[adapter_name]
+        merged = {}
+        for name in ("gate", "up", "down"):
+            base = getattr(ffn, f"{name}_proj").weight.to(weights[f"{name}_A"].dtype)
+            merged[name] = base + scaling * torch.bmm(weights[f"{name}_B"], weights[f"{name}_A"])
+        return merged

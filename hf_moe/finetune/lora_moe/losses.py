@@ -1,0 +1,96 @@
+"""The auxiliary losses of the three methods, computed once per forward from the layers' `RoutingRecord`s.
+
+The Switch load-balancing loss is `routing.load_balancing_loss`, the formula our MoE models use; the LBC's squared
+coefficient of variation is `routing.cv_squared`. Which loss a method adds, with which coefficient, is decided by
+its tuner (`model.py`, `aux_losses`).
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ...modeling.routing import (
+    RouterDecision,
+    cv_squared,
+    load_balancing_loss,
+    scores_from_logits,
+    token_mask_for_router_rows,
+)
+
+
+@dataclass
+class AuxLossContext:
+    """What the losses need besides the records: the [B, S] attention mask and LoRAMoE's per-sample types [B]."""
+
+    attention_mask: torch.Tensor | None = None
+    type_ids: torch.Tensor | None = None
+
+    def token_mask(self, records) -> torch.Tensor | None:
+        """[T] mask of the real (non-padding) tokens of the records' rows."""
+        return token_mask_for_router_rows(self.attention_mask, records[0].logits.shape[0])
+
+
+def router_decision(record) -> RouterDecision:
+    """A top-k record as the `RouterDecision` that routing.py's balancing losses read."""
+    probs = scores_from_logits(record.logits, "softmax")
+    every_slot = torch.ones_like(record.top_k_index, dtype=torch.bool)
+    return RouterDecision(logits=record.logits, probs=probs, top_k_index=record.top_k_index,
+                          top_k_weights=probs.gather(1, record.top_k_index), valid=every_slot, dispatched=every_slot)
+
+
+def switch_loss(records, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch / Mixtral load balancing over the router logits of all records pooled (MixLoRA; MoE-PEFT concatenates
+    every layer's logits): E * sum_e f_e P_e, f_e the fraction of top-k slots on expert e (sums to k), P_e the mean
+    router probability; padding masked."""
+    return load_balancing_loss([router_decision(record) for record in records], token_mask)
+
+
+def layerwise_switch_loss(records, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """MoLA's balance loss: for each decoder layer l, the Switch loss over that layer's routers pooled, divided by
+    k_l (the reference normalises f to sum to one), summed over layers: 1 per layer when perfectly balanced."""
+    by_layer = defaultdict(list)
+    for record in records:
+        by_layer[record.layer_index].append(router_decision(record))
+    losses = [load_balancing_loss(decisions, token_mask) / decisions[0].top_k_index.shape[-1]
+              for decisions in by_layer.values()]
+    return torch.stack(losses).sum()
+
+
+def expert_types(num_experts: int, num_types: int, device=None) -> torch.Tensor:
+    """[E] the sample type each expert serves: contiguous groups, group g serving type num_types - 1 - g (LoRAMoE's
+    code: with two types, the first half serves type 1)."""
+    group = torch.arange(num_experts, device=device) // (num_experts // num_types)
+    return num_types - 1 - group
+
+
+def localized_balancing_loss(route_weights: torch.Tensor, type_ids: torch.Tensor, delta: float,
+                             num_types: int) -> torch.Tensor:
+    """LoRAMoE's Localized Balancing Constraint of one layer, as its reference code computes it:
+
+        Q[b, e] = sum_s route_weights[b, s, e]             (padding included)       [B, E]
+        I[b, e] = 1 + delta if expert e serves type_ids[b] else 1 - delta           [B, E]
+        loss = Var(I * Q) / (Mean(I * Q)^2 + 1e-10)         over all B*E entries, unbiased variance; 0 for one entry
+
+    route_weights [B, S, E] (dense softmax gates), type_ids [B] integers (a type no group serves gets 1 - delta)."""
+    importance = route_weights.float().sum(dim=1)  # [B, E]
+    serves = expert_types(importance.shape[-1], num_types, importance.device)
+    matches = type_ids.to(importance.device).view(-1, 1) == serves.view(1, -1)
+    coefficients = torch.where(matches, 1.0 + delta, 1.0 - delta)
+    weighted = (importance * coefficients).flatten()
+    if weighted.numel() == 1:
+        return weighted.new_zeros(())
+    return cv_squared(weighted)
+
+
+def lbc_loss(records, type_ids: torch.Tensor, delta: float, num_types: int) -> torch.Tensor:
+    """The LBC summed over every recorded LoRAMoE Linear (gate, up and down of every layer)."""
+    losses = []
+    for record in records:
+        route_weights = scores_from_logits(record.logits, "softmax").view(record.batch_size, -1,
+                                                                          record.logits.shape[-1])
+        if type_ids.numel() != record.batch_size:
+            raise ValueError(f"`lora_moe_type_ids` has {type_ids.numel()} entries but the batch has "
+                             f"{record.batch_size} samples: pass one type id per sample, shape [batch_size].")
+        losses.append(localized_balancing_loss(route_weights, type_ids, delta, num_types))
+    return torch.stack(losses).sum()

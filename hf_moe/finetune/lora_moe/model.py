@@ -1,0 +1,196 @@
+"""The tuners of the three methods: which modules get which layer, and which auxiliary losses each method adds.
+
+Everything else comes from peft's `BaseTuner`: target matching (`target_modules`, `exclude_modules`,
+`layers_to_transform`), freezing the base, several adapters and `set_adapter`, `delete_adapter`, `unload`, and the
+adapter state dict (every tensor on our layers except the wrapped base module), saved as safetensors.
+"""
+
+import re
+from contextlib import contextmanager
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .aux_loss import install_aux_loss_hooks, remove_aux_loss_hooks
+from .config import LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
+from .layer import (
+    FFN_PROJECTIONS,
+    LoraExpertLayer,
+    LoraMoeLinear,
+    MixLoraFeedForward,
+    MixLoraLayer,
+    MixLoraLinear,
+    MolaLinear,
+)
+from .losses import AuxLossContext, layerwise_switch_loss, lbc_loss, switch_loss
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FFN = list(FFN_PROJECTIONS)
+# Default target_modules per method and base model_type (all share the Llama module names).
+TARGET_MODULES = {
+    "MIXLORA": {model_type: ["mlp", *ATTENTION] for model_type in SUPPORTED_MODEL_TYPES},
+    "LORAMOE": {model_type: FFN for model_type in SUPPORTED_MODEL_TYPES},
+    "MOLA": {model_type: ATTENTION + FFN for model_type in SUPPORTED_MODEL_TYPES},
+}
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def decoder_layer_index(key: str) -> int | None:
+    """The decoder layer of a module name: its first numbered segment (`model.layers.3.mlp` -> 3)."""
+    match = _LAYER_INDEX.search(f".{key}.")
+    return int(match.group(1)) if match else None
+
+
+class LoraExpertTuner(BaseTuner):
+    """What the three tuners share: default targets, the aux-loss hooks, and refusing to merge (the routing depends
+    on the input). Subclasses say which layer a module gets (`_new_layer`, `_layer_options`) and which auxiliary
+    losses the method adds (`aux_losses`)."""
+
+    def _prepare_adapter_config(self, peft_config: LoraExpertConfig, model_config: dict) -> LoraExpertConfig:
+        self.num_decoder_layers = model_config.get("num_hidden_layers")
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(f"`target_modules` is None and the base's model_type={model_type!r} has no default "
+                                 f"for {peft_config.peft_type}: set target_modules (defaults exist for "
+                                 f"{sorted(self.target_module_mapping)}).")
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        install_aux_loss_hooks(model)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer_index = decoder_layer_index(current_key)
+        options = self._layer_options(peft_config, current_key, layer_index)
+        if isinstance(target, LoraExpertLayer):  # adapted already, by another adapter of this method
+            target.update_layer(adapter_name, peft_config, **options)
+            return
+        new_module = self._new_layer(peft_config, adapter_name, target, current_key, layer_index, options)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Our layers create their tensors on the wrapped module's device (layer._add_adapter), and an FFN block has
+        # no `weight` for BaseTuner's version to copy: swapping the attribute is all there is to do.
+        setattr(parent, child_name, new_module)
+
+    def _layer_options(self, config, key: str, layer_index: int | None) -> dict:
+        """num_experts and top_k of the module `key`."""
+        return {"num_experts": config.num_experts, "top_k": config.top_k}
+
+    def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def aux_losses(cls, config, records, context: AuxLossContext) -> dict:
+        """{name: (coefficient, unweighted value)} for one adapter's records of one forward; a term is computed only
+        when its coefficient is non-zero."""
+        return {}
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(f"{type(self).__name__} does not support mixed-adapter batches (`adapter_names`): "
+                             f"run one adapter per forward, chosen with `set_adapter`.")
+        yield
+
+    def _check_merge_allowed(self):
+        raise ValueError(f"{type(self).__name__}: routed LoRA experts cannot be merged into the base weights (the "
+                         f"experts' mix depends on the input). For MixLoRA, `hf_moe.finetune.lora_moe.materialize` "
+                         f"writes an equivalent standalone MoE checkpoint instead.")
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        remove_aux_loss_hooks(self.model)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
+
+
+class MixLoraModel(LoraExpertTuner):
+    """MixLoRA: FFN blocks -> `MixLoraFeedForward` (a sparse MoE of LoRA experts over the frozen FFN), Linears ->
+    `MixLoraLinear` (plain LoRA). Aux loss: Switch load balancing over all layers' router logits."""
+
+    prefix = "mixlora_"
+    tuner_layer_cls = MixLoraLayer
+    target_module_mapping = TARGET_MODULES["MIXLORA"]
+
+    def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if not isinstance(peft_config.target_modules, str):
+            projections = sorted(set(peft_config.target_modules) & set(FFN_PROJECTIONS))
+            if projections:
+                raise ValueError(f"`target_modules`={sorted(peft_config.target_modules)} names FFN projections "
+                                 f"{projections}: MixLoRA adapts them through its experts; target the FFN block "
+                                 f"instead (e.g. 'mlp').")
+        return peft_config
+
+    def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
+        if isinstance(target, nn.Linear):
+            return MixLoraLinear(target, adapter_name, config, layer_index)
+        return MixLoraFeedForward(target, adapter_name, config, layer_index=layer_index, **options)
+
+    @classmethod
+    def aux_losses(cls, config: MixLoraConfig, records, context: AuxLossContext) -> dict:
+        if config.router_aux_loss_coef == 0:
+            return {}
+        return {"router_aux_loss": (config.router_aux_loss_coef, switch_loss(records, context.token_mask(records)))}
+
+
+class LoraMoeModel(LoraExpertTuner):
+    """LoRAMoE: Linears -> `LoraMoeLinear` (dense softmax over N LoRA experts). Aux loss: the Localized Balancing
+    Constraint, when the forward gets `lora_moe_type_ids`."""
+
+    prefix = "loramoe_"
+    tuner_layer_cls = LoraMoeLinear
+    target_module_mapping = TARGET_MODULES["LORAMOE"]
+
+    def _layer_options(self, config: LoraMoeConfig, key, layer_index) -> dict:
+        return {"num_experts": config.num_experts, "top_k": None}
+
+    def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
+        return LoraMoeLinear(target, adapter_name, config, layer_index=layer_index, **options)
+
+    @classmethod
+    def aux_losses(cls, config: LoraMoeConfig, records, context: AuxLossContext) -> dict:
+        if config.lbc_weight == 0 or context.type_ids is None:
+            return {}
+        value = lbc_loss(records, context.type_ids, config.lbc_delta, config.lbc_num_types)
+        return {"lbc_loss": (config.lbc_weight, value)}
+
+
+class MolaModel(LoraExpertTuner):
+    """MoLA: Linears -> `MolaLinear` (top-k over E_l LoRA experts, E_l and k_l per decoder layer). Aux loss:
+    the per-layer Switch loss, when `router_aux_loss_coef` > 0."""
+
+    prefix = "mola_"
+    tuner_layer_cls = MolaLinear
+    target_module_mapping = TARGET_MODULES["MOLA"]
+
+    def _prepare_adapter_config(self, peft_config: MolaConfig, model_config: dict) -> MolaConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if self.num_decoder_layers is None:
+            raise ValueError("MoLA allocates experts per decoder layer, but the base model's config has no "
+                             "`num_hidden_layers`.")
+        peft_config.top_k_per_layer(self.num_decoder_layers)  # validates num_experts and top_k against the depth
+        return peft_config
+
+    def _layer_options(self, config: MolaConfig, key, layer_index) -> dict:
+        if layer_index is None or layer_index >= self.num_decoder_layers:
+            raise ValueError(f"MoLA needs the decoder layer of `{key}` (its first numbered segment, below "
+                             f"num_hidden_layers={self.num_decoder_layers}): check target_modules.")
+        experts = config.experts_per_layer(self.num_decoder_layers)[layer_index]
+        return {"num_experts": experts, "top_k": config.top_k_per_layer(self.num_decoder_layers)[layer_index]}
+
+    def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
+        return MolaLinear(target, adapter_name, config, layer_index=layer_index, **options)
+
+    @classmethod
+    def aux_losses(cls, config: MolaConfig, records, context: AuxLossContext) -> dict:
+        if config.router_aux_loss_coef == 0:
+            return {}
+        value = layerwise_switch_loss(records, context.token_mask(records))
+        return {"router_aux_loss": (config.router_aux_loss_coef, value)}
