@@ -7,10 +7,18 @@ Exit codes: 0 success, 2 invalid input (usage error, or a conversion refused wit
 """
 
 import argparse
+import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import MISSING, fields
 
 from .conversion.native import EXPORT_FORMATS, export_native, import_native
 from .conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, ConversionError
+from .conversion.upcycle import UpcycleOptions, load_options_file, upcycle
+from .conversion.verify import DEFAULT_TOLERANCE, VerificationError, format_report, verify
+from .conversion.verify import MODES as VERIFY_MODES
 from .modeling.configuration_hf_moe import list_presets
 
 # Errors that mean "the input is wrong": reported in one line, exit code 2.
@@ -96,13 +104,172 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_option(parser: argparse.ArgumentParser, option) -> None:
+    """One `UpcycleOptions` field as a flag. Defaults are SUPPRESSed so that only the flags actually given override
+    a --config file; the help shows the real default."""
+    default = option.default if option.default is not MISSING else None
+    flag = "--" + option.name.replace("_", "-")
+    if option.type in (bool, "bool"):
+        if default:  # on by default: the flag turns it off
+            parser.add_argument("--no-" + flag[2:], dest=option.name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"turn off: {option.metadata['help']} (default: on)".replace("%", "%%"))
+        else:
+            parser.add_argument(flag, dest=option.name, action="store_true", default=argparse.SUPPRESS,
+                                help=f"{option.metadata['help']} (default: off)".replace("%", "%%"))
+        return
+    value_type = int if option.name == "top_k" else type(default) if isinstance(default, (int, float)) else str
+    shown = "auto" if option.name == "top_k" else default
+    parser.add_argument(flag, dest=option.name, type=value_type, choices=option.metadata.get("choices"),
+                        default=argparse.SUPPRESS,
+                        help=f"{option.metadata['help']} (default: {shown})".replace("%", "%%"))
+
+
+def add_upcycle_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "upcycle", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="turn a dense Llama, Mistral, Qwen2 or Qwen3 checkpoint into a mixture of experts",
+        description=(
+            "Upcycle a dense checkpoint (folder or Hub id; Llama, Mistral, Qwen2, Qwen3 in safetensors) into a\n"
+            "mixture of experts. Every option is checked against the source and the plan (per-layer shapes,\n"
+            "total and active parameters, file size) is printed before any work; --dry-run stops there. Weights\n"
+            "are streamed one layer at a time into a temporary folder next to OUT, renamed to OUT at the end.\n"
+            "Exact modes (copies / virtual groups with renormalised top-k, no noise, no drop) are verified against\n"
+            f"the dense logits in fp32 (relative error <= {DEFAULT_TOLERANCE:g}, else nothing is written); other\n"
+            "modes record their measured deviation. Options may also come from a YAML file (--config) whose keys\n"
+            "are the option names (and src, out); flags given on the command line win."
+        ),
+    )
+    parser.add_argument("src", nargs="?", metavar="SRC", help="dense checkpoint folder or Hub repository id (when "
+                        "--config names src, a single positional is OUT)")
+    parser.add_argument("out", nargs="?", metavar="OUT", help="folder to create for the MoE checkpoint")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (keys as the flags, plus src and out)")
+    for option in fields(UpcycleOptions):
+        _add_option(parser, option)
+    parser.set_defaults(run=run_upcycle)
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (kill) raises KeyboardInterrupt, so an interrupted conversion cleans up its temporary folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_upcycle(args: argparse.Namespace) -> int:
+    given = {name: value for name, value in vars(args).items() if name not in ("run", "command", "config")}
+    options = load_options_file(args.config) if args.config else {}
+    src, out = given.pop("src"), given.pop("out")
+    if "src" in options and src is not None and out is None:  # `--config FILE OUT`: the file names SRC
+        src, out = None, src
+    src, out = src or options.get("src"), out or options.get("out")
+    options = {key: value for key, value in options.items() if key not in ("src", "out")}
+    if src is None:
+        raise ConversionError("SRC is required: give it on the command line or as `src:` in --config")
+    options.update(given)
+    if out is None and not options.get("dry_run", False):
+        raise ConversionError("OUT is required (unless --dry-run): give it on the command line or as `out:`")
+    try:
+        with _terminate_as_interrupt():
+            result = upcycle(src, out, **options)
+    except VerificationError as error:
+        print(f"hf-moe upcycle: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    if result.out is None:
+        print("hf-moe upcycle: dry run, nothing was written")
+    else:
+        print(f"hf-moe upcycle: wrote the {'exact' if result.plan.exact else 'non-exact'} MoE checkpoint to "
+              f"{result.out}")
+    return 0
+
+
+def add_verify_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify", formatter_class=_HelpFormatter,
+        help="compare the logits of a converted checkpoint with those of its dense source",
+        description=(
+            "Load DENSE with its transformers class and MOE with its own (hf_moe or native), both in fp32 with the\n"
+            "same attention, run a few prompts (fixed sentences with DENSE's tokenizer, else seeded random ids)\n"
+            "and report the max abs / relative logit error and the top-1 agreement. With --tolerance, exit code 1\n"
+            "when the relative error is above it."
+        ),
+    )
+    parser.add_argument("dense", metavar="DENSE", help="dense source checkpoint folder")
+    parser.add_argument("moe", metavar="MOE", help="converted checkpoint folder (same vocabulary)")
+    parser.add_argument("--num-prompts", type=int, default=3, help="number of prompts")
+    parser.add_argument("--prompt-length", type=int, default=32, help="tokens per random prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help=f"largest accepted relative logit error, e.g. {DEFAULT_TOLERANCE:g} for exact modes")
+    parser.add_argument("--attn-implementation", default="eager", choices=("eager", "sdpa"),
+                        help="attention kernel used by both models (full mode)")
+    parser.add_argument("--mode", default="auto", choices=VERIFY_MODES,
+                        help="full: both models loaded whole with their own classes; layerwise: run one layer at a "
+                             "time with hf_moe's decoder layer (bounded memory); auto: full when it fits in memory")
+    parser.add_argument("--output", metavar="JSON", default=None, help="also write the report to this file")
+    parser.set_defaults(run=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = verify(args.dense, args.moe, num_prompts=args.num_prompts, prompt_length=args.prompt_length,
+                    seed=args.seed, tolerance=args.tolerance, attn_implementation=args.attn_implementation,
+                    mode=args.mode)
+    print(f"hf-moe verify: {format_report(report)}")
+    content = json.dumps(report, indent=2, sort_keys=True)
+    print(content)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(content + "\n")
+    return 1 if report.get("passed") is False else 0
+
+
+def add_materialize_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "materialize", formatter_class=_HelpFormatter,
+        help="a trained MixLoRA adapter + its base -> a standalone hf_moe MoE checkpoint (same logits)",
+        description=(
+            "Write BASE + a MixLoRA ADAPTER as one MoE checkpoint that loads and serves without peft: expert e =\n"
+            "base FFN + merged LoRA e, router copied, top-k renormalised; attention LoRA is merged.\n"
+            "Llama/Mistral bases -> hf_moe_mixtral; Qwen2/3 bases or adapters that skip layers -> hf_moe_deepseek."
+        ),
+    )
+    parser.add_argument("base", metavar="BASE", help="the adapter's base model folder")
+    parser.add_argument("adapter", metavar="ADAPTER", help="MixLoRA adapter folder (adapter_config.json + weights)")
+    parser.add_argument("out", metavar="OUT", help="folder to create for the hf_moe checkpoint")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the written weights (default: the base config's)")
+    _add_output_options(parser)
+    parser.set_defaults(run=run_materialize)
+
+
+def run_materialize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .finetune.lora_moe.materialize import materialize
+
+    out = materialize(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                      overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"hf-moe materialize: wrote the hf_moe checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", formatter_class=_HelpFormatter,
         description="Mixture-of-experts decoders for the Hugging Face stack: conversion, fine-tuning, publishing.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (add_import_command, add_export_command, add_presets_command):
+    for add_command in (add_import_command, add_export_command, add_presets_command, add_upcycle_command,
+                        add_verify_command, add_materialize_command):
         add_command(subparsers)
     return parser
 

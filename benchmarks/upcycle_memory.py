@@ -1,0 +1,175 @@
+"""Peak memory and wall time of `hf-moe upcycle` on a dense Llama of >= 1B parameters, converted to 8 experts.
+
+1. A random dense Llama in bf16 with Llama-3.2-1B shapes (H 2048, FFN 8192, 32/8 heads, vocab 128256, tied
+   embeddings: 1.24B parameters) is written shard by shard with hf-moe's ShardWriter, one layer in memory at a time.
+2. `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2` (Mixtral copies, random normal router; no verification, as
+   mergekit, unless --verify: then layer by layer) runs in its own process under `/usr/bin/time -v`, for each
+   requested depth: peak RSS should stay near one output MoE layer (8 x 3 x FFN x H x 2 bytes = 805 MB here) plus
+   one shard buffer (--max-shard-size) above the import baseline, whatever the number of layers.
+3. The output (~14 GB for 16 layers) is deleted afterwards unless --keep.
+
+    python benchmarks/upcycle_memory.py                       # 16 layers (1.24B), prints a table
+    python benchmarks/upcycle_memory.py --layers 8 16 --write # two depths, and the BENCHMARKS.md section
+    python benchmarks/upcycle_memory.py --smoke               # tiny shapes, prints only (used by the tests)
+
+Needs `/usr/bin/time` (Debian/Ubuntu: `apt-get install time`) and ~2.5 GB + ~14 GB of free disk per depth.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from hf_moe.conversion.safetensors_io import ShardWriter
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                vocab_size=128256, tie_word_embeddings=True)
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+             tie_word_embeddings=True)
+
+
+def write_random_llama(folder: Path, shapes: dict, layers: int, max_shard_size: str, seed: int = 0) -> int:
+    """A random bf16 Llama checkpoint written one tensor at a time; returns its parameter count."""
+    config = LlamaConfig(**shapes, num_hidden_layers=layers, max_position_embeddings=4096, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, width = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    kv_width = config.num_key_value_heads * head_dim
+
+    writer, count = ShardWriter(folder, max_shard_size), 0
+
+    def random(*shape):
+        nonlocal count
+        count += shape[0] * shape[1]
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    writer.add("model.embed_tokens.weight", random(config.vocab_size, hidden))
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        shapes_ = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv_width, hidden),
+                   "self_attn.v_proj.weight": (kv_width, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+                   "mlp.gate_proj.weight": (width, hidden), "mlp.up_proj.weight": (width, hidden),
+                   "mlp.down_proj.weight": (hidden, width)}
+        for name, shape in shapes_.items():
+            writer.add(p + name, random(*shape))
+        writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    writer.finish()
+    return count + (2 * layers + 1) * hidden
+
+
+def timed(command: list[str]) -> dict:
+    """Run `command` under /usr/bin/time -v: wall seconds and peak RSS (MB)."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", result.stderr).group(1).strip()
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
+    return {"wall_s": seconds, "peak_rss_mb": peak_kb / 1024, "stdout": result.stdout}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+
+
+def run(args) -> list[dict]:
+    shapes = SMOKE if args.smoke else LLAMA_1B
+    work = Path(args.work or tempfile.mkdtemp(prefix="upcycle-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = timed([sys.executable, "-c", "import hf_moe.cli"])["peak_rss_mb"]
+    expert_layer_mb = args.experts * 3 * shapes["intermediate_size"] * shapes["hidden_size"] * 2 / 2**20
+    rows = []
+    for layers in args.layers:
+        source, out = work / f"dense-{layers}", work / f"moe-{layers}"
+        shutil.rmtree(source, ignore_errors=True)
+        start = time.perf_counter()
+        parameters = write_random_llama(source, shapes, layers, args.max_shard_size)
+        build_s = time.perf_counter() - start
+        verification = ["--verify-mode", "layerwise"] if args.verify else ["--no-verify"]
+        command = [sys.executable, "-m", "hf_moe.cli", "upcycle", str(source), str(out), "--num-experts",
+                   str(args.experts), "--top-k", "2", "--router-init", "normal", *verification, "--overwrite",
+                   "--max-shard-size", args.max_shard_size]
+        measured = timed(command)
+        index = json.loads((out / "model.safetensors.index.json").read_text()) if (
+            out / "model.safetensors.index.json").exists() else {"metadata": {}}
+        rows.append({"layers": layers, "dense_parameters": parameters,
+                     "moe_parameters": index["metadata"].get("total_parameters"),
+                     "output_gb": folder_bytes(out) / 1e9, "build_s": build_s, "wall_s": measured["wall_s"],
+                     "peak_rss_mb": measured["peak_rss_mb"], "baseline_rss_mb": baseline,
+                     "moe_layer_mb": expert_layer_mb, "verified": args.verify})
+        print(json.dumps(rows[-1]), flush=True)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(source, ignore_errors=True)
+    if args.work is None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def table(rows: list[dict], args) -> str:
+    header = ["dense model", "layers", "MoE (8 experts)", "verification", "output", "wall time", "peak RSS",
+              "import baseline", "one MoE layer + one shard"]
+    shard_mb = _parse_mb(args.max_shard_size)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        moe = f"{row['moe_parameters'] / 1e9:.2f}B params" if row["moe_parameters"] else "-"
+        lines.append(
+            f"| random Llama {row['dense_parameters'] / 1e9:.2f}B bf16 | {row['layers']} | {moe} | "
+            f"{'layer by layer' if row['verified'] else 'off'} | "
+            f"{row['output_gb']:.1f} GB | {row['wall_s']:.0f} s | {row['peak_rss_mb'] / 1024:.2f} GB | "
+            f"{row['baseline_rss_mb'] / 1024:.2f} GB | {row['moe_layer_mb'] / 1024:.2f} + {shard_mb / 1024:.2f} GB |"
+        )
+    return "\n".join(lines)
+
+
+def _parse_mb(size: str) -> float:
+    from hf_moe.conversion.safetensors_io import parse_size
+
+    return parse_size(size) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="depths to convert (default: 16)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--max-shard-size", default="2GB", help="shard size of the source and the output")
+    parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--verify", action="store_true",
+                        help="include the automatic verification, layer by layer (default: --no-verify, as mergekit)")
+    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, prints only")
+    args = parser.parse_args()
+    if shutil.which("/usr/bin/time") is None:
+        sys.exit("/usr/bin/time is missing: install it (Debian/Ubuntu: apt-get install time)")
+    if args.layers is None:
+        args.layers = [2] if args.smoke else [16]
+    if args.smoke:
+        args.max_shard_size = "100KB"
+    rows = run(args)
+    body = table(rows, args)
+    print(body)
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import write_section
+
+        write_section("upcycle-memory", "### `hf-moe upcycle`: peak memory, dense Llama -> 8 experts\n\n" + body +
+                      f"\n\nPeak RSS is that of the whole `hf-moe upcycle` process (`/usr/bin/time -v`); the import "
+                      f"baseline is `python -c 'import hf_moe.cli'`. Shards of at most {args.max_shard_size}.")
+
+
+if __name__ == "__main__":
+    main()
