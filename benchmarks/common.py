@@ -59,7 +59,8 @@ def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between `<!-- name -->` markers in BENCHMARKS.md."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix().split(str(ROOT) + "/")[-1], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix()
+    command = " ".join(["python", script, *sys.argv[1:]])
     block = (f"<!-- {name} -->\n{body}\n\nCommand: `{command}`  \nMachine: {machine_description()}\n"
              f"<!-- /{name} -->")
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)

@@ -4,6 +4,8 @@ Importing the package registers the model types `hf_moe_mixtral` and `hf_moe_dee
 classes, so `AutoModelForCausalLM.from_pretrained` loads our checkpoints without `trust_remote_code`.
 """
 
+from .finetune.lora_moe import LoraMoeConfig, MixLoraConfig, MolaConfig, register_lora_moe_methods
+from .finetune.trainer import MoERouterCallback, add_router_callback
 from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, list_presets
 from .modeling.modeling_hf_moe import (
     DeepSeekMoEForCausalLM,
@@ -15,8 +17,6 @@ from .modeling.modeling_hf_moe import (
 )
 from .modeling.routing import collect_router_statistics, update_router_bias
 from .registration import register_auto_classes
-from .finetune.trainer import MoERouterCallback, add_router_callback
-from .finetune.lora_moe import LoraMoeConfig, MixLoraConfig, MolaConfig, register_lora_moe_methods
 
 __version__ = "0.1.0"
 

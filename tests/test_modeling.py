@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import torch.nn.functional as F
 from conftest import FAMILIES, PAD_TOKEN_ID, random_input_ids, randomize_weights_
 from torch.testing import assert_close
@@ -19,6 +18,7 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from hf_moe import (
@@ -186,11 +186,10 @@ def test_from_pretrained_applies_attention_and_experts_implementation(family, tm
         assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
 
 
-def test_default_experts_implementation_is_sorted_mm_on_cpu(family):
+def test_default_experts_implementation_is_grouped_mm(family):
     """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`;
-    without a GPU our models default to our own `sorted_mm` kernel, and the transformers kernels stay selectable."""
-    expected = "grouped_mm" if torch.cuda.is_available() else "sorted_mm"
-    assert family.causal_lm().config._experts_implementation == expected
+    our `sorted_mm` kernel is registered next to transformers' own and selectable, not the default."""
+    assert family.causal_lm().config._experts_implementation == "grouped_mm"
     assert "sorted_mm" in ALL_EXPERTS_FUNCTIONS
 
 

@@ -144,12 +144,10 @@ def test_remote_classes_come_from_transformers_modules(remote_load, family_name)
     assert entry["class_names"] == [f"{prefix}ForCausalLM", f"{prefix}Model", f"{prefix}ForSequenceClassification"]
 
 
-def test_remote_model_gets_our_default_experts_kernel(remote_load, family_name):
-    """transformers enables kernel switching only when the loaded modeling file holds `@use_experts_implementation`;
-    the copied `experts_kernels.py` registers `sorted_mm`, our CPU default, in the child too."""
+def test_remote_model_keeps_the_default_grouped_mm_experts_kernel(remote_load, family_name):
+    """transformers enables kernel switching only when the loaded modeling file holds `@use_experts_implementation`."""
     _, report, _ = remote_load
-    expected = "grouped_mm" if torch.cuda.is_available() else "sorted_mm"
-    assert report["families"][family_name]["experts_implementation"] == expected
+    assert report["families"][family_name]["experts_implementation"] == "grouped_mm"
 
 
 def test_remote_causal_lm_logits_match_parent(remote_load, family_name):

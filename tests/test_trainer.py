@@ -9,7 +9,6 @@ of the full batch, so the two runs agree only if the aux term is weighted by eac
 
 import math
 
-import pytest
 import torch
 from conftest import FAMILIES, random_input_ids, randomize_weights_
 from datasets import Dataset

@@ -2,7 +2,9 @@
 """`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward.
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
-experts can select it (`experts_implementation="sorted_mm"`), and hf-moe models use it by default on CPU.
+experts can select it (`experts_implementation="sorted_mm"`). It is not the default: on this project's CPU
+benchmarks (BENCHMARKS.md) it beats transformers' `grouped_mm` for training steps on very few tokens but not at
+every measured point, and the default must never be slower.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two plain matrix products on
 its contiguous block of rows:

@@ -40,7 +40,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
-from .experts_kernels import SORTED_MM  # registers the "sorted_mm" experts implementation
+from .experts_kernels import SORTED_MM  # noqa: F401  registers the "sorted_mm" experts implementation
 from .routing import (
     TopKRouter,
     accumulate_router_statistics,
@@ -334,13 +334,6 @@ class MoEPreTrainedModel(PreTrainedModel):
         "hidden_states": MoEDecoderLayer,
         "attentions": MoEAttention,
     }
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Unless asked otherwise: our sorted_mm kernel where it was measured faster than transformers' default
-        # grouped_mm (CPU; see BENCHMARKS.md), grouped_mm where a GPU is available.
-        if requested_experts is None and not torch.cuda.is_available():
-            requested_experts = SORTED_MM
-        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module):
