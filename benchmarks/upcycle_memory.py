@@ -36,12 +36,24 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              tie_word_embeddings=True)
 
 
+def write_word_level_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A tokenizer with one made-up word per embedding row (mergekit-moe requires a tokenizer in its source)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{index}": index for index in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+
+
 def write_random_llama(folder: Path, shapes: dict, layers: int, max_shard_size: str, seed: int = 0) -> int:
     """A random bf16 Llama checkpoint written one tensor at a time; returns its parameter count."""
     config = LlamaConfig(**shapes, num_hidden_layers=layers, max_position_embeddings=4096, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
+    write_word_level_tokenizer(folder, config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     hidden, width = config.hidden_size, config.intermediate_size
     head_dim = hidden // config.num_attention_heads
@@ -105,7 +117,7 @@ def run(args) -> list[dict]:
         measured = timed(command)
         index = json.loads((out / "model.safetensors.index.json").read_text()) if (
             out / "model.safetensors.index.json").exists() else {"metadata": {}}
-        rows.append({"layers": layers, "dense_parameters": parameters,
+        rows.append({"tool": "hf-moe upcycle", "layers": layers, "dense_parameters": parameters,
                      "moe_parameters": index["metadata"].get("total_parameters"),
                      "output_gb": folder_bytes(out) / 1e9, "build_s": build_s, "wall_s": measured["wall_s"],
                      "peak_rss_mb": measured["peak_rss_mb"], "baseline_rss_mb": baseline,
@@ -113,21 +125,42 @@ def run(args) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+        if args.mergekit:
+            rows.append(run_mergekit(args, source, work / f"mergekit-{layers}", parameters, rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        if not args.keep:
             shutil.rmtree(source, ignore_errors=True)
     if args.work is None and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
+def run_mergekit(args, source: Path, out: Path, parameters: int, ours: dict) -> dict:
+    """The same conversion with mergekit-moe (installed in its own environment): 8 copies of the FFN, random gate,
+    bf16, shards of the same byte size; no tokenizer to copy."""
+    config = out.with_suffix(".yaml")
+    experts = "".join(f"  - source_model: {source}\n" for _ in range(args.experts))
+    config.write_text(f"base_model: {source}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\n"
+                      f"experts:\n{experts}")
+    shard_parameters = f"{_parse_mb(args.max_shard_size) * 2**20 / 2 / 1e9:.0f}B"  # bf16: 2 bytes per parameter
+    measured = timed([args.mergekit, str(config), str(out), "--no-copy-tokenizer", "--out-shard-size",
+                      shard_parameters, "--random-seed", "0", "--i-understand-this-is-not-useful-without-training"])
+    row = {**ours, "tool": "mergekit-moe", "moe_parameters": None, "output_gb": folder_bytes(out) / 1e9,
+           "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"], "verified": False}
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
 def table(rows: list[dict], args) -> str:
-    header = ["dense model", "layers", "MoE (8 experts)", "verification", "output", "wall time", "peak RSS",
+    header = ["tool", "dense model", "layers", "MoE (8 experts)", "verification", "output", "wall time", "peak RSS",
               "import baseline", "one MoE layer + one shard"]
     shard_mb = _parse_mb(args.max_shard_size)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         moe = f"{row['moe_parameters'] / 1e9:.2f}B params" if row["moe_parameters"] else "-"
         lines.append(
-            f"| random Llama {row['dense_parameters'] / 1e9:.2f}B bf16 | {row['layers']} | {moe} | "
+            f"| {row['tool']} | random Llama {row['dense_parameters'] / 1e9:.2f}B bf16 | {row['layers']} | {moe} | "
             f"{'layer by layer' if row['verified'] else 'off'} | "
             f"{row['output_gb']:.1f} GB | {row['wall_s']:.0f} s | {row['peak_rss_mb'] / 1024:.2f} GB | "
             f"{row['baseline_rss_mb'] / 1024:.2f} GB | {row['moe_layer_mb'] / 1024:.2f} + {shard_mb / 1024:.2f} GB |"
@@ -152,6 +185,9 @@ def main() -> None:
                         help="include the automatic verification, layer by layer (default: --no-verify, as mergekit)")
     parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, prints only")
+    parser.add_argument("--mergekit", default=None, metavar="MERGEKIT_MOE",
+                        help="path of a mergekit-moe executable (in its own virtual environment): also run the same "
+                             "conversion with it, side by side")
     args = parser.parse_args()
     if shutil.which("/usr/bin/time") is None:
         sys.exit("/usr/bin/time is missing: install it (Debian/Ubuntu: apt-get install time)")
