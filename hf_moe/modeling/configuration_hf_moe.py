@@ -12,8 +12,8 @@ implementation (`modeling_hf_moe.py`). They differ in defaults and in the fields
 The fields that one family does not expose are class constants (or properties) on that family, so the modeling
 code reads the same attribute names from both.
 
-This file is copied next to every saved checkpoint (remote code): it imports only torch-free, public
-transformers helpers and nothing from hf_moe outside this folder.
+This file is copied next to every saved checkpoint (remote code): it imports public transformers helpers and, with a
+single-dot import, the routing constants of `routing.py`; nothing from hf_moe outside this folder.
 """
 
 from dataclasses import dataclass, field
