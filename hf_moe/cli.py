@@ -262,6 +262,42 @@ def run_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_finetune_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "finetune", formatter_class=_HelpFormatter,
+        help="fine-tune from a YAML recipe (full, lora, mixlora, loramoe, mola)",
+        description=(
+            "Run the fine-tune a YAML recipe describes: model (folder or Hub id), method (full, lora, mixlora,\n"
+            "loramoe, mola) with its peft options, data (local json/jsonl/csv/parquet or a Hub dataset) and training\n"
+            "(TrainingArguments). The whole recipe is checked before anything is loaded. OUT gets the adapter or\n"
+            "the full model (safetensors), the tokenizer and recipe.yaml. Examples: recipes/*.yaml."
+        ),
+    )
+    parser.add_argument("recipe", metavar="RECIPE", help="YAML recipe file")
+    parser.add_argument("--output", metavar="OUT", default=argparse.SUPPRESS,
+                        help="output folder (default: the recipe's output_dir)")
+    parser.add_argument("--max-steps", type=int, metavar="N", default=argparse.SUPPRESS,
+                        help="number of optimizer steps (default: the recipe's training.max_steps)")
+    parser.set_defaults(run=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune.recipes import run_recipe
+
+    overrides = {}
+    if "output" in args:
+        overrides["output_dir"] = args.output
+    if "max_steps" in args:
+        overrides["training.max_steps"] = args.max_steps
+    try:
+        result = run_recipe(args.recipe, **overrides)
+    except ValueError as error:  # an invalid recipe: one line, exit code 2
+        print(f"hf-moe finetune: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"hf-moe finetune: wrote the results to {result.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", formatter_class=_HelpFormatter,
@@ -269,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in (add_import_command, add_export_command, add_presets_command, add_upcycle_command,
-                        add_verify_command, add_materialize_command):
+                        add_verify_command, add_materialize_command, add_finetune_command):
         add_command(subparsers)
     return parser
 
