@@ -1,6 +1,8 @@
 """The whole models compared by train_step.py and decode.py: ours, transformers' native class on the same weights,
 and the dense Llama floor with the same active FLOPs per token."""
 
+import copy
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -46,7 +48,7 @@ def build_models(family: str, smoke: bool = False) -> dict[str, torch.nn.Module]
     floor = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=top_k * width + shared))
     models = {"dense floor": floor, "transformers grouped_mm": native}
     for implementation in ("sorted_mm", "grouped_mm", "eager"):
-        model = type(ours)(ours.config)
+        model = type(ours)(copy.deepcopy(ours.config))  # its own config: the experts kernel is a config setting
         model.load_state_dict(ours.state_dict())
         model.set_experts_implementation(implementation)
         models[f"ours {implementation}"] = model
