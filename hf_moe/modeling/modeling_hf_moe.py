@@ -44,6 +44,7 @@ from .experts_kernels import SORTED_MM  # noqa: F401  registers the "sorted_mm" 
 from .routing import (
     TopKRouter,
     accumulate_router_statistics,
+    micro_batch_share,
     router_losses,
     router_statistics,
     token_mask_for_router_rows,
@@ -449,12 +450,7 @@ class MoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
 
 class _RouterLossMixin:
     """Balancing losses, router statistics and load counting, computed once per forward from captured decisions.
-
-    Under Trainer with `num_items_in_batch` (gradient accumulation, several ranks), the task loss is a sum over the
-    whole global batch divided by its item count, and micro-batch losses are summed, not averaged. The balancing
-    losses are means over one micro-batch, so they are weighted by the micro-batch's share of the items: their sum
-    over micro-batches is then the item-weighted mean, not a multiple of it.
-    """
+    The losses are weighted by `routing.micro_batch_share` so that gradient accumulation does not multiply them."""
 
     def routing_outputs(self, outputs, attention_mask, batch_size, output_router_logits, output_router_stats):
         """-> (losses, statistics). In training, also adds this forward's counts to each router's counters (for
@@ -469,11 +465,10 @@ class _RouterLossMixin:
         statistics = router_statistics(decisions, token_mask) if output_router_stats else None
         return losses, statistics
 
-    def add_router_losses(self, loss, losses, items_in_micro_batch, num_items_in_batch):
+    def add_router_losses(self, loss, losses, share):
         if loss is None or not losses:
             return loss
         weighted = sum(getattr(self.config, name) * value.to(loss.device) for name, value in losses.items())
-        share = 1.0 if num_items_in_batch is None else items_in_micro_batch / num_items_in_batch
         return loss + share * weighted
 
     def wants_router_decisions(self, output_router_logits, output_router_stats) -> bool:
@@ -544,9 +539,8 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-            shift_labels = kwargs.get("shift_labels")
-            shift_labels = labels[..., 1:] if shift_labels is None else shift_labels
-            loss = self.add_router_losses(loss, losses, shift_labels.ne(-100).sum(), kwargs.get("num_items_in_batch"))
+            share = micro_batch_share(labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
+            loss = self.add_router_losses(loss, losses, share)
 
         return MoECausalLMOutputWithPast(
             loss=loss,
@@ -652,7 +646,8 @@ class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            loss = self.add_router_losses(loss, losses, labels.ne(-100).sum(), kwargs.get("num_items_in_batch"))
+            share = micro_batch_share(labels, kwargs.get("num_items_in_batch"), shifted=False)
+            loss = self.add_router_losses(loss, losses, share)
         return MoESequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,

@@ -81,17 +81,18 @@ class TopKRouter(nn.Module):
                                                              1.0 + config.router_jitter_noise)
             hidden_states = hidden_states * noise
         router_logits = F.linear(hidden_states, self.weight)  # [T, E]
-        probs = routing_probabilities(router_logits, config.scoring_func)
+        clean_scores = scores_from_logits(router_logits, config.scoring_func)  # [T, E] fp32
+        probs = probabilities_from_scores(clean_scores, config.scoring_func)
 
         if config.router_type == "expert_choice":
             capacity_factor = capacity_factor_for(config, self.training)
             top_k_index, top_k_weights, valid = expert_choice(probs, capacity_factor, config.dispatch_groups)
             dispatched, load_probs = valid, None
         else:
-            gate_logits, load_probs = router_logits, None
+            scores, load_probs = clean_scores, None
             if self.training and config.noisy_gating:
-                gate_logits, load_probs = self.noisy_logits(hidden_states, router_logits)
-            scores = scores_from_logits(gate_logits, config.scoring_func)  # [T, E] fp32
+                noisy_logits, load_probs = self.noisy_logits(hidden_states, router_logits)
+                scores = scores_from_logits(noisy_logits, config.scoring_func)
             choice_scores = scores
             if config.router_selection_bias:
                 choice_scores = scores + self.e_score_correction_bias
@@ -148,12 +149,11 @@ def scores_from_logits(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return F.softmax(logits, dim=-1, dtype=torch.float32)
 
 
-def routing_probabilities(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
-    """The unbiased routing distribution P[t, e] used by the balancing losses: softmax, or sigmoid scores
-    normalised to sum to one (DeepSeek-V3's s')."""
-    scores = scores_from_logits(logits, scoring_func)
+def probabilities_from_scores(scores: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """The unbiased routing distribution P[t, e] used by the balancing losses: the softmax scores themselves, or
+    sigmoid scores normalised to sum to one (DeepSeek-V3's s')."""
     if scoring_func == "sigmoid":
-        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     return scores
 
 
@@ -367,6 +367,21 @@ def sequence_balance_loss(decisions, batch_size: int, token_mask=None) -> torch.
         p = (probs * weights[..., None]).sum(dim=1) / seq_len
         losses.append(torch.sum(f * p, dim=-1).mean())
     return torch.stack(losses).mean()
+
+
+def micro_batch_share(labels: torch.Tensor, num_items_in_batch, shift_labels: torch.Tensor | None = None,
+                      shifted: bool = True):
+    """This micro-batch's share of Trainer's global item count: items here / `num_items_in_batch` (1 without it).
+
+    With `num_items_in_batch`, Trainer normalises the task loss by the items of the whole optimizer step and SUMS the
+    micro-batch losses (every accumulation step, every rank). A balancing loss is a mean over one micro-batch, so it
+    is weighted by this share: the sum over micro-batches is then the item-weighted mean, not a multiple of it.
+    Items are counted as Trainer counts them: `shift_labels` if given, else `labels[..., 1:]` for next-token losses
+    (`shifted`) or `labels`; -100 is ignored."""
+    if num_items_in_batch is None:
+        return 1.0
+    counted = shift_labels if shift_labels is not None else (labels[..., 1:] if shifted else labels)
+    return counted.ne(-100).sum() / num_items_in_batch
 
 
 def router_losses(decisions, config, attention_mask=None, batch_size: int = 1) -> dict[str, torch.Tensor]:

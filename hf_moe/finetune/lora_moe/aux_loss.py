@@ -31,6 +31,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
+from ...modeling.routing import micro_batch_share
 from .layer import LoraExpertLayer
 from .losses import AuxLossContext
 
@@ -79,7 +80,7 @@ def _end_forward(model, args, kwargs, output):
         return None
     labels = kwargs.get("labels")
     if labels is not None:
-        output = _add_to_loss(output, aux * micro_batch_share(model, labels, kwargs))
+        output = _add_to_loss(output, aux * _micro_batch_share(model, labels, kwargs))
     if not isinstance(output, tuple):
         if getattr(output, "aux_loss", None) is None:  # an MoE base keeps its own aux_loss
             output.aux_loss = aux
@@ -105,18 +106,10 @@ def compute_aux_losses(peft_config: dict, records, context: AuxLossContext):
     return terms, aux
 
 
-def micro_batch_share(model, labels: torch.Tensor, kwargs: dict):
-    """items in this micro-batch / num_items_in_batch, counted as Trainer counts them; 1 without the kwarg."""
-    num_items_in_batch = kwargs.get("num_items_in_batch")
-    if num_items_in_batch is None:
-        return 1.0
-    if kwargs.get("shift_labels") is not None:
-        counted = kwargs["shift_labels"]
-    elif LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss:
-        counted = labels[..., 1:]
-    else:
-        counted = labels
-    return counted.ne(-100).sum() / num_items_in_batch
+def _micro_batch_share(model, labels: torch.Tensor, kwargs: dict):
+    """`routing.micro_batch_share` for the wrapped model's own loss: labels are shifted for causal-LM losses."""
+    shifted = LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    return micro_batch_share(labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"), shifted=shifted)
 
 
 def _add_to_loss(output, value: torch.Tensor):
