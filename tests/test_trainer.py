@@ -9,12 +9,14 @@ of the full batch, so the two runs agree only if the aux term is weighted by eac
 
 import math
 
+import pytest
 import torch
 from conftest import FAMILIES, random_input_ids, randomize_weights_
 from datasets import Dataset
 from torch.testing import assert_close
 from transformers import Trainer, TrainingArguments
 
+import hf_moe
 from hf_moe import MixtralMoEForCausalLM
 
 SEQ_LEN = 8
@@ -163,3 +165,40 @@ def test_sequence_classification_gradient_accumulation_matches_the_full_batch(tm
     train_one_step(accumulated, classification_rows(), tmp_path / "accumulated", per_device_train_batch_size=1,
                    gradient_accumulation_steps=2)
     assert_same_parameters(parameters(accumulated), parameters(full_batch))
+
+
+def test_router_callback_logs_each_balancing_loss_as_its_own_scalar(family, tmp_path):
+    """lr 0 keeps the weights, so each step's logged value is the mean over its 2 micro-batches of the loss the
+    initial model computes; the z-loss is also written out from the router logits (ST-MoE: mean of logsumexp^2)."""
+    torch.manual_seed(0)
+    config = family.make_config(output_router_logits=True, router_aux_loss_coef=0.02, router_z_loss_coef=0.001,
+                                router_importance_loss_coef=0.1)
+    model = randomize_weights_(family.causal_lm_class(config))
+    rows = [{"input_ids": ids, "attention_mask": [1] * SEQ_LEN, "labels": ids}
+            for ids in random_input_ids(4, SEQ_LEN, seed=3).tolist()]
+    model.train()
+    with torch.no_grad():
+        outputs = [model(**{key: torch.tensor([value]) for key, value in row.items()}) for row in rows]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2,
+        optim="sgd", learning_rate=0.0, logging_steps=1, train_sampling_strategy="sequential", report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
+    hf_moe.add_router_callback(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2]
+    for step, entry in zip((1, 2), logs):
+        micro_batches = outputs[2 * (step - 1): 2 * step]
+        for name in ("router_aux_loss", "router_z_loss", "router_importance_loss"):
+            expected = sum(float(output.router_losses[f"{name}_coef"]) for output in micro_batches) / 2
+            assert entry[f"moe/{name}"] == pytest.approx(expected, rel=1e-5), (step, name)
+        written_out = sum(
+            float(torch.stack([torch.logsumexp(logits, dim=-1).square().mean() for logits in output.router_logits]).mean())
+            for output in micro_batches) / 2
+        assert entry["moe/router_z_loss"] == pytest.approx(written_out, rel=1e-5)
+        weighted = (0.02 * entry["moe/router_aux_loss"] + 0.001 * entry["moe/router_z_loss"]
+                    + 0.1 * entry["moe/router_importance_loss"])
+        assert entry["moe/weighted_aux_loss"] == pytest.approx(weighted, rel=1e-5)
+        assert "router/entropy" in entry

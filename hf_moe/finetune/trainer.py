@@ -4,6 +4,10 @@
 the step's forwards (every gradient-accumulation micro-batch, summed across data-parallel ranks), applies the
 auxiliary-loss-free bias update where the config asks for it (DeepSeek-V3), and adds router metrics to the logs
 Trainer writes (per layer and averaged over layers: load max-violation, routing entropy, dropped fraction, z-loss).
+Each balancing loss the model adds to its loss (`router_losses` of the output: the Switch aux loss, z-loss,
+importance, DeepSeek balance losses, ...) is logged as its own scalar too, unweighted, as `moe/<loss>`, with
+`moe/weighted_aux_loss` = the sum of coefficient * loss that reached the training loss (means over the training
+forwards since the last log, on this process).
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     add_router_callback(trainer)
@@ -14,11 +18,36 @@ restores them.
 """
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from ..modeling.routing import collect_router_statistics, update_router_bias
 
 METRICS = ("max_violation", "entropy", "dropped_fraction", "z_loss")
+
+
+def add_to_logs(state: TrainerState, logs: dict, metrics: dict[str, float]) -> None:
+    """Add `metrics` to the `logs` an `on_log` callback received. Trainer.log appended its copy of `logs` to the
+    history before calling on_log: complete that entry too."""
+    logs.update(metrics)
+    if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)
+
+
+class RunningMeans:
+    """Sums and counts of named scalars, read and reset together."""
+
+    def __init__(self):
+        self.totals: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            total, count = self.totals.get(name, (0.0, 0))
+            self.totals[name] = (total + value.detach().float(), count + 1)
+
+    def pop(self) -> dict[str, float]:
+        means = {name: float(total) / count for name, (total, count) in self.totals.items()}
+        self.totals = {}
+        return means
 
 
 class MoERouterCallback(TrainerCallback):
@@ -30,6 +59,26 @@ class MoERouterCallback(TrainerCallback):
         self.per_layer_metrics = per_layer_metrics
         self._since_log: list[dict[str, torch.Tensor]] = []  # per layer: summed metrics over steps, and a count
         self._steps_since_log = 0
+        self._losses = RunningMeans()
+        self._hook = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.log_metrics and model is not None and self._hook is None:
+            self._hook = model.register_forward_hook(self._record_losses)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _record_losses(self, model, args, output):
+        losses = getattr(output, "router_losses", None)
+        if not model.training or not losses:
+            return
+        config = model.config
+        weighted = sum(getattr(config, name) * value.detach() for name, value in losses.items())
+        self._losses.add({f"moe/{name.removesuffix('_coef')}": value for name, value in losses.items()})
+        self._losses.add({"moe/weighted_aux_loss": weighted})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -48,20 +97,20 @@ class MoERouterCallback(TrainerCallback):
             self._steps_since_log += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.log_metrics or logs is None or self._steps_since_log == 0:
+        if not self.log_metrics or logs is None:
+            return
+        metrics = self._losses.pop()
+        if self._steps_since_log == 0:
+            add_to_logs(state, logs, metrics)
             return
         steps = self._steps_since_log
-        metrics = {}
         for name in METRICS:
             per_layer = [float(totals[name]) / steps for totals in self._since_log]
             metrics[f"router/{name}"] = sum(per_layer) / len(per_layer)
             if self.per_layer_metrics:
                 for layer, value in enumerate(per_layer):
                     metrics[f"router/layer_{layer}/{name}"] = value
-        logs.update(metrics)
-        # Trainer.log appends its copy of `logs` to the history before calling on_log: complete that entry too
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        add_to_logs(state, logs, metrics)
         self._since_log, self._steps_since_log = [], 0
 
 

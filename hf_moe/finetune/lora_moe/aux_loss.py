@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from ...modeling.routing import micro_batch_share
+from ..trainer import RunningMeans, add_to_logs
 from .layer import LoraExpertLayer
 from .losses import AuxLossContext
 
@@ -123,18 +124,15 @@ def _add_to_loss(output, value: torch.Tensor):
 
 
 def _log_values(model, values: dict[str, torch.Tensor]) -> None:
-    log = model.__dict__.setdefault(_LOG_ATTRIBUTE, {})
-    for name, value in values.items():
-        total, count = log.get(name, (0.0, 0))
-        log[name] = (total + value.detach().float(), count + 1)
+    model.__dict__.setdefault(_LOG_ATTRIBUTE, RunningMeans()).add(values)
 
 
 def pop_logged_aux_losses(model: torch.nn.Module) -> dict[str, float]:
     """Mean of every logged value over the training forwards since the last call, then reset."""
     means = {}
     for module in model.modules():
-        for name, (total, count) in module.__dict__.pop(_LOG_ATTRIBUTE, {}).items():
-            means[name] = float(total) / count
+        if _LOG_ATTRIBUTE in module.__dict__:
+            means.update(module.__dict__.pop(_LOG_ATTRIBUTE).pop())
     return means
 
 
@@ -145,11 +143,7 @@ class LoraMoeLossCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
             return
-        metrics = {f"lora_moe/{name}": value for name, value in pop_logged_aux_losses(model).items()}
-        logs.update(metrics)
-        # Trainer.log appended its copy of `logs` to the history before calling on_log: complete that entry too
-        if metrics and state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        add_to_logs(state, logs, {f"lora_moe/{name}": value for name, value in pop_logged_aux_losses(model).items()})
 
 
 def add_lora_moe_callback(trainer: Trainer) -> LoraMoeLossCallback:
