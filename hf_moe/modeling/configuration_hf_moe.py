@@ -28,19 +28,32 @@ from .routing import ROUTER_TYPES, SCORING_FUNCS
 
 MLP_LAYER_TYPES = ("sparse", "dense")
 
-# The tensor-parallel plan shared by both families. Keys are relative to the base model.
-_TP_PLAN = {
+# Tensor-parallel rules, grouped by the modules they shard; keys are relative to the base model. The router
+# (`mlp.gate`) has no rule: it stays replicated, so every rank routes every token the same way.
+_ATTENTION_TP_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
     "layers.*.self_attn.k_proj": "colwise",
     "layers.*.self_attn.v_proj": "colwise",
     "layers.*.self_attn.o_proj": "rowwise",
+}
+# Per-head norms between a colwise and a rowwise projection see only this rank's heads: their weight gradients
+# are partial and must be summed over the ranks.
+_QK_NORM_TP_PLAN = {
+    "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+    "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+}
+_EXPERTS_TP_PLAN = {
     "layers.*.mlp.experts.gate_up_proj": "packed_colwise",  # [E, 2I, H], [gate; up] along dim 1
     "layers.*.mlp.experts.down_proj": "rowwise",
     "layers.*.mlp.experts": "moe_tp_experts",
+}
+_SHARED_EXPERTS_TP_PLAN = {
     "layers.*.mlp.shared_experts.gate_proj": "colwise",
     "layers.*.mlp.shared_experts.up_proj": "colwise",
     "layers.*.mlp.shared_experts.down_proj": "rowwise",
-    "layers.*.mlp.gate_proj": "colwise",  # dense layers
+}
+_DENSE_MLP_TP_PLAN = {
+    "layers.*.mlp.gate_proj": "colwise",
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
 }
@@ -76,7 +89,6 @@ class MoEDecoderConfig(PreTrainedConfig):
     """Fields and validation shared by both families (not registered as a model type of its own)."""
 
     keys_to_ignore_at_inference = ["past_key_values"]
-    base_model_tp_plan = _TP_PLAN
     base_model_ep_plan = _EP_PLAN
     base_model_pp_plan = _PP_PLAN
 
@@ -244,6 +256,21 @@ class MoEDecoderConfig(PreTrainedConfig):
     @property
     def num_sparse_layers(self) -> int:
         return sum(layer_type == "sparse" for layer_type in self.mlp_layer_types)
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """transformers' tensor-parallel plan, with the rules of the modules this config builds and no others
+        (transformers warns at load time about a rule that matches nothing)."""
+        plan = dict(_ATTENTION_TP_PLAN)
+        if self.qk_norm:
+            plan.update(_QK_NORM_TP_PLAN)
+        if "sparse" in self.mlp_layer_types:
+            plan.update(_EXPERTS_TP_PLAN)
+            if self.n_shared_experts > 0:
+                plan.update(_SHARED_EXPERTS_TP_PLAN)
+        if "dense" in self.mlp_layer_types:
+            plan.update(_DENSE_MLP_TP_PLAN)
+        return plan
 
 
 @strict
