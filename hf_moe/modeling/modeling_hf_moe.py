@@ -328,7 +328,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "tokens_per_expert", "routing_totals"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
@@ -349,8 +349,6 @@ class MoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.noise_weight)  # Shazeer et al.: no signal, uniform noise at init
             if hasattr(module, "e_score_correction_bias"):
                 init.zeros_(module.e_score_correction_bias)
-            init.zeros_(module.tokens_per_expert)
-            init.zeros_(module.routing_totals)
 
 
 @auto_docstring(custom_intro="The bare MoE decoder, outputting raw hidden states (and router logits on request).")

@@ -70,9 +70,10 @@ class TopKRouter(nn.Module):
         if config.router_selection_bias:
             # DeepSeek-V3 name; fp32, persistent (saved in checkpoints), updated by `update_router_bias`
             self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
-        # counts of the training forwards since the last `collect_router_statistics`, see `routing_counts`
-        self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
-        self.routing_totals = nn.Buffer(torch.zeros(5, dtype=torch.float32), persistent=False)
+        # [E + 5] counts of the training forwards since the last `collect_router_statistics` (load, then the totals
+        # of `routing_counts`), None before the first. Not a buffer: DDP broadcasts buffers from rank 0 before a
+        # forward, which would overwrite each rank's own counts.
+        self.accumulated_counts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor):  # [T, H]
         config = self.config
@@ -451,9 +452,10 @@ def router_statistics(decisions, token_mask=None) -> list[dict[str, torch.Tensor
 def accumulate_router_statistics(routers, decisions, token_mask=None) -> None:
     """Add one training forward's counts to each router's counters (read by `collect_router_statistics`)."""
     for router, decision in zip(routers, decisions):
-        load, totals = routing_counts(decision, token_mask)
-        router.tokens_per_expert += load
-        router.routing_totals += totals
+        counts = torch.cat(routing_counts(decision, token_mask))
+        if router.accumulated_counts is not None:
+            counts = counts + router.accumulated_counts
+        router.accumulated_counts = counts
 
 
 def sparse_layer_routers(model) -> list[TopKRouter]:
@@ -467,14 +469,17 @@ def collect_router_statistics(model, reset: bool = True) -> list[dict[str, torch
     routers = sparse_layer_routers(model)
     if not routers:
         return []
-    counts = torch.stack([torch.cat([router.tokens_per_expert, router.routing_totals]) for router in routers])
+    num_experts = routers[0].num_experts
+    device = routers[0].weight.device  # layers may sit on several devices (device_map)
+    no_counts = torch.zeros(num_experts + 5, device=device)
+    counts = torch.stack([
+        no_counts if router.accumulated_counts is None else router.accumulated_counts.to(device) for router in routers
+    ])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
     if reset:
         for router in routers:
-            router.tokens_per_expert.zero_()
-            router.routing_totals.zero_()
-    num_experts = routers[0].num_experts
+            router.accumulated_counts = None
     return [statistics_from_counts(row[:num_experts], row[num_experts:]) for row in counts]
 
 
@@ -489,6 +494,6 @@ def update_router_bias(model, statistics=None, update_rate: float | None = None)
         if not hasattr(router, "e_score_correction_bias"):
             continue
         gamma = router.config.router_bias_update_rate if update_rate is None else update_rate
-        load = layer_statistics["load"]
+        load = layer_statistics["load"].to(router.e_score_correction_bias.device)
         router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
     return statistics
