@@ -1,0 +1,131 @@
+"""Trainer runs: data-parallel (DDP), FSDP2 sharded at load time, and a MixLoRA fine-tune.
+
+Every optimizer step takes ROWS_PER_STEP rows in micro-batches of one row, with as many gradient-accumulation steps
+as the processes leave: 2 processes x 2 steps under torchrun, 1 process x 4 steps for the reference. Accelerate gives
+rank r the micro-batches r, r + 2, ..., so both runs see the same rows in each optimizer step. Plain SGD, so the runs
+must agree to float rounding.
+
+    torchrun --nproc_per_node 2 -m distributed.train_worker MODEL_DIR OUT_DIR [--sharding fsdp2] [--mixlora]
+        [--sync-each-batch]
+"""
+
+import argparse
+import os
+
+import torch
+from conftest import random_input_ids
+from datasets import Dataset
+from peft import get_peft_model
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers.distributed import DistributedConfig
+
+import hf_moe
+from hf_moe import MixLoraConfig
+from hf_moe.finetune.lora_moe import add_lora_moe_callback
+
+from .results import write_results
+
+ROWS_PER_STEP = 4
+STEPS = 4
+SEQ_LEN = 8
+SHARDINGS = ("ddp", "fsdp2")
+
+
+def training_rows() -> list[dict]:
+    """STEPS * ROWS_PER_STEP rows; row i ends in i % 3 padding positions, so the ranks count different label totals."""
+    rows = []
+    for index, tokens in enumerate(random_input_ids(STEPS * ROWS_PER_STEP, SEQ_LEN, seed=3).tolist()):
+        real = SEQ_LEN - index % 3
+        padding = SEQ_LEN - real
+        rows.append({
+            "input_ids": tokens[:real] + [0] * padding,
+            "attention_mask": [1] * real + [0] * padding,
+            "labels": tokens[:real] + [-100] * padding,
+        })
+    return rows
+
+
+def load_model(model_dir: str, sharding: str, mixlora: bool, world_size: int):
+    if sharding == "fsdp2" and world_size > 1:
+        # sharded at load time; Trainer then leaves placement and gradient reduction to the model
+        distributed_config = DistributedConfig(fsdp_size=world_size)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=distributed_config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if mixlora:
+        torch.manual_seed(0)
+        config = MixLoraConfig(task_type="CAUSAL_LM", num_experts=4, top_k=2, r=4, lora_dropout=0.0,
+                               router_aux_loss_coef=0.01)
+        model = get_peft_model(model, config)
+        with torch.no_grad():  # every adapter tensor random (LoRA B included), the same on every rank
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(0.1 * torch.randn_like(param))
+    return model
+
+
+def train(model_dir: str, output_dir: str, sharding: str = "ddp", mixlora: bool = False, world_size: int = 1,
+          sync_each_batch: bool = False):
+    """STEPS optimizer steps of SGD on `training_rows()` -> (trained parameters as full tensors and the router
+    biases, Trainer's log history, how the model was trained). `sync_each_batch`: reduce gradients after every
+    micro-batch instead of once per optimizer step (DDP then also broadcasts the buffers before every forward)."""
+    model = load_model(model_dir, sharding, mixlora, world_size)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=ROWS_PER_STEP // world_size,
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": sync_each_batch}},
+        max_steps=STEPS,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        seed=0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(training_rows()))
+    if mixlora:
+        add_lora_moe_callback(trainer)
+    else:
+        hf_moe.add_router_callback(trainer)
+    trainer.train()
+    parameters = {
+        name: (param.full_tensor() if isinstance(param, DTensor) else param).detach()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+    biases = {name: buffer for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")}
+    setup = {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "sharded_parameters": sum(isinstance(param, DTensor) for param in model.parameters()),
+    }
+    return parameters | biases, trainer.state.log_history, setup
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--sharding", choices=SHARDINGS, default="ddp")
+    parser.add_argument("--mixlora", action="store_true")
+    parser.add_argument("--sync-each-batch", action="store_true")
+    options = parser.parse_args()
+    tensors, log_history, setup = train(
+        options.model_dir, os.path.join(options.out_dir, "trainer"), options.sharding, options.mixlora,
+        int(os.environ["WORLD_SIZE"]), options.sync_each_batch,
+    )
+    if torch.distributed.get_rank() == 0:
+        write_results(options.out_dir, tensors, log_history=log_history, **setup)
+
+
+if __name__ == "__main__":
+    main()
