@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils.dataclasses import get_module_class_from_name
 from conftest import FAMILIES, randomize_weights_
 from distributed.parallel_worker import BATCHES, LEARNING_RATE
 from distributed.results import read_results
@@ -27,6 +30,7 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 TESTS = Path(__file__).parent
+ACCELERATE_CONFIGS = sorted((TESTS.parent / "recipes" / "accelerate").glob("*.yaml"))
 TORCHRUN_TIMEOUT_S = 300
 LOGGED_PER_STEP = ("loss", "grad_norm")
 
@@ -223,3 +227,22 @@ def test_deepseek_plan_shards_norms_shared_experts_and_dense_layers():
     plan = FAMILIES["deepseek"].make_config().base_model_tp_plan  # q/k norms, gated shared expert, dense layer 0
     assert plan["layers.*.self_attn.q_norm"] == plan["layers.*.self_attn.k_norm"] == "replicated_with_grad_allreduce"
     assert plan["layers.*.mlp.shared_experts.down_proj"] == plan["layers.*.mlp.down_proj"] == "rowwise"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The accelerate config files (FSDP2 and DeepSpeed need GPUs: checked as far as accelerate reads them)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda path: path.name)
+def test_accelerate_config_loads_and_names_classes_of_an_hf_moe_model(path):
+    """The file loads with accelerate's own loader, each setting is an `accelerate launch` option, and the classes it
+    names (FSDP wrap unit, ZeRO-3 leaf module) are found in a model the way accelerate looks them up."""
+    config = load_config_from_file(str(path))
+    settings = config.fsdp_config | config.deepspeed_config
+    assert settings and set(settings) <= {action.dest for action in launch_command_parser()._actions}
+    model = FAMILIES["deepseek"].causal_lm()
+    class_names = [settings.get("fsdp_transformer_layer_cls_to_wrap"), settings.get("deepspeed_moe_layer_cls_names")]
+    class_names = [name for names in class_names if names for name in names.split(",")]
+    assert class_names
+    for name in class_names:
+        assert get_module_class_from_name(model, name) is not None, name
