@@ -1,0 +1,184 @@
+"""A small multi-task instruction dataset with exact-match answers, and its exact-match evaluation.
+
+Every example is a prompt `"{task}: {input}\\n"` followed by its answer (the full `text` is the two joined):
+
+| task      | input                                       | answer             |
+|-----------|---------------------------------------------|--------------------|
+| `add`     | two numbers of 2-3 digits, `47 + 385`       | the sum, `432`     |
+| `sort`    | 4-7 digits, `5 2 9 1`                       | ascending, `1 2 5 9` |
+| `reverse` | 3-6 letters, `q x b m`                      | reversed, `m b x q` |
+| `upper`   | two words, `red fox`                        | `RED FOX`          |
+| `count`   | a digit, then 5-8 digits, `3 in 3 1 3 7 3`  | its count, `3`     |
+| `python`  | a Python expression of three digits, `3 + 4 * 2` | its value, `11` |
+
+Items are space-separated so that a byte-level tokenizer sees one token per digit or letter. Each task draws from
+its own `random.Random(f"{seed}:{task}")` (stable across Python versions), and no prompt appears twice, so the
+eval split shares no prompt with the train split.
+
+    from hf_moe.data.tasks import exact_match, load_tasks
+
+    result = exact_match(model, tokenizer, load_tasks("eval"), max_new_tokens=8)
+    print(result.accuracy, result.per_task)
+"""
+
+import json
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import tasks_path
+
+SPLITS = ("train", "eval")
+DEFAULT_SEED = 0
+DEFAULT_TRAIN_PER_TASK = 800
+DEFAULT_EVAL_PER_TASK = 100
+PROMPT_FORMAT = "{task}: {task_input}\n"
+# short common words for `upper` (fixed here: a word list read from the system would differ between machines)
+WORDS = (
+    "air", "apple", "arm", "bag", "ball", "bed", "bird", "blue", "boat", "book", "box", "bread", "cake", "car",
+    "cat", "chair", "city", "cloud", "cold", "cup", "day", "desk", "dog", "door", "dream", "duck", "egg", "eye",
+    "farm", "fire", "fish", "flag", "fox", "frog", "game", "gold", "green", "hat", "hill", "home", "horse", "ice",
+    "key", "king", "lake", "lamp", "leaf", "lion", "map", "milk", "moon", "mouse", "night", "nose", "park", "pen",
+    "rain", "red", "ring", "river", "road", "rock", "rose", "salt", "sea", "ship", "shoe", "sky", "snow", "song",
+    "star", "stone", "sun", "table", "tea", "tree", "wall", "water", "wind", "wolf",
+)
+
+
+def make_add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    return f"{a} + {b}", str(a + b)
+
+
+def make_sort(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
+    ascending = [digit for digit in range(10) for _ in range(digits.count(digit))]  # counting sort
+    return " ".join(map(str, digits)), " ".join(map(str, ascending))
+
+
+def make_reverse(rng: random.Random) -> tuple[str, str]:
+    letters = [rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))]
+    return " ".join(letters), " ".join(reversed(letters))
+
+
+def make_upper(rng: random.Random) -> tuple[str, str]:
+    words = f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
+    return words, words.upper()
+
+
+def make_count(rng: random.Random) -> tuple[str, str]:
+    target, length = rng.randint(0, 9), rng.randint(5, 8)
+    occurrences = rng.randint(0, 3)
+    others = [digit for digit in range(10) if digit != target]
+    digits = [rng.choice(others) for _ in range(length - occurrences)]
+    for _ in range(occurrences):
+        digits.insert(rng.randint(0, len(digits)), target)
+    return f"{target} in {' '.join(map(str, digits))}", str(occurrences)
+
+
+def make_python(rng: random.Random) -> tuple[str, str]:
+    first, second, third = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
+    # Python's precedence by hand: multiplications first, then + and - left to right
+    terms, signs = [first], []
+    for op, operand in ((op1, second), (op2, third)):
+        if op == "*":
+            terms[-1] *= operand
+        else:
+            terms.append(operand)
+            signs.append(1 if op == "+" else -1)
+    value = terms[0] + sum(sign * term for sign, term in zip(signs, terms[1:]))
+    return f"{first} {op1} {second} {op2} {third}", str(value)
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": make_add,
+    "sort": make_sort,
+    "reverse": make_reverse,
+    "upper": make_upper,
+    "count": make_count,
+    "python": make_python,
+}
+
+
+def format_prompt(task: str, task_input: str) -> str:
+    return PROMPT_FORMAT.format(task=task, task_input=task_input)
+
+
+def make_example(task: str, task_input: str, answer: str) -> dict:
+    prompt = format_prompt(task, task_input)
+    return {"task": task, "prompt": prompt, "answer": answer, "text": prompt + answer}
+
+
+def generate_tasks(seed: int = DEFAULT_SEED, train_per_task: int = DEFAULT_TRAIN_PER_TASK,
+                   eval_per_task: int = DEFAULT_EVAL_PER_TASK) -> dict[str, list[dict]]:
+    """{"train": [...], "eval": [...]}: per task, the first `eval_per_task` distinct prompts go to eval and the next
+    `train_per_task` to train. The train split is shuffled (tasks interleaved); eval is grouped by task."""
+    for name, value in (("train_per_task", train_per_task), ("eval_per_task", eval_per_task)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+    splits = {"train": [], "eval": []}
+    wanted = eval_per_task + train_per_task
+    for task, make_input in TASKS.items():
+        rng = random.Random(f"{seed}:{task}")
+        seen: dict[str, str] = {}
+        for _ in range(50 * wanted):
+            task_input, answer = make_input(rng)
+            seen.setdefault(task_input, answer)
+            if len(seen) == wanted:
+                break
+        else:
+            raise ValueError(f"train_per_task + eval_per_task = {wanted} is invalid: task {task!r} found only "
+                             f"{len(seen)} distinct prompts; ask for fewer examples")
+        examples = [make_example(task, task_input, answer) for task_input, answer in seen.items()]
+        splits["eval"] += examples[:eval_per_task]
+        splits["train"] += examples[eval_per_task:]
+    random.Random(seed).shuffle(splits["train"])
+    return splits
+
+
+def load_tasks(split: str, folder=None) -> list[dict]:
+    """The examples of `split` ("train" or "eval") from the shipped dataset, or from `folder` if given."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: allowed values are {list(SPLITS)}")
+    path = Path(tasks_path() if folder is None else folder) / f"{split}.jsonl"
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+@dataclass
+class ExactMatch:
+    accuracy: float  # over all examples
+    per_task: dict[str, float]  # task -> accuracy over its examples
+    predictions: list[str]  # the stripped completions, in example order
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 32,
+                progress: bool = False) -> ExactMatch:
+    """Greedy completion of each example's prompt (left-padded batches, stopping at eos); an example counts as
+    correct when the completion, stripped of surrounding whitespace, equals its answer."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token)")
+    was_training = model.training
+    model.eval()
+    predictions = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="exact match", unit="batch", disable=not progress):
+        prompts = [example["prompt"] for example in examples[start : start + batch_size]]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        predictions += [completion.strip() for completion in completions]
+    model.train(was_training)
+    correct: dict[str, list[bool]] = {}
+    for example, prediction in zip(examples, predictions):
+        correct.setdefault(example["task"], []).append(prediction == example["answer"])
+    every = [hit for hits in correct.values() for hit in hits]
+    return ExactMatch(accuracy=sum(every) / max(len(every), 1),
+                      per_task={task: sum(hits) / len(hits) for task, hits in correct.items()},
+                      predictions=predictions)
