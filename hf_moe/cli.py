@@ -52,12 +52,21 @@ def add_import_command(subparsers) -> None:
     parser.add_argument("src", metavar="SRC", help="native checkpoint folder (config.json + safetensors weights)")
     parser.add_argument("out", metavar="OUT", help="folder to create for the hf_moe checkpoint")
     _add_output_options(parser)
+    _add_no_verify_option(parser)
     parser.set_defaults(run=run_import)
 
 
+def _add_no_verify_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=argparse.SUPPRESS,
+                        help="turn off: compare the logits of OUT with those of SRC in fp32 (relative error <= "
+                             f"{DEFAULT_TOLERANCE:g}, else nothing is written) and record them in the card "
+                             "(default: on)")
+
+
 def run_import(args: argparse.Namespace) -> int:
-    out = import_native(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    print(f"hf-moe import: wrote the hf_moe checkpoint to {out}")
+    out = import_native(args.src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                        verify=vars(args).get("verify", True))
+    print(f"hf-moe import: wrote the hf_moe checkpoint and its card to {out}")
     return 0
 
 
@@ -76,13 +85,14 @@ def add_export_command(subparsers) -> None:
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, default=argparse.SUPPRESS,
                         help="native format to write (required)")
     _add_output_options(parser)
+    _add_no_verify_option(parser)
     parser.set_defaults(run=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     out = export_native(args.src, args.out, args.format, overwrite=args.overwrite,
-                        max_shard_size=args.max_shard_size)
-    print(f"hf-moe export: wrote the {args.format} checkpoint to {out}")
+                        max_shard_size=args.max_shard_size, verify=vars(args).get("verify", True))
+    print(f"hf-moe export: wrote the {args.format} checkpoint and its card to {out}")
     return 0
 
 
@@ -298,14 +308,75 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_card_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "card", formatter_class=_HelpFormatter,
+        help="(re)render the model card (README.md) of a folder hf-moe wrote",
+        description=(
+            "Render PATH/README.md from the model_cards/ templates and what the folder records: upcycle.yaml\n"
+            "(upcycled), conversion.yaml (imported, exported, materialized), recipe.yaml and Trainer's results\n"
+            "(fine-tuned), adapter_config.json (adapter); verification.json, expert_load.png and loss.png are\n"
+            "included when present. Metadata keys of an existing card that hf-moe does not set are kept."
+        ),
+    )
+    parser.add_argument("path", metavar="PATH", help="model or adapter folder written by hf-moe")
+    parser.set_defaults(run=run_card)
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from .cards import render_card
+
+    try:
+        path = render_card(args.path)
+    except ValueError as error:
+        print(f"hf-moe card: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"hf-moe card: wrote {path}")
+    return 0
+
+
+def add_push_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push", formatter_class=_HelpFormatter,
+        help="upload a model or adapter folder to the Hugging Face Hub",
+        description=(
+            "Upload PATH to the Hub repository REPO_ID (created if needed) in one commit: weights (safetensors),\n"
+            "config with auto_map and the modeling files, tokenizer, card and pictures; for an adapter, the card\n"
+            "keeps PEFT's metadata plus hf-moe's. checkpoint-*/, runs/, hidden files and pickles stay behind.\n"
+            "Log in first (`hf auth login`) or set HF_TOKEN; HF_ENDPOINT selects another Hub."
+        ),
+    )
+    parser.add_argument("path", metavar="PATH", help="model or adapter folder")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repository id, e.g. your-name/your-model")
+    parser.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
+    parser.add_argument("--revision", metavar="BRANCH", default=None,
+                        help="branch to commit to, created from main if missing; none: main")
+    parser.add_argument("--create-pr", action="store_true",
+                        help="open a pull request against main with the files instead of committing to main")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push, pushed_url
+
+    try:
+        info = push(args.path, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
+    except ValueError as error:  # not a publishable folder, or metadata the Hub refuses
+        print(f"hf-moe push: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(f"hf-moe push: pushed {args.path} to {pushed_url(info, args.revision)} (commit {info.oid})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-moe", formatter_class=_HelpFormatter,
         description="Mixture-of-experts decoders for the Hugging Face stack: conversion, fine-tuning, publishing.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (add_import_command, add_export_command, add_presets_command, add_upcycle_command,
-                        add_verify_command, add_materialize_command, add_finetune_command):
+    for add_command in (add_import_command, add_export_command, add_presets_command,
+                        add_upcycle_command, add_verify_command, add_materialize_command, add_finetune_command,
+                        add_card_command, add_push_command):
         add_command(subparsers)
     return parser
 

@@ -56,10 +56,10 @@ SHARED_FIELDS = (
     "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout",
 )
 # Files of the source that the upcycled folder must not carry over (hf-moe writes its own).
-SOURCE_FILES_NOT_COPIED = ("config.json", "README.md", "verification.json", "upcycle.yaml")
+SOURCE_FILES_NOT_COPIED = ("config.json",)  # (and the card: see copy_side_files)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "README.md"]  # card: license
 
 
 def _refuse(model_type: str, field: str, value, allowed: str) -> ConversionError:

@@ -32,6 +32,7 @@ inside an atomic output folder (nothing appears at OUT unless the whole conversi
 """
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -510,6 +511,18 @@ def our_tensor_shapes(config: MoEDecoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parameter_counts(config: MoEDecoderConfig, names: Iterable[str] | None = None) -> tuple[int, int]:
+    """(total, active per token) parameters of our model for `config`, over the state-dict `names` (default: all
+    of them, a tied head counted once). A token runs k of the E routed experts of each sparse layer."""
+    shapes = our_tensor_shapes(config)
+    if names is None:
+        names = [name for name in shapes if not (name == "lm_head.weight" and config.tie_word_embeddings)]
+    total = sum(math.prod(shapes[name]) for name in names)
+    expert = 3 * config.hidden_size * config.moe_intermediate_size
+    idle_experts = config.num_experts - config.num_experts_per_tok if config.num_sparse_layers else 0
+    return total, total - config.num_sparse_layers * idle_experts * expert
+
+
 def _attention_shapes(config: MoEDecoderConfig, prefix: str) -> dict[str, tuple[int, ...]]:
     head_dim = config.head_dim or _default_head_dim(config)
     q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -709,16 +722,39 @@ def _check_paths(src: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, **record) -> None:
+    """conversion.yaml; with `check`, the logits against SRC's (exact: relative error <= 1e-5, else
+    VerificationError and nothing is published), verification.json, and when both models fit in memory the expert
+    load on the verification prompts; then the model card."""
+    from ..cards import conversion_heatmap, record_conversion, write_card
+    from .verify import DEFAULT_TOLERANCE, VerificationError, verification_prompts, verify, write_verification
+
+    record_conversion(folder, command, src=str(src), **record)
+    if check:
+        report = verify(src, folder, tolerance=DEFAULT_TOLERANCE)
+        if not report["passed"]:
+            raise VerificationError(f"the {command}ed checkpoint should compute what {src} computes, but its relative "
+                                    f"logit error is {report['max_rel_error']:.3g} > {DEFAULT_TOLERANCE:g}; nothing "
+                                    f"was written")
+        write_verification(report, folder)
+        if report["mode"] == "full":
+            prompts, description = verification_prompts(src, read_config_dict(src)["vocab_size"])
+            conversion_heatmap(folder, prompts, f"the verification prompts: {description}")
+    write_card(folder, "native")
+
+
 def import_native(
     src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True,
 ) -> Path:
     """Convert the native checkpoint folder `src` (mixtral, qwen2_moe, qwen3_moe or deepseek) to our format in `out`.
 
     Writes our fused weights (shards of at most `max_shard_size`), config.json, generation_config.json, the flat
-    modeling files for `trust_remote_code`, and copies the other non-weight files (tokenizer, ...). Raises
-    `ConversionError` (before writing anything) when the source is not convertible, `FileExistsError` when `out`
-    exists and `overwrite` is False. Returns `out`.
+    modeling files for `trust_remote_code`, copies the other non-weight files (tokenizer, ...), and writes the
+    model card. With `verify`, the logits are compared with the source's first (not for the deepseek layout, whose
+    remote code hf-moe does not run) and recorded in verification.json. Raises `ConversionError` (before writing
+    anything) when the source is not convertible, `FileExistsError` when `out` exists and `overwrite` is False.
+    Returns `out`.
     """
     src, out = Path(src), Path(out)
     _check_paths(src, out)
@@ -738,6 +774,8 @@ def import_native(
             save_our_config(config, folder)
             copy_side_files(src, folder, exclude={"config.json", *_remote_code_files(source_config)})
             _ensure_generation_config(folder, config)
+            _verify_and_describe(src, folder, verify and fmt != "deepseek", "import", source_format=fmt,
+                                 max_shard_size=max_shard_size, verify=verify)
     logger.info(f"imported {fmt} checkpoint {src} as {config.model_type} in {out}")
     return out
 
@@ -759,13 +797,13 @@ def load_our_config(src: str | os.PathLike) -> MoEDecoderConfig:
 
 def export_native(
     src: str | os.PathLike, out: str | os.PathLike, format: str, overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True,
 ) -> Path:
     """Convert our checkpoint folder `src` to the native `format` (mixtral, qwen2_moe or qwen3_moe) in `out`.
 
     Writes per-expert weights under the names the format's native loaders expect, the native config.json,
-    generation_config.json, and copies the other non-weight files (tokenizer, ...), but not our modeling files.
-    Raises `ConversionError` (before writing anything) when our config is not representable in `format`,
+    generation_config.json, copies the other non-weight files (tokenizer, ...) but not our modeling files, and
+    writes the model card. With `verify`, the logits are compared with the source's first and recorded. Raises `ConversionError` (before writing anything) when our config is not representable in `format`,
     `FileExistsError` when `out` exists and `overwrite` is False. Returns `out`.
     """
     src, out = Path(src), Path(out)
@@ -786,5 +824,7 @@ def export_native(
             (folder / "config.json").write_text(content, encoding="utf-8")
             copy_side_files(src, folder, exclude={"config.json", *our_model_code_files()})
             _ensure_generation_config(folder, native_config)
+            _verify_and_describe(src, folder, verify, "export", format=format, max_shard_size=max_shard_size,
+                                 verify=verify)
     logger.info(f"exported {config.model_type} checkpoint {src} as {format} in {out}")
     return out

@@ -11,7 +11,8 @@
 - `atomic_output_dir(out)`: everything is written into a temporary sibling folder `.OUT.tmp-xxxx` that is renamed
   to OUT only when the block succeeds; on any exception (KeyboardInterrupt included) it is deleted and OUT is left
   as it was.
-- `copy_side_files(src, dst)`: copies the non-weight files of a checkpoint (tokenizer, generation config, ...).
+- `copy_side_files(src, dst)`: copies the non-weight files of a checkpoint (tokenizer, generation config, ...), not
+  its card and the card's record.
 """
 
 import json
@@ -33,6 +34,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # Weight files of other serialisations. We never open them: most are pickles, which can run arbitrary code.
 FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf", ".npz")
+# Files that describe how a checkpoint was made (its card and what the card is rendered from): a copy of the checkpoint
+# is another artefact, with its own card, so `copy_side_files` never carries them along.
+PROVENANCE_FILES = ("README.md", "verification.json", "upcycle.yaml", "conversion.yaml", "recipe.yaml",
+                    "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+                    "expert_load.png", "expert_load.json", "loss.png")
 # Index files that list weights (ours are rewritten, the others belong to weights we do not copy).
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
 
@@ -322,11 +328,12 @@ def is_weight_file(name: str) -> bool:
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
-    """Copy the top-level non-weight files of `src` (tokenizer, generation config, README, ...) into `dst`.
+    """Copy the top-level non-weight files of `src` (tokenizer, generation config, ...) into `dst`.
 
-    Skips weight files and indexes, hidden files, sub-folders and the names in `exclude`. Returns the copied names.
+    Skips weight files and indexes, hidden files, sub-folders, the card and its record (`PROVENANCE_FILES`) and the
+    names in `exclude`. Returns the copied names.
     """
-    excluded = set(exclude)
+    excluded = {*exclude, *PROVENANCE_FILES}
     copied = []
     for path in sorted(Path(src).iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.name in excluded or is_weight_file(path.name):

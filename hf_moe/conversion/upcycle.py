@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..cards import conversion_heatmap, write_card
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from .dense import SOURCE_FILES_NOT_COPIED, DenseSource, layer_prefix, read_dense_source, resolve_source
 from .native import (
@@ -57,6 +58,7 @@ from .native import (
     our_model_code_files,
     our_tensor_shapes,
     ours_to_native_config,
+    parameter_counts,
     save_our_config,
     tensor_mapping,
 )
@@ -70,7 +72,15 @@ from .safetensors_io import (
     copy_side_files,
     parse_size,
 )
-from .verify import DEFAULT_TOLERANCE, LayerwiseModel, VerificationError, format_report, verify, write_verification
+from .verify import (
+    DEFAULT_TOLERANCE,
+    LayerwiseModel,
+    VerificationError,
+    format_report,
+    verification_prompts,
+    verify,
+    write_verification,
+)
 from .verify import MODES as VERIFY_MODES
 
 logger = logging.get_logger(__name__)
@@ -79,7 +89,6 @@ ARCHS = ("mixtral", "deepseek")
 FORMATS = ("hf_moe", *EXPORT_FORMATS)
 ROUTER_INITS = ("normal", "zeros", "kmeans")
 CONFIG_FILE = "upcycle.yaml"
-CARD_FILE = "README.md"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,12 +244,8 @@ class UpcyclePlan:
 
     def parameter_counts(self) -> tuple[int, int, int]:
         """(total, active per token, dense source) parameter counts."""
-        shapes = our_tensor_shapes(self.config)
-        total = sum(math.prod(shapes[name]) for name in self.output_names)
-        expert = 3 * self.expert_width * self.config.hidden_size
-        active = total - len(self.sparse_layers) * (self.num_experts - self.top_k) * expert
-        dense_shapes = our_tensor_shapes(self.source.config)
-        dense = sum(math.prod(dense_shapes[name]) for name in self.source_names)
+        total, active = parameter_counts(self.config, self.output_names)
+        dense, _ = parameter_counts(self.source.config, self.source_names)
         return total, active, dense
 
     def describe(self) -> str:
@@ -451,6 +456,20 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
         raise _invalid("partition", o.partition, "clustering needs granularity > 1")
 
 
+def routed_scale(o: UpcycleOptions, top_k: int) -> float:
+    """s, the factor the routed output needs to equal the dense FFN: G_r with renormalised top-k, else E * G_r / k
+    (see the module docstring)."""
+    routed = o.granularity - o.shared_experts
+    return float(routed) if o.norm_topk_prob else o.num_experts * routed / top_k
+
+
+def recorded_deviations(recorded: dict, dtype: torch.dtype) -> list[str]:
+    """Why the upcycle recorded in upcycle.yaml (`recorded_options`, without `src`) is not exactly the dense model,
+    for a checkpoint of `dtype` (empty: exact), as `UpcyclePlan.deviations` says."""
+    o = options_from_dict(recorded)
+    return _deviations(o, dtype, routed_scale(o, o.top_k), folded=o.format != "hf_moe")
+
+
 def _deviations(o: UpcycleOptions, dtype: torch.dtype, scale: float, folded: bool) -> list[str]:
     reasons = []
     if o.noise_std > 0:
@@ -500,7 +519,7 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
     routed = o.granularity - o.shared_experts
     top_k = o.top_k if o.top_k is not None else (min(2, o.num_experts) if o.arch == "mixtral" else routed)
     copies = o.num_experts // routed
-    scale = float(routed) if o.norm_topk_prob else o.num_experts * routed / top_k
+    scale = routed_scale(o, top_k)
     in_config = o.format == "hf_moe"
     if not in_config and o.router_init == "zeros" and routed > 1 and copies > 1:
         raise _invalid("router_init", "zeros", f"ties every expert, and {o.format} has no group-limited routing to "
@@ -763,52 +782,14 @@ def _save_config(plan: UpcyclePlan, folder: Path) -> None:
     _ensure_generation_config(folder, generation_source)
 
 
-def model_card(plan: UpcyclePlan, verification: dict | None) -> str:
-    """A simple README.md: the source, the design, every option, the seed and the verification result."""
-    o, c = plan.options, plan.config
-    total, active, dense = plan.parameter_counts()
-    front = ["---", "library_name: transformers", "tags:", "- mixture-of-experts", "- upcycling", "- hf-moe"]
-    if not Path(plan.source.name).exists():
-        front.append(f"base_model: {plan.source.name}")
-    front.append("---")
-    model_type = c.model_type if o.format == "hf_moe" else o.format
-    options = recorded_options(plan)
-    if isinstance(options["calibration_tokens"], list) and len(options["calibration_tokens"]) > 16:
-        options["calibration_tokens"] = f"{len(options['calibration_tokens'])} token ids (listed in {CONFIG_FILE})"
-    if verification is None:
-        result = "Not run (`--no-verify`)."
+def _write_heatmap(plan: UpcyclePlan, folder: Path) -> None:
+    """The expert load of the new checkpoint on the calibration tokens, else on the verification prompts."""
+    if plan.calibration:
+        batches, description = plan.calibration, "the calibration text"
     else:
-        verdict = ("exact mode, within the tolerance" if plan.exact and verification.get("passed")
-                   else "measured deviation of a non-exact mode" if not plan.exact else "exact mode")
-        result = (f"{format_report(verification)}; {verdict}. Prompts: {verification['prompts']}; "
-                  f"{verification['dtype']}, {verification['attn_implementation']} attention, {verification['mode']} "
-                  f"mode; {verification['dense_class']} vs {verification['moe_class']}.")
-    lines = [
-        *front, "",
-        f"# Upcycled from {plan.source.name}", "",
-        f"A mixture-of-experts `{model_type}` model made from the dense `{plan.source.model_type}` checkpoint "
-        f"`{plan.source.name}` with `hf-moe upcycle` (seed {o.seed}). "
-        + ("It computes exactly what the dense model computes until it is trained."
-           if plan.exact else "It deliberately differs from the dense model: " + "; ".join(plan.deviations) + "."),
-        "",
-        "| | |", "|---|---|",
-        f"| architecture | {o.arch} ({model_type}), {len(plan.sparse_layers)} of {c.num_hidden_layers} layers MoE |",
-        f"| routed experts | {plan.num_experts} of width {plan.expert_width} ({plan.copies} copies x "
-        f"{plan.routed_shards} shards), top-{plan.top_k} |",
-        f"| shared experts | {o.shared_experts} shard(s), width {c.shared_expert_intermediate_size} |",
-        f"| routing | norm_topk_prob={c.norm_topk_prob}, routed scale {plan.routed_scale:g}, "
-        f"n_group={c.n_group}, topk_group={c.topk_group} |",
-        f"| parameters | {total:,} total, {active:,} active per token (dense source: {dense:,}) |",
-        "", "## Verification", "", result, "",
-        "## Options", "", "Reproduce with `hf-moe upcycle --config upcycle.yaml OUT`:", "", "```yaml",
-        yaml.safe_dump(options, sort_keys=False).rstrip(), "```", "",
-    ]
-    if plan.exact and c.norm_topk_prob:
-        lines += ["## Training note", "",
-                  "With renormalised top-k over identical copies, the output does not depend on the router, so the "
-                  "router gets no gradient at step 0; it starts learning once the experts diverge. Use a "
-                  "load-balancing loss (e.g. `router_aux_loss_coef` 0.01) when training.", ""]
-    return "\n".join(lines)
+        batches, description = verification_prompts(plan.source.folder, plan.config.vocab_size, seed=plan.options.seed)
+        description = f"the verification prompts: {description}"
+    conversion_heatmap(folder, batches, description)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -857,6 +838,8 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike | None, verbose: bool
                     f"{verification['max_rel_error']:.3g} > {DEFAULT_TOLERANCE:g}; nothing was written to {out}"
                 )
             write_verification(verification, folder)
-        (folder / CARD_FILE).write_text(model_card(plan, verification), encoding="utf-8")
+            if verification["mode"] == "full":  # the model fits in memory: measure its routing too
+                _write_heatmap(plan, folder)
+        write_card(folder, "upcycled")
     logger.info(f"upcycled {plan.source.name} into {out}")
     return UpcycleResult(Path(out), plan, verification)

@@ -56,6 +56,7 @@ PROMPTS = (
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 MODES = ("auto", "full", "layerwise")
+NUM_PROMPTS, PROMPT_LENGTH = 3, 32  # default prompts: at most 3 sentences, or random ids of this length
 # `auto` loads whole models when the larger one takes at most this share of the machine's memory in fp32
 FULL_MODE_MEMORY_SHARE = 0.4
 
@@ -64,7 +65,8 @@ class VerificationError(RuntimeError):
     """A conversion that must be exact is not (or its output does not load): the output is not published."""
 
 
-def _prompt_ids(dense: Path, vocab_size: int, num_prompts: int, prompt_length: int, seed: int):
+def verification_prompts(dense: Path, vocab_size: int, num_prompts: int = NUM_PROMPTS,
+                         prompt_length: int = PROMPT_LENGTH, seed: int = 0):
     """(list of [1, S] id tensors, description). Tokenizer prompts when `dense` has a tokenizer, else random ids."""
     if any((dense / name).is_file() for name in _TOKENIZER_FILES):
         try:
@@ -211,7 +213,8 @@ def choose_mode(dense: Path, moe: Path) -> str:
 
 
 def verify(
-    dense: str | os.PathLike, moe: str | os.PathLike, num_prompts: int = 3, prompt_length: int = 32, seed: int = 0,
+    dense: str | os.PathLike, moe: str | os.PathLike, num_prompts: int = NUM_PROMPTS,
+    prompt_length: int = PROMPT_LENGTH, seed: int = 0,
     tolerance: float | None = None, attn_implementation: str = "eager", mode: str = "auto",
 ) -> dict:
     """Compare the fp32 logits of the converted checkpoint `moe` with those of its dense source `dense`.
@@ -229,7 +232,7 @@ def verify(
     if vocab_sizes["DENSE"] != vocab_sizes["MOE"] or not vocab_sizes["DENSE"]:
         raise ConversionError(f"DENSE and MOE must share one vocabulary (vocab_size {vocab_sizes['DENSE']} vs "
                               f"{vocab_sizes['MOE']})")
-    prompts, description = _prompt_ids(dense, vocab_sizes["DENSE"], num_prompts, prompt_length, seed)
+    prompts, description = verification_prompts(dense, vocab_sizes["DENSE"], num_prompts, prompt_length, seed)
     if mode == "auto":
         mode = choose_mode(dense, moe)
     if mode == "full":

@@ -12,11 +12,14 @@
 
 The whole recipe is checked before anything is loaded or written: a wrong field raises a ValueError that names the
 field, the value and what is allowed. The output folder gets the adapter (adapter_model.safetensors) or the full
-model (model.safetensors), the tokenizer, and `recipe.yaml`, the recipe as it ran (overrides applied).
+model (model.safetensors), the tokenizer, `recipe.yaml` (the recipe as it ran, overrides applied), Trainer's
+results (all_results.json, trainer_state.json) and the model card (README.md, with loss.png and, for models with
+routers, expert_load.png measured on the eval split).
 """
 
 import copy
 import dataclasses
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 # Trainer options the recipe does not have to repeat: no reporting service (runs may be offline), and the columns
 # our preprocessing keeps are exactly the ones the model (and LoRAMoE's type collator) needs.
 TRAINING_DEFAULTS = {"report_to": "none", "remove_unused_columns": False}
+HEATMAP_BATCHES = 50  # eval batches the card's expert-load picture is measured on
 
 
 @dataclass
@@ -244,6 +248,23 @@ def has_native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def describe_run(trainer, output_dir: str, method: str, routed: bool):
+    """The pictures and the card of a finished run: the loss curve when losses were logged, and, for a model with
+    routers and an eval split, the expert load on (the first HEATMAP_BATCHES batches of) that split. Returns the
+    card's path."""
+    from ..cards import EXPERT_LOAD_IMAGE, LOSS_IMAGE, expert_load_heatmap, loss_curves, loss_plot, write_card
+
+    if loss_curves(trainer.state.log_history):
+        loss_plot(trainer.state.log_history, os.path.join(output_dir, LOSS_IMAGE))
+    if routed and trainer.eval_dataset is not None:
+        loader = trainer.get_eval_dataloader()
+        description = "the eval split" if len(loader) <= HEATMAP_BATCHES else \
+            f"the first {HEATMAP_BATCHES} batches of the eval split"
+        expert_load_heatmap(trainer.model, itertools.islice(loader, HEATMAP_BATCHES),
+                            os.path.join(output_dir, EXPERT_LOAD_IMAGE), description)
+    return write_card(output_dir, "finetuned" if method == "full" else "adapter")
+
+
 def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     """Validate, load the model and data, train, save. Overrides as in `load_recipe`."""
     recipe = validate_recipe(load_recipe(path_or_dict, **overrides))
@@ -303,18 +324,25 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     if method in LORA_MOE_METHODS:
         add_lora_moe_callback(trainer)
     train_output = trainer.train(resume_from_checkpoint=resume)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    eval_metrics = trainer.evaluate() if eval_dataset is not None else None
+    eval_loss = eval_metrics["eval_loss"] if eval_metrics is not None else None
 
-    # save: adapter or full model (safetensors), tokenizer, and the recipe as it ran
+    # save: adapter or full model (safetensors), tokenizer, the recipe as it ran, Trainer's results, the card
     trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
     recipe_path = os.path.join(output_dir, "recipe.yaml")
     with open(recipe_path, "w", encoding="utf-8") as file:
         yaml.safe_dump(recipe, file, sort_keys=False)
+    trainer.save_metrics("train", train_output.metrics)  # train_results.json and all_results.json
+    if eval_metrics is not None:
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()  # trainer_state.json, with the log history
+    card = describe_run(trainer, output_dir, method, routed=is_moe or method in LORA_MOE_METHODS)
     weights = "adapter_model.safetensors" if method != "full" else "model.safetensors"
     print(f"hf-moe finetune: {method} run finished, train loss {train_output.training_loss:.4f}"
           + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
     print(f"hf-moe finetune: {'adapter' if method != 'full' else 'model'} ({weights}) and tokenizer in {output_dir}")
     print(f"hf-moe finetune: recipe as run in {recipe_path}; checkpoints under {output_dir}/checkpoint-*")
+    print(f"hf-moe finetune: model card in {card}")
     return RecipeResult(output_dir=output_dir, train_loss=train_output.training_loss, eval_loss=eval_loss,
                         trainer=trainer)

@@ -16,6 +16,7 @@ is a `DeepSeekMoEConfig` with no shared expert, dense FFNs where the adapter lef
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,13 +29,14 @@ from .peft_types import MIXLORA
 
 _SPARSE_TENSOR = re.compile(r"(.+\.mlp)\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
 # files of the base that the output folder must not carry over (we write our own)
-_NOT_COPIED = {"config.json", "generation_config.json", "README.md"}
+_NOT_COPIED = {"config.json", "generation_config.json"}
 
 
 def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
                 adapter_name: str = "default", dtype: torch.dtype | None = None, overwrite: bool = False,
                 max_shard_size: int | str = "5GB") -> Path:
-    """Write BASE + the MixLoRA ADAPTER as one MoE checkpoint folder OUT; returns OUT.
+    """Write BASE + the MixLoRA ADAPTER as one MoE checkpoint folder OUT, with its model card (and the adapter's
+    training record when ADAPTER has one: recipe, metrics, pictures); returns OUT.
 
     `dtype`: of the written weights; default the base config's dtype (float32 if it names none). The merge itself
     runs in float32. Raises `ConversionError` (a ValueError) for an adapter that is not MixLoRA or a base hf_moe
@@ -74,7 +76,21 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
         if Path(base).is_dir():
             copy_side_files(base, folder, exclude=_NOT_COPIED)
         GenerationConfig.from_model_config(config).save_pretrained(folder)
+        _describe(folder, base, adapter, config.dtype, max_shard_size)
     return Path(out)
+
+
+def _describe(folder: Path, base, adapter, dtype: str, max_shard_size) -> None:
+    """conversion.yaml, the adapter's training record (recipe, metrics, pictures: the routing is the adapter's, so
+    its expert load holds), and the card of a fine-tuned MoE."""
+    from ...cards import TRAINING_RECORD, record_conversion, write_card
+
+    record_conversion(folder, "materialize", base=str(base), adapter=str(adapter), dtype=dtype,
+                      max_shard_size=max_shard_size)
+    for name in TRAINING_RECORD:
+        if Path(adapter, name).is_file():
+            shutil.copy2(Path(adapter, name), folder / name)
+    write_card(folder, "finetuned")
 
 
 def _sparse_layers(model, num_layers: int) -> list[bool]:

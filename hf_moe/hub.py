@@ -1,0 +1,105 @@
+# Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
+"""Publishing on the Hugging Face Hub: `push` uploads a model folder or an adapter folder as it is on disk.
+
+A model folder carries its safetensors weights, config.json (for our model types with an `auto_map` entry for every
+Auto class, next to the flat modeling files, so that `trust_remote_code=True` loads it without hf-moe), generation
+config, tokenizer, the card (README.md) and its pictures. An adapter folder carries adapter_config.json, the adapter
+weights and the card `hf_moe.cards.write_card` made from PEFT's card metadata plus ours: it is uploaded with
+`HfApi.upload_folder`, because `PeftModel.push_to_hub` would replace that card with transformers' generic one.
+
+Left behind: checkpoint-* and runs/ sub-folders, hidden files, and pickles (Trainer's training_args.bin; pickled
+weights are refused outright). Files are uploaded by huggingface_hub, with its progress bars for large files and
+the Hub's deduplication: a second push of an unchanged file uploads and commits nothing for it.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi
+from transformers.utils import logging
+
+from .cards import CARD_FILE
+from .conversion.native import OUR_CONFIG_CLASSES, our_model_code_files
+from .conversion.safetensors_io import FOREIGN_WEIGHT_SUFFIXES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .registration import AUTO_CLASSES
+
+logger = logging.get_logger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+IGNORE_PATTERNS = ["checkpoint-*", "runs/*", ".*", "*/.*", *(f"*{suffix}" for suffix in FOREIGN_WEIGHT_SUFFIXES)]
+
+
+def _check_remote_code(folder: Path, config: dict) -> None:
+    """Our model types must carry what a process without hf-moe needs: auto_map for every Auto class and the flat
+    modeling files it points at."""
+    auto_map = config.get("auto_map") or {}
+    expected = ["AutoConfig", *(auto_class.__name__ for auto_class in AUTO_CLASSES)]
+    if missing := [name for name in expected if name not in auto_map]:
+        raise ValueError(f"{folder}/config.json: `auto_map` lacks {', '.join(missing)} (allowed: a config saved by "
+                         f"hf-moe, whose auto_map names every Auto class); re-save the model with save_pretrained")
+    if missing := [name for name in our_model_code_files() if not (folder / name).is_file()]:
+        raise ValueError(f"{folder} lacks the modeling files {', '.join(missing)} that `auto_map` points at; re-save "
+                         f"the model with save_pretrained")
+
+
+def check_folder(path: str | os.PathLike) -> str:
+    """'model' or 'adapter': what the folder `path` holds, checked for publishing (ValueError naming what is
+    missing otherwise)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"PATH {folder} is not a folder: expected a model or adapter folder")
+    if (folder / ADAPTER_FILES[0]).is_file():
+        if not (folder / ADAPTER_FILES[1]).is_file():
+            raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors (hf-moe publishes "
+                             f"safetensors weights only)")
+        return "adapter"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has neither config.json (a model) nor adapter_config.json (an adapter)")
+    if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()):
+        pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(FOREIGN_WEIGHT_SUFFIXES))
+        raise ValueError(f"{folder} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"
+                         + (f", only {', '.join(pickled)}: hf-moe publishes safetensors weights only" if pickled else ""))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") in OUR_CONFIG_CLASSES:
+        _check_remote_code(folder, config)
+    return "model"
+
+
+def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, token: str | bool | None = None) -> CommitInfo:
+    """Upload the model or adapter folder `path` to the Hub repository `repo_id` in one commit; returns the
+    huggingface_hub `CommitInfo` (`.commit_url`, `.oid`, `.repo_url`, `.pr_url` with `create_pr`).
+
+    The repository is created if needed (`private` applies then). `revision`: the branch to commit to, created from
+    main if missing; `create_pr`: open a pull request against main instead of committing (the Hub's upload opens
+    pull requests against the default branch only, so it does not combine with another `revision`). `token`: as
+    huggingface_hub takes it (default: the saved login or HF_TOKEN). Raises ValueError, before anything is uploaded,
+    when the folder is not a publishable model or adapter folder or the options conflict.
+    """
+    folder = Path(path)
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"`revision`={revision!r} is invalid with create_pr: pull requests are opened against main "
+                         f"(allowed: no revision, or 'main')")
+    kind = check_folder(folder)
+    if not (folder / CARD_FILE).is_file():
+        logger.warning(f"{folder} has no {CARD_FILE}: the repository will have no model card (write one with "
+                       f"`hf-moe card {folder}`)")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    logger.info(f"pushing the {kind} folder {folder} ({len(files)} files, "
+                f"{sum(p.stat().st_size for p in files) / 1e6:.1f} MB before exclusions) to {repo_id}")
+    return api.upload_folder(
+        folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
+        commit_message=f"Upload {kind} with hf-moe", ignore_patterns=IGNORE_PATTERNS,
+    )
+
+
+def pushed_url(info: CommitInfo, revision: str | None = None) -> str:
+    """Where a push can be seen: the pull request, the branch, or the repository."""
+    if info.pr_url:
+        return info.pr_url
+    return f"{info.repo_url}/tree/{revision}" if revision else str(info.repo_url)
