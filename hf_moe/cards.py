@@ -35,12 +35,12 @@ logger = logging.get_logger(__name__)
 
 CARD_FILE = "README.md"
 KINDS = ("upcycled", "native", "finetuned", "adapter")
-EXPERT_LOAD_IMAGE = "expert_load.png"
+EXPERT_LOAD_IMAGE, EXPERT_LOAD_DATA = "expert_load.png", "expert_load.json"
 LOSS_IMAGE = "loss.png"
 CONVERSION_FILE = "conversion.yaml"  # how `import`, `export` and `materialize` made a folder
 RECIPE_FILE = "recipe.yaml"
 TRAINING_RECORD = ("recipe.yaml", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
-                   EXPERT_LOAD_IMAGE, "expert_load.json", LOSS_IMAGE)
+                   EXPERT_LOAD_IMAGE, EXPERT_LOAD_DATA, LOSS_IMAGE)
 # `write_card` keyword facts (each overrides what the folder records)
 FACTS = ("title", "description", "base_model", "base_model_revision", "license", "datasets", "command", "options",
          "seed", "training", "metrics", "verification")
@@ -156,6 +156,8 @@ def expert_load(model: torch.nn.Module, batches: Iterable) -> dict:
             handle.remove()
         model.train(was_training)
     labels = [label for label, _ in routers if label in counts]
+    if not labels:
+        raise ValueError("the batches routed no token: pass at least one batch of input_ids")
     share = [(counts[label] / counts[label].sum().clamp(min=1e-20)).tolist() for label in labels]
     return {"rows": labels, "share": share, "tokens": total_tokens}
 
@@ -163,7 +165,8 @@ def expert_load(model: torch.nn.Module, batches: Iterable) -> dict:
 def expert_load_heatmap(model: torch.nn.Module, batches: Iterable, path: str | os.PathLike,
                         description: str = "the given tokens") -> Path:
     """Write a PNG heatmap of `expert_load(model, batches)` (rows: MoE layers or routed LoRA modules, columns:
-    experts, value: share of routed tokens) to `path`, and its numbers to the same path with `.json`.
+    experts, value: share of routed tokens) to `path`, and its numbers to the same path with `.json` (the card
+    reads them from expert_load.json next to expert_load.png).
 
     `description` says what the tokens were (e.g. "the eval split"); it goes into the title and the JSON.
     """
@@ -490,7 +493,7 @@ def _verification_context(report: dict | None) -> dict | None:
 
 
 def _expert_load_context(folder: Path, kind: str) -> dict | None:
-    data = folder / Path(EXPERT_LOAD_IMAGE).with_suffix(".json").name
+    data = folder / EXPERT_LOAD_DATA
     if not (folder / EXPERT_LOAD_IMAGE).is_file() or not data.is_file():
         return None
     load = json.loads(data.read_text(encoding="utf-8"))
@@ -548,7 +551,7 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
         "expert_load": _expert_load_context(folder, kind),
         "loading": {
             "repo": "REPO_ID", "model_type": model_type, "custom_code": bool(arch and arch.get("custom_code")),
-            "importable": model_type in EXPORT_FORMATS, "base_model": hub[0] if hub else name,
+            "importable": model_type in EXPORT_FORMATS, "base_model": name,
             "adapter": adapter["method"] if adapter else None, "plain_peft": bool(adapter and not adapter["moe"]),
             "materializable": bool(adapter and adapter["peft_type"] == "MIXLORA"),
         },

@@ -18,6 +18,7 @@ from PIL import Image
 from setuptools import find_packages
 from test_lora_moe import MIXLORA, peft_model, tiny_llama, token_ids
 from test_lora_moe_materialize import save_base_and_adapter
+from test_recipes import run_shipped, tiny  # noqa: F401  (a fixture)
 from torch.testing import assert_close
 from transformers import LlamaForCausalLM
 
@@ -226,6 +227,25 @@ def test_local_base_paths_stay_out_of_the_metadata(tmp_path):
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     assert not any(tag.startswith("base_model:") for tag in card.data.tags)
     assert f"`{tmp_path / 'base'}`" in card.text  # named in the text instead
+
+
+def test_a_mixlora_fine_tune_and_its_materialized_model_get_their_cards(tiny, tmp_path):  # noqa: F811
+    result = run_shipped("mixlora.yaml", tiny, tmp_path)
+    out = Path(result.output_dir)
+    card = read_card(out)
+    assert card_kind(out) == "adapter" and card.data.library_name == "peft"
+    assert {"moe", "hf-moe", "mixlora"} <= set(card.data.tags)
+    assert f"| eval_loss | {result.eval_loss:.4g} |" in card.text and "![Training and evaluation loss](loss.png)" in card.text
+    assert "The run, as in `recipe.yaml`:" in card.text and "hf-moe finetune recipe.yaml" in card.text
+    load = json.loads((out / "expert_load.json").read_text())
+    assert load["rows"] == ["layer 0 mlp", "layer 1 mlp"] and load["description"] == "the eval split"
+    assert (out / "loss.png").is_file() and (out / "trainer_state.json").is_file()
+    assert render_card(out).read_text() == (out / "README.md").read_text() == card.content
+
+    moe = materialize(tiny["llama"], out, tmp_path / "moe")
+    card = read_card(moe)
+    assert card_kind(moe) == "finetuned" and "| eval_loss |" in card.text and "![Share of routed" in card.text
+    assert (moe / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
 
 
 def test_given_facts_describe_a_plain_saved_model(tmp_path):
