@@ -68,8 +68,9 @@ def check_folder(path: str | os.PathLike) -> str:
 
 def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, token: str | bool | None = None) -> CommitInfo:
-    """Upload the model or adapter folder `path` to the Hub repository `repo_id` in one commit; returns the
-    huggingface_hub `CommitInfo` (`.commit_url`, `.oid`, `.repo_url`, `.pr_url` with `create_pr`).
+    """Upload the model or adapter folder `path` to the Hub repository `repo_id` (one commit; huggingface_hub splits
+    very large folders into several, with progress bars); returns the huggingface_hub `CommitInfo` (`.commit_url`,
+    `.oid`, `.repo_url`, `.pr_url` with `create_pr`).
 
     The repository is created if needed (`private` applies then). `revision`: the branch to commit to, created from
     main if missing; `create_pr`: open a pull request against main instead of committing (the Hub's upload opens
