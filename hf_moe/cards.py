@@ -170,8 +170,13 @@ def expert_load_heatmap(model: torch.nn.Module, batches: Iterable, path: str | o
 
     `description` says what the tokens were (e.g. "the eval split"); it goes into the title and the JSON.
     """
-    load = expert_load(model, batches)
-    load["description"] = description
+    return plot_expert_load(expert_load(model, batches), path, description)
+
+
+def plot_expert_load(load: dict, path: str | os.PathLike, description: str = "the given tokens") -> Path:
+    """The PNG and JSON of `expert_load_heatmap` from an `expert_load` result (e.g. computed on every rank of a
+    distributed run, written by one)."""
+    load = {**load, "description": description}
     path = Path(path)
     rows, width = len(load["rows"]), max(len(row) for row in load["share"])
     grid = torch.full((rows, width), float("nan"))

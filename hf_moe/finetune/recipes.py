@@ -250,18 +250,23 @@ def has_native_bf16() -> bool:
 
 def describe_run(trainer, output_dir: str, method: str, routed: bool):
     """The pictures and the card of a finished run: the loss curve when losses were logged, and, for a model with
-    routers and an eval split, the expert load on (the first HEATMAP_BATCHES batches of) that split. Returns the
-    card's path."""
-    from ..cards import EXPERT_LOAD_IMAGE, LOSS_IMAGE, expert_load_heatmap, loss_curves, loss_plot, write_card
+    routers and an eval split, the expert load on (the first HEATMAP_BATCHES batches of) that split. Call it on
+    every rank (the forwards of the expert load may be collective, as under FSDP); the main process writes. Returns
+    the card's path (None on other ranks)."""
+    from ..cards import EXPERT_LOAD_IMAGE, LOSS_IMAGE, expert_load, loss_curves, loss_plot, plot_expert_load, write_card
 
-    if loss_curves(trainer.state.log_history):
-        loss_plot(trainer.state.log_history, os.path.join(output_dir, LOSS_IMAGE))
+    load = None
     if routed and trainer.eval_dataset is not None:
         loader = trainer.get_eval_dataloader()
         description = "the eval split" if len(loader) <= HEATMAP_BATCHES else \
             f"the first {HEATMAP_BATCHES} batches of the eval split"
-        expert_load_heatmap(trainer.model, itertools.islice(loader, HEATMAP_BATCHES),
-                            os.path.join(output_dir, EXPERT_LOAD_IMAGE), description)
+        load = expert_load(trainer.model, itertools.islice(loader, HEATMAP_BATCHES))
+    if not trainer.is_world_process_zero():
+        return None
+    if loss_curves(trainer.state.log_history):
+        loss_plot(trainer.state.log_history, os.path.join(output_dir, LOSS_IMAGE))
+    if load is not None:
+        plot_expert_load(load, os.path.join(output_dir, EXPERT_LOAD_IMAGE), description)
     return write_card(output_dir, "finetuned" if method == "full" else "adapter")
 
 
@@ -327,22 +332,40 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     eval_metrics = trainer.evaluate() if eval_dataset is not None else None
     eval_loss = eval_metrics["eval_loss"] if eval_metrics is not None else None
 
-    # save: adapter or full model (safetensors), tokenizer, the recipe as it ran, Trainer's results, the card
+    # save: adapter or full model (safetensors), tokenizer, the recipe as it ran, Trainer's results, the card.
+    # Under torchrun every rank gets here; Trainer's save_* write on the main process only, and so does the rest.
     trainer.save_model(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    recipe_path = os.path.join(output_dir, "recipe.yaml")
-    with open(recipe_path, "w", encoding="utf-8") as file:
-        yaml.safe_dump(recipe, file, sort_keys=False)
     trainer.save_metrics("train", train_output.metrics)  # train_results.json and all_results.json
     if eval_metrics is not None:
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()  # trainer_state.json, with the log history
+    recipe_path = os.path.join(output_dir, "recipe.yaml")
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        with open(recipe_path, "w", encoding="utf-8") as file:
+            yaml.safe_dump(recipe, file, sort_keys=False)
     card = describe_run(trainer, output_dir, method, routed=is_moe or method in LORA_MOE_METHODS)
+    result = RecipeResult(output_dir=output_dir, train_loss=train_output.training_loss, eval_loss=eval_loss,
+                          trainer=trainer)
+    if not trainer.is_world_process_zero():
+        return result
     weights = "adapter_model.safetensors" if method != "full" else "model.safetensors"
     print(f"hf-moe finetune: {method} run finished, train loss {train_output.training_loss:.4f}"
           + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
     print(f"hf-moe finetune: {'adapter' if method != 'full' else 'model'} ({weights}) and tokenizer in {output_dir}")
-    print(f"hf-moe finetune: recipe as run in {recipe_path}; checkpoints under {output_dir}/checkpoint-*")
+    print(f"hf-moe finetune: recipe as run in {recipe_path}"
+          + ("" if args.save_strategy == "no" else f"; checkpoints under {output_dir}/checkpoint-*"))
     print(f"hf-moe finetune: model card in {card}")
-    return RecipeResult(output_dir=output_dir, train_loss=train_output.training_loss, eval_loss=eval_loss,
-                        trainer=trainer)
+    return result
+    tokenizer.save_pretrained(output_dir)
+    recipe_path = os.path.join(output_dir, "recipe.yaml")
+    with open(recipe_path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(recipe, file, sort_keys=False)
+    weights = "adapter_model.safetensors" if method != "full" else "model.safetensors"
+    print(f"hf-moe finetune: {method} run finished, train loss {train_output.training_loss:.4f}"
+          + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+    print(f"hf-moe finetune: {'adapter' if method != 'full' else 'model'} ({weights}) and tokenizer in {output_dir}")
+    print(f"hf-moe finetune: recipe as run in {recipe_path}"
+          + ("" if args.save_strategy == "no" else f"; checkpoints under {output_dir}/checkpoint-*"))
+    print(f"hf-moe finetune: model card in {card}")
+    return result
