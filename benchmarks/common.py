@@ -55,10 +55,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between `<!-- name -->` markers in BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+def write_section(name: str, body: str, document: str = "BENCHMARKS.md") -> None:
+    """Replace (or append) the section between `<!-- name -->` markers in `document` (BENCHMARKS.md: speed and
+    memory; QUALITY.md: the quality studies)."""
+    path = ROOT / document
+    text = path.read_text() if path.exists() else f"# {Path(document).stem.title()}\n"
     script = Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix()
     command = " ".join(["python", script, *sys.argv[1:]])
     block = (f"<!-- {name} -->\n{body}\n\nCommand: `{command}`  \nMachine: {machine_description()}\n"
