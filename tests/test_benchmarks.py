@@ -1,4 +1,5 @@
-"""Each benchmark script runs on tiny shapes (the real runs are not part of the test suite)."""
+"""Each benchmark and quality script runs on tiny shapes or a few steps (the real runs are not part of the test
+suite)."""
 
 import subprocess
 import sys
@@ -9,8 +10,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize(("script", "expected"), [("moe_block.py", "sorted_mm"), ("train_step.py", "sorted_mm"),
-                                                  ("decode.py", "sorted_mm"), ("lora_step.py", "MixLoRA")])
+@pytest.mark.parametrize(("script", "expected"), [
+    ("moe_block.py", "sorted_mm"), ("train_step.py", "sorted_mm"), ("decode.py", "sorted_mm"),
+    ("lora_step.py", "MixLoRA"), ("quality_pretraining.py", "| expert_choice |"),
+    pytest.param("quality_lora_moe.py", "| mola |", marks=pytest.mark.slow),
+])
 def test_benchmark_script_runs_on_tiny_shapes(script, expected, tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
