@@ -6,6 +6,7 @@ Router probabilities are always fp32 softmax (`routing.scores_from_logits`, as o
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.moe import _grouped_mm  # torch's grouped_mm where it runs, a loop of mm otherwise
 
 from ...modeling.routing import scores_from_logits
 
@@ -44,3 +45,13 @@ def lora_mixture(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ga
     hidden = hidden * gates.to(hidden.dtype).unsqueeze(-1)
     stacked_b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_experts * rank)  # [out, E*r]
     return F.linear(hidden.reshape(-1, num_experts * rank), stacked_b)
+
+
+def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """B_e A_e x_s for every row s, with rows grouped by expert: [S, out].
+
+    x [S, in] sorted by expert, A [E, r, in], B [E, out, r], offsets [E] int32 cumulative row counts (expert e owns
+    rows offsets[e-1]:offsets[e]). Two grouped matmuls over the stacked weights: nothing is sliced per expert, so
+    autograd writes each expert's gradient block into one [E, ...] gradient (a slice per expert would allocate a
+    full-size gradient for each), and an expert without rows costs nothing."""
+    return _grouped_mm(_grouped_mm(x, lora_a.transpose(1, 2), offsets), lora_b.transpose(1, 2), offsets)

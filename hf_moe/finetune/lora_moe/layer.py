@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from .functional import expert_gates, lora, lora_mixture, top_k_gates
+from .functional import expert_gates, grouped_lora, lora, lora_mixture, top_k_gates
 
 
 @dataclass
@@ -272,22 +272,26 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         return out.view(hidden_states.shape)
 
     def _mix_experts(self, x, gate, up, gate_weights, top_k_index, adapter_name):
-        """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H]), one pass per expert that got tokens."""
+        """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H]).
+
+        The T * k (token, expert) slots are sorted by expert so that each LoRA product runs as one grouped matmul
+        over all experts (`grouped_lora`), then summed back per token."""
         weights, scaling = self.adapter_tensors(adapter_name), self.scaling[adapter_name]
         dropout, act_fn = self.lora_dropout[adapter_name], self.base_layer.act_fn
-        dropped = dropout(x)
-        mix = gate.new_zeros(gate.shape)
-        down_lora = x.new_zeros(x.shape[0], weights["down_B"].shape[1])
-        for expert in top_k_index.unique().tolist():
-            token, slot = (top_k_index == expert).nonzero(as_tuple=True)
-            x_e = dropped[token]
-            gate_e = gate[token] + scaling * lora(x_e, weights["gate_A"][expert], weights["gate_B"][expert])
-            up_e = up[token] + scaling * lora(x_e, weights["up_A"][expert], weights["up_B"][expert])
-            hidden_e = act_fn(gate_e) * up_e
-            weight_e = gate_weights[token, slot].unsqueeze(-1)
-            mix.index_add_(0, token, weight_e * hidden_e)
-            down_e = lora(dropout(hidden_e), weights["down_A"][expert], weights["down_B"][expert])
-            down_lora.index_add_(0, token, weight_e * scaling * down_e)
+        num_tokens, top_k = top_k_index.shape
+        experts = top_k_index.reshape(-1)  # [S], S = T * k slots in token order
+        order = experts.argsort(stable=True)  # slots sorted by expert
+        token = order // top_k  # [S] the token of each sorted slot
+        offsets = torch.bincount(experts, minlength=weights["router"].shape[0]).cumsum(0).to(torch.int32)
+        x_sorted = dropout(x)[token]  # [S, H]
+        gate_s = gate[token] + scaling * grouped_lora(x_sorted, weights["gate_A"], weights["gate_B"], offsets)
+        up_s = up[token] + scaling * grouped_lora(x_sorted, weights["up_A"], weights["up_B"], offsets)
+        hidden = act_fn(gate_s) * up_s  # [S, I] h_e of each slot
+        down = grouped_lora(dropout(hidden), weights["down_A"], weights["down_B"], offsets)  # [S, H]
+        slot_weights = gate_weights.reshape(-1)[order].unsqueeze(-1).to(hidden.dtype)  # [S, 1]
+        in_token_order = order.argsort()  # sorted position of each slot in token order
+        mix = (slot_weights * hidden)[in_token_order].view(num_tokens, top_k, -1).sum(dim=1)  # [T, I]
+        down_lora = (slot_weights * scaling * down)[in_token_order].view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
         return mix, down_lora
 
     @torch.no_grad()
