@@ -20,12 +20,12 @@ from hf_moe.data.tasks import DEFAULT_EVAL_PER_TASK, DEFAULT_SEED, DEFAULT_TRAIN
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hf_moe" / "data" / "tasks"
 TASK_DESCRIPTIONS = {
-    "add": "sum of two numbers of 2-3 digits",
-    "sort": "4-7 digits in ascending order",
-    "reverse": "3-6 letters in reverse order",
-    "upper": "two common words in upper case",
-    "count": "how often a digit occurs among 5-8 digits",
-    "python": "value of a Python expression of three digits and two of + - *",
+    "add": "sum of two numbers of 2 digits",
+    "sort": "3-5 digits in ascending order",
+    "reverse": "3-5 letters in reverse order",
+    "upper": "3-5 letters in upper case",
+    "count": "how often a digit occurs among 4-6 digits",
+    "python": "value of a Python expression a + b, a - b or a * b with a, b in 0-20",
 }
 
 

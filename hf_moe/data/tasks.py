@@ -2,14 +2,14 @@
 
 Every example is a prompt `"{task}: {input}\\n"` followed by its answer (the full `text` is the two joined):
 
-| task      | input                                       | answer             |
-|-----------|---------------------------------------------|--------------------|
-| `add`     | two numbers of 2-3 digits, `47 + 385`       | the sum, `432`     |
-| `sort`    | 4-7 digits, `5 2 9 1`                       | ascending, `1 2 5 9` |
-| `reverse` | 3-6 letters, `q x b m`                      | reversed, `m b x q` |
-| `upper`   | two words, `red fox`                        | `RED FOX`          |
-| `count`   | a digit, then 5-8 digits, `3 in 3 1 3 7 3`  | its count, `3`     |
-| `python`  | a Python expression of three digits, `3 + 4 * 2` | its value, `11` |
+| task      | input                                        | answer               |
+|-----------|----------------------------------------------|----------------------|
+| `add`     | two numbers of 2 digits, `47 + 38`           | the sum, `85`        |
+| `sort`    | 3-5 digits, `5 2 9 1`                        | ascending, `1 2 5 9` |
+| `reverse` | 3-5 letters, `q x b m`                       | reversed, `m b x q`  |
+| `upper`   | 3-5 letters, `q x b m`                       | `Q X B M`            |
+| `count`   | a digit, then 4-6 digits, `3 in 3 1 3 7`     | its count, `2`       |
+| `python`  | a Python expression `a op b`, a and b in 0-20, op one of + - * , `14 * 3` | its value, `42` |
 
 Items are space-separated so that a byte-level tokenizer sees one token per digit or letter. Each task draws from
 its own `random.Random(f"{seed}:{task}")` (stable across Python versions), and no prompt appears twice, so the
@@ -22,6 +22,7 @@ eval split shares no prompt with the train split.
 """
 
 import json
+import operator
 import random
 import string
 from collections.abc import Callable
@@ -38,40 +39,36 @@ DEFAULT_SEED = 0
 DEFAULT_TRAIN_PER_TASK = 800
 DEFAULT_EVAL_PER_TASK = 100
 PROMPT_FORMAT = "{task}: {task_input}\n"
-# short common words for `upper` (fixed here: a word list read from the system would differ between machines)
-WORDS = (
-    "air", "apple", "arm", "bag", "ball", "bed", "bird", "blue", "boat", "book", "box", "bread", "cake", "car",
-    "cat", "chair", "city", "cloud", "cold", "cup", "day", "desk", "dog", "door", "dream", "duck", "egg", "eye",
-    "farm", "fire", "fish", "flag", "fox", "frog", "game", "gold", "green", "hat", "hill", "home", "horse", "ice",
-    "key", "king", "lake", "lamp", "leaf", "lion", "map", "milk", "moon", "mouse", "night", "nose", "park", "pen",
-    "rain", "red", "ring", "river", "road", "rock", "rose", "salt", "sea", "ship", "shoe", "sky", "snow", "song",
-    "star", "stone", "sun", "table", "tea", "tree", "wall", "water", "wind", "wolf",
-)
+OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def spaced_letters(rng: random.Random) -> list[str]:
+    return [rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5))]
 
 
 def make_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     return f"{a} + {b}", str(a + b)
 
 
 def make_sort(rng: random.Random) -> tuple[str, str]:
-    digits = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
     ascending = [digit for digit in range(10) for _ in range(digits.count(digit))]  # counting sort
     return " ".join(map(str, digits)), " ".join(map(str, ascending))
 
 
 def make_reverse(rng: random.Random) -> tuple[str, str]:
-    letters = [rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))]
+    letters = spaced_letters(rng)
     return " ".join(letters), " ".join(reversed(letters))
 
 
 def make_upper(rng: random.Random) -> tuple[str, str]:
-    words = f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
-    return words, words.upper()
+    letters = spaced_letters(rng)
+    return " ".join(letters), " ".join(letters).upper()
 
 
 def make_count(rng: random.Random) -> tuple[str, str]:
-    target, length = rng.randint(0, 9), rng.randint(5, 8)
+    target, length = rng.randint(0, 9), rng.randint(4, 6)
     occurrences = rng.randint(0, 3)
     others = [digit for digit in range(10) if digit != target]
     digits = [rng.choice(others) for _ in range(length - occurrences)]
@@ -81,18 +78,8 @@ def make_count(rng: random.Random) -> tuple[str, str]:
 
 
 def make_python(rng: random.Random) -> tuple[str, str]:
-    first, second, third = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
-    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
-    # Python's precedence by hand: multiplications first, then + and - left to right
-    terms, signs = [first], []
-    for op, operand in ((op1, second), (op2, third)):
-        if op == "*":
-            terms[-1] *= operand
-        else:
-            terms.append(operand)
-            signs.append(1 if op == "+" else -1)
-    value = terms[0] + sum(sign * term for sign, term in zip(signs, terms[1:]))
-    return f"{first} {op1} {second} {op2} {third}", str(value)
+    a, b, symbol = rng.randint(0, 20), rng.randint(0, 20), rng.choice("+-*")
+    return f"{a} {symbol} {b}", str(OPERATORS[symbol](a, b))
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
