@@ -59,7 +59,8 @@ def token_stream(tokenizer, files: list[Path], progress: bool = False) -> torch.
     ids = []
     for path in tqdm(files, desc="tokenizing", unit="file", disable=not progress):
         ids.append(tokenizer.bos_token_id)
-        ids.extend(tokenizer(read_source(path), add_special_tokens=False)["input_ids"])
+        # verbose=False: a whole file is longer than the model's context on purpose; it is cut into blocks later
+        ids.extend(tokenizer(read_source(path), add_special_tokens=False, verbose=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
