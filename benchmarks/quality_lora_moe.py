@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_moe import LoraMoeConfig, MixLoraConfig, MolaConfig
 from hf_moe.data import tiny_llama_path
 from hf_moe.finetune.recipes import run_recipe
-from hf_moe.quickstart import eval_examples, evaluate, tasks_recipe, tokenized_batches
+from hf_moe.quickstart import QuickstartSettings, eval_examples, evaluate, tasks_recipe, tokenized_batches
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -71,9 +71,10 @@ def matched_rank(method: str, target: int) -> tuple[int, int]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    quickstart = QuickstartSettings()  # the same fine-tune as `hf-moe quickstart`
+    parser.add_argument("--max-steps", type=int, default=quickstart.max_steps)
+    parser.add_argument("--batch-size", type=int, default=quickstart.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=quickstart.learning_rate)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.smoke:

@@ -128,11 +128,11 @@ def train(name: str, model, batches: torch.Tensor, eval_blocks: torch.Tensor, lr
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--eval-blocks", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.smoke:

@@ -42,9 +42,9 @@ class QuickstartSettings:
     num_experts: int = 8
     top_k: int = 2
     rank: int = 8
-    max_steps: int = 300
+    max_steps: int = 800
     batch_size: int = 32
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     eval_examples_per_task: int | None = None  # None: the whole eval split
     overwrite: bool = False
 
@@ -169,7 +169,7 @@ def tasks_recipe(method: str, peft: dict, base, output_dir, max_steps: int, batc
                      "per_device_train_batch_size": batch_size, "per_device_eval_batch_size": 64,
                      "lr_scheduler_type": "cosine", "warmup_steps": max(1, max_steps // 20),
                      "logging_steps": max(1, max_steps // 30), "eval_strategy": "steps",
-                     "eval_steps": max(1, max_steps // 5), "save_strategy": "no", "seed": seed, "data_seed": seed,
+                     "eval_steps": max(50, max_steps // 5), "save_strategy": "no", "seed": seed, "data_seed": seed,
                      "use_cpu": True, "dataloader_num_workers": 0},
         "output_dir": str(output_dir),
     }
