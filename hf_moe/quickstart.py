@@ -42,7 +42,7 @@ class QuickstartSettings:
     num_experts: int = 8
     top_k: int = 2
     rank: int = 8
-    max_steps: int = 600
+    max_steps: int = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
     eval_examples_per_task: int | None = None  # None: the whole eval split
