@@ -54,4 +54,14 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, of
     rows offsets[e-1]:offsets[e]). Two grouped matmuls over the stacked weights: nothing is sliced per expert, so
     autograd writes each expert's gradient block into one [E, ...] gradient (a slice per expert would allocate a
     full-size gradient for each), and an expert without rows costs nothing."""
-    return _grouped_mm(_grouped_mm(x, lora_a.transpose(1, 2), offsets), lora_b.transpose(1, 2), offsets)
+    return _grouped(_grouped(x, lora_a.transpose(1, 2), offsets), lora_b.transpose(1, 2), offsets)
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, in] @ weight[e] [in, out] per group. torch's kernel needs every stride (but the unit one) of its inputs,
+    and of the output's gradient in the backward ([S, out]), to be a multiple of 16 bytes, which a rank like 3 breaks;
+    transformers' fallback (one mm per group) takes any layout."""
+    strides = [*x.stride(), *weight.stride(), weight.shape[-1]]
+    if all(stride * weight.element_size() % 16 == 0 for stride in strides if stride != 1):
+        return _grouped_mm(x, weight, offsets)
+    return torch.ops.transformers.grouped_mm_fallback(x.to(weight.dtype), weight, offs=offsets)
