@@ -218,10 +218,14 @@ def test_experts_implementation_matches_eager_in_outputs_and_gradients(family, e
 
 @pytest.mark.parametrize("experts_implementation", ["eager", "grouped_mm"])
 def test_experts_skip_the_sentinel_expert_id(mixtral_config, experts_implementation):
-    """Id E (one past the last expert) means "no expert" (expert parallelism, dropped tokens)."""
+    """Id E (one past the last expert) means "no expert": expert parallelism sends it for tokens another rank
+    serves. transformers' grouped_mm masks those rows only in an expert-parallel module (its EP plan sets
+    `_is_expert_parallel`; without it the kernel leaves them uninitialised), so the test marks the module as the
+    plan does. Our routers never emit the id otherwise: a dropped slot keeps a valid id with weight 0."""
     config = mixtral_config()
     config._experts_implementation = experts_implementation
     experts = randomize_weights_(MoEExperts(config))
+    experts._is_expert_parallel = True
     num_experts = config.num_experts
     hidden = torch.randn(5, config.hidden_size)
     top_k_index = torch.tensor([[0, num_experts], [1, 2], [num_experts, num_experts], [3, 0], [2, num_experts]])
