@@ -357,15 +357,3 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
           + ("" if args.save_strategy == "no" else f"; checkpoints under {output_dir}/checkpoint-*"))
     print(f"hf-moe finetune: model card in {card}")
     return result
-    tokenizer.save_pretrained(output_dir)
-    recipe_path = os.path.join(output_dir, "recipe.yaml")
-    with open(recipe_path, "w", encoding="utf-8") as file:
-        yaml.safe_dump(recipe, file, sort_keys=False)
-    weights = "adapter_model.safetensors" if method != "full" else "model.safetensors"
-    print(f"hf-moe finetune: {method} run finished, train loss {train_output.training_loss:.4f}"
-          + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
-    print(f"hf-moe finetune: {'adapter' if method != 'full' else 'model'} ({weights}) and tokenizer in {output_dir}")
-    print(f"hf-moe finetune: recipe as run in {recipe_path}"
-          + ("" if args.save_strategy == "no" else f"; checkpoints under {output_dir}/checkpoint-*"))
-    print(f"hf-moe finetune: model card in {card}")
-    return result
