@@ -169,15 +169,32 @@ def naive_mixlora_block(block: MixLoraFeedForward, x: torch.Tensor, adapter: str
 
 @pytest.mark.parametrize(("mlp_bias", "rank"), [(False, 4), (True, 4), (False, 3)])
 def test_mixlora_block_equals_the_per_expert_definition(mlp_bias, rank):
-    """Rank 3 gives [*, 3] fp32 rows, strides torch's grouped matmul kernel refuses: the fallback must take them."""
+    """Outputs and the gradients of x and every adapter tensor. Rank 3 gives [*, 3] fp32 rows, strides torch's
+    grouped matmul kernel refuses: the fallback must take them."""
     model = peft_model(hf_moe.MixLoraConfig(**{**MIXLORA, "r": rank}), base=tiny_llama(mlp_bias=mlp_bias))
     block = model.base_model.model.model.layers[0].mlp
+    for name in block.adapter_layer_names:  # B starts at zero: make every LoRA product count
+        torch.nn.init.normal_(getattr(block, name)["default"], std=0.1)
     x = torch.randn(2, 5, 32, requires_grad=True)
+    trained = [x, *(getattr(block, name)["default"] for name in block.adapter_layer_names)]
+    output_grad = torch.randn(2, 5, 32)
     output = block(x)
-    with torch.no_grad():
-        assert_close(output, naive_mixlora_block(block, x))
-    output.square().sum().backward()  # the backward runs for every layout
-    assert block.mixlora_gate_A["default"].grad is not None and x.grad is not None
+    gradients = torch.autograd.grad(output, trained, output_grad)  # the backward runs for every layout
+    expected = naive_mixlora_block(block, x)
+    assert_close(output, expected)
+    for gradient, expected_gradient in zip(gradients, torch.autograd.grad(expected, trained, output_grad)):
+        assert_close(gradient, expected_gradient, atol=1e-5, rtol=1e-4)
+
+
+def test_mixlora_hidden_dropout_has_one_mask_per_token_shared_by_its_experts():
+    from hf_moe.finetune.lora_moe.layer import _dropout_per_token
+
+    torch.manual_seed(0)
+    dropout, hidden = torch.nn.Dropout(0.5), torch.ones(64, 2, 100)
+    dropped = _dropout_per_token(dropout, hidden)
+    assert torch.equal(dropped[:, 0], dropped[:, 1])  # both expert slots of a token see the same mask
+    assert set(dropped.unique().tolist()) == {0.0, 2.0} and 0.4 < (dropped == 0).float().mean() < 0.6
+    assert _dropout_per_token(dropout.eval(), hidden) is hidden
 
 
 def test_mixlora_runs_each_shared_frozen_projection_once_per_forward():

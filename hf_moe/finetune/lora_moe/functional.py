@@ -47,14 +47,17 @@ def lora_mixture(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ga
     return F.linear(hidden.reshape(-1, num_experts * rank), stacked_b)
 
 
-def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """B_e A_e x_s for every row s, with rows grouped by expert: [S, out].
+def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
+                 scaling: float = 1.0) -> torch.Tensor:
+    """scaling * B_e A_e x_s for every row s, with rows grouped by expert: [S, out].
 
     x [S, in] sorted by expert, A [E, r, in], B [E, out, r], offsets [E] int32 cumulative row counts (expert e owns
     rows offsets[e-1]:offsets[e]). Two grouped matmuls over the stacked weights: nothing is sliced per expert, so
     autograd writes each expert's gradient block into one [E, ...] gradient (a slice per expert would allocate a
-    full-size gradient for each), and an expert without rows costs nothing."""
-    return _grouped(_grouped(x, lora_a.transpose(1, 2), offsets), lora_b.transpose(1, 2), offsets)
+    full-size gradient for each), and an expert without rows costs nothing. The scaling multiplies the rank-r
+    intermediate [S, r], not the wide output."""
+    down = _grouped(x, lora_a.transpose(1, 2), offsets)  # [S, r]
+    return _grouped(down * scaling, lora_b.transpose(1, 2), offsets)
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -65,3 +68,23 @@ def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> to
     if all(stride * weight.element_size() % 16 == 0 for stride in strides if stride != 1):
         return _grouped_mm(x, weight, offsets)
     return torch.ops.transformers.grouped_mm_fallback(x.to(weight.dtype), weight, offs=offsets)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] whose backward is the gather grad[inverse]: autograd's own backward of an index is a scatter-add
+    (index_put with accumulate), which is several times slower on CPU and not needed for a permutation."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """rows[perm] for a permutation `perm` of the rows of `rows` [S, n], with `inverse` its inverse permutation."""
+    return _PermuteRows.apply(rows, perm, inverse)

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from .functional import expert_gates, grouped_lora, lora, lora_mixture, top_k_gates
+from .functional import expert_gates, grouped_lora, lora, lora_mixture, permute_rows, top_k_gates
 
 
 @dataclass
@@ -214,6 +214,14 @@ def check_feed_forward(module: nn.Module, name: str = "the module") -> None:
                          f"(Llama, Mistral, Qwen2/3, Gemma MLPs), e.g. target_modules=['mlp'].")
 
 
+def _dropout_per_token(dropout: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Dropout of hidden [T, k, n] with one mask per token, shared by its k expert slots (as the mask on x is shared
+    by every expert of the call)."""
+    if not (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        return hidden
+    return hidden * dropout(hidden.new_ones(hidden.shape[0], 1, hidden.shape[-1]))
+
+
 class MixLoraFeedForward(nn.Module, MixLoraLayer):
     """A frozen FFN block turned into a sparse MoE of E experts that share it (MixLoRA):
 
@@ -221,7 +229,7 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         h_e = act(W_gate x + s B^g_e A^g_e x') * (W_up x + s B^u_e A^u_e x')                      [T, I]
         y   = W_down (sum_{e in idx} w_e h_e) + b_down + sum_{e in idx} w_e s B^d_e A^d_e h_e'   [T, H]
 
-    (s = alpha / r, x' and h_e' after LoRA dropout). This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three
+    (s = alpha / r; x' and h_e' after LoRA dropout, whose mask on h_e is one per token, shared by its k experts). This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three
     weights carry expert e's LoRA, because down_proj is linear and the weights sum to one. W_gate x and W_up x are
     computed once per token and shared by all experts, and W_down runs once per token on the gate-weighted mix; only
     the rank-r LoRA products run per expert.
@@ -274,25 +282,31 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
     def _mix_experts(self, x, gate, up, gate_weights, top_k_index, adapter_name):
         """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H]).
 
-        The T * k (token, expert) slots are sorted by expert so that each LoRA product runs as one grouped matmul
-        over all experts (`grouped_lora`), then summed back per token."""
+        The LoRA products run on the T * k (token, expert) slots sorted by expert, each as one grouped matmul over
+        all experts (`grouped_lora`). The elementwise work runs in token order on [T, k, I], where W_gate x and
+        W_up x broadcast over a token's k slots and the gate-weighted sums are one batched matmul."""
         weights, scaling = self.adapter_tensors(adapter_name), self.scaling[adapter_name]
         dropout, act_fn = self.lora_dropout[adapter_name], self.base_layer.act_fn
         num_tokens, top_k = top_k_index.shape
         experts = top_k_index.reshape(-1)  # [S], S = T * k slots in token order
-        order = experts.argsort(stable=True)  # slots sorted by expert
-        token = order // top_k  # [S] the token of each sorted slot
+        sorted_slots = experts.argsort(stable=True)  # the slot at each sorted position
+        sorted_position = sorted_slots.argsort()  # the sorted position of each slot
         offsets = torch.bincount(experts, minlength=weights["router"].shape[0]).cumsum(0).to(torch.int32)
-        x_sorted = dropout(x)[token]  # [S, H]
-        gate_s = gate[token] + scaling * grouped_lora(x_sorted, weights["gate_A"], weights["gate_B"], offsets)
-        up_s = up[token] + scaling * grouped_lora(x_sorted, weights["up_A"], weights["up_B"], offsets)
-        hidden = act_fn(gate_s) * up_s  # [S, I] h_e of each slot
-        down = grouped_lora(dropout(hidden), weights["down_A"], weights["down_B"], offsets)  # [S, H]
-        slot_weights = gate_weights.reshape(-1)[order].unsqueeze(-1).to(hidden.dtype)  # [S, 1]
-        in_token_order = order.argsort()  # sorted position of each slot in token order
-        mix = (slot_weights * hidden)[in_token_order].view(num_tokens, top_k, -1).sum(dim=1)  # [T, I]
-        down_lora = (slot_weights * scaling * down)[in_token_order].view(num_tokens, top_k, -1).sum(dim=1)  # [T, H]
-        return mix, down_lora
+
+        def to_tokens(rows):  # [S, n] sorted by expert -> [T, k, n]
+            return permute_rows(rows, sorted_position, sorted_slots).view(num_tokens, top_k, -1)
+
+        def to_experts(slots):  # [T, k, n] -> [S, n] sorted by expert
+            return permute_rows(slots.reshape(num_tokens * top_k, -1), sorted_slots, sorted_position)
+
+        x_sorted = dropout(x)[sorted_slots // top_k]  # [S, H]
+        gate_lora = grouped_lora(x_sorted, weights["gate_A"], weights["gate_B"], offsets, scaling)  # [S, I]
+        up_lora = grouped_lora(x_sorted, weights["up_A"], weights["up_B"], offsets, scaling)  # [S, I]
+        hidden = act_fn(gate.unsqueeze(1) + to_tokens(gate_lora)) * (up.unsqueeze(1) + to_tokens(up_lora))  # [T, k, I]
+        down_input = to_experts(_dropout_per_token(dropout, hidden))  # [S, I]
+        down_lora = to_tokens(grouped_lora(down_input, weights["down_A"], weights["down_B"], offsets, scaling))
+        slot_weights = gate_weights.to(hidden.dtype).unsqueeze(1)  # [T, 1, k]
+        return torch.bmm(slot_weights, hidden).squeeze(1), torch.bmm(slot_weights, down_lora).squeeze(1)
 
     @torch.no_grad()
     def expert_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
