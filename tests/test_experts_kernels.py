@@ -1,5 +1,6 @@
 """The `sorted_mm` experts implementation: registered with transformers, exact against eager."""
 
+import pytest
 import torch
 from conftest import make_mixtral_config, random_input_ids, randomize_weights_
 from torch.testing import assert_close
@@ -8,8 +9,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
 
-def experts_module(implementation: str) -> MoEExperts:
-    config = make_mixtral_config()
+def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
+    config = make_mixtral_config(hidden_act=hidden_act)
     config._experts_implementation = implementation
     torch.manual_seed(0)
     experts = MoEExperts(config)
@@ -28,18 +29,26 @@ def test_expert_ids_of_other_ranks_are_skipped():
     assert torch.equal(sorted_mm(hidden, index, weights)[2], torch.zeros(32))
 
 
-def test_gradients_of_inputs_weights_and_routing_match_eager():
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu"])
+@pytest.mark.parametrize("experts_used", [4, 2])
+def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts_used):
+    """SiLU takes a fused backward, other activations autograd's. With 2 of 4 experts routed to, the gradient
+    blocks of the other two (left uninitialised, then zeroed) must be exactly zero."""
     outputs = {}
     for implementation in ("eager", "sorted_mm"):
-        experts = experts_module(implementation)
+        experts = experts_module(implementation, hidden_act)
         hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(2))
+        index = torch.randint(0, experts_used, (10, 2), generator=torch.Generator().manual_seed(2)) * (4 // experts_used)
         weights = torch.rand(10, 2, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        torch.full((64, 1024), float("nan"))  # leave non-zero memory behind for uninitialised buffers
         out = experts(hidden, index, weights)
         out.backward(torch.randn_like(out, memory_format=torch.contiguous_format))
         outputs[implementation] = (out, hidden.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
     for ours, reference in zip(outputs["sorted_mm"], outputs["eager"]):
         assert_close(ours, reference, atol=1e-5, rtol=0)
+    unused = [expert for expert in range(4) if expert % (4 // experts_used)]
+    for gradient in outputs["sorted_mm"][3:]:
+        assert torch.equal(gradient[unused], torch.zeros_like(gradient[unused]))
 
 
 def test_transformers_own_mixtral_can_select_it():

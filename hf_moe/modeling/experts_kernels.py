@@ -13,17 +13,23 @@ its contiguous block of rows:
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
     a_s  = act(gate_s) * up_s                       [S, I]
     y_s  = a_s @ down_proj[e]^T                     [S, H]
-    out  = index_add over pairs of w_s * y_s        [T, H]
+    out  = sum over the pairs of each token of w_s * y_s   [T, H]
 
 Why not autograd through `gate_up_proj[e]`: slicing a parameter inside a loop makes autograd allocate a full-size
 [E, ...] gradient for every slice. The backward below writes each expert's gradient block into one [E, ...]
-buffer instead, and recomputes the cheap elementwise parts rather than storing them. Work is proportional to the
-pairs routed plus the number of experts that received tokens; there is no [T, E, ...] intermediate. Expert ids
->= num_experts (tokens owned by another rank under expert parallelism) are skipped. Under `torch.compile` the
-data-dependent loop would break the graph, so compiled code runs transformers' `grouped_mm` instead.
+buffer instead, left uninitialised since one matrix product writes each block whole (only the blocks of experts
+without pairs are zeroed). It recomputes act(gate) rather than storing it, keeps the expert outputs y_s [S, H] to
+take the pair weights' gradient <grad, y_s> on H-wide rows, and has SiLU's backward write into the gate half of
+the [S, 2I] gradient in place. Work is proportional to the pairs routed plus the number of experts that received
+tokens; there is no [T, E, ...] intermediate. Expert ids >= num_experts (tokens owned by another rank under expert
+parallelism) are skipped. Under `torch.compile` the data-dependent loop would break the graph, so compiled code runs
+transformers' `grouped_mm` instead.
 """
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 SORTED_MM = "sorted_mm"
@@ -46,6 +52,19 @@ def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, like: torc
     return torch.zeros_like(like).scatter_add_(0, index, pair_rows.to(like.dtype))
 
 
+def _is_silu(act_fn) -> bool:
+    return act_fn is F.silu or isinstance(act_fn, (nn.SiLU, SiLUActivation))
+
+
+def _weight_gradient(weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+    """An uninitialised [E, ...] gradient whose blocks of experts without pairs are zeroed: every other block is
+    written whole by one matrix product, so zeroing the full buffer first would be a wasted pass over it."""
+    gradient = torch.empty_like(weight)
+    for expert in set(range(weight.shape[0])) - {expert for expert, _, _ in blocks}:
+        gradient[expert].zero_()
+    return gradient
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, counts, act_fn):
@@ -58,56 +77,62 @@ class _SortedExpertsFunction(torch.autograd.Function):
         for expert, start, end in blocks:
             torch.mm(x_sorted[start:end], gate_up_proj[expert].t(), out=gate_up[start:end])
         gate, up = gate_up.chunk(2, dim=-1)
-        activated = act_fn(gate) * up  # [S, I]
-        expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H]
+        activated = act_fn(gate).mul_(up)  # [S, I]
+        expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H] y_s, before the pair weight
         for expert, start, end in blocks:
             torch.mm(activated[start:end], down_proj[expert].t(), out=expert_out[start:end])
-        expert_out.mul_(pair_weights[:, None].to(expert_out.dtype))
-        output = _sum_into_tokens(expert_out, token_of, hidden_states)
+        output = _sum_into_tokens(expert_out * pair_weights[:, None].to(expert_out.dtype), token_of, hidden_states)
 
-        ctx.save_for_backward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up)
+        ctx.save_for_backward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up, expert_out)
         ctx.blocks, ctx.act_fn = blocks, act_fn
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up = ctx.saved_tensors
+        hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up, expert_out = ctx.saved_tensors
         blocks, act_fn = ctx.blocks, ctx.act_fn
+        width = gate_up.shape[1] // 2
+        gate, up = gate_up[:, :width], gate_up[:, width:]
         grad_output = grad_output.contiguous()
-        x_sorted = hidden_states[token_of]  # [S, H]
         grad_pair_out = grad_output[token_of]  # [S, H], d loss / d (w_s * y_s)
+        grad_pair_weights = (grad_pair_out * expert_out).sum(dim=-1)  # d loss / d w_s = <grad, y_s>, on [S, H]
+        weighted_grad = grad_pair_out.mul_(pair_weights[:, None].to(grad_pair_out.dtype))  # d loss / d y_s
+
+        # d loss / d a_s = (d loss / d y_s) @ down_proj[e], per expert
+        grad_activated = torch.empty_like(gate)  # [S, I]
+        for expert, start, end in blocks:
+            torch.mm(weighted_grad[start:end], down_proj[expert], out=grad_activated[start:end])
 
         with torch.enable_grad():
-            gate = gate_up[:, : gate_up.shape[1] // 2].detach().requires_grad_()
-            activated_gate = act_fn(gate)  # [S, I]
-        up = gate_up[:, gate_up.shape[1] // 2 :]
-        activated = activated_gate.detach() * up  # [S, I]
-
-        # d loss / d a for unit weights, per expert: grad_pair_out @ down_proj[e]
-        grad_activated = torch.empty_like(activated)
-        for expert, start, end in blocks:
-            torch.mm(grad_pair_out[start:end], down_proj[expert], out=grad_activated[start:end])
-        grad_pair_weights = (grad_activated * activated).sum(dim=-1)  # d loss / d w_s = <grad, y_s>
-        grad_activated.mul_(pair_weights[:, None].to(grad_activated.dtype))
-
-        grad_down_proj = torch.zeros_like(down_proj) if ctx.needs_input_grad[3] else None
-        if grad_down_proj is not None:
-            weighted_grad = grad_pair_out * pair_weights[:, None].to(grad_pair_out.dtype)
+            gate_leaf = gate.detach().requires_grad_()
+            activated_gate = act_fn(gate_leaf)  # [S, I], recomputed rather than stored
+        if ctx.needs_input_grad[3]:
+            activated = activated_gate.detach() * up  # [S, I] a_s
+            grad_down_proj = _weight_gradient(down_proj, blocks)
             for expert, start, end in blocks:
                 torch.mm(weighted_grad[start:end].t(), activated[start:end], out=grad_down_proj[expert])
+            del activated
+        else:
+            grad_down_proj = None
 
-        grad_up = grad_activated * activated_gate.detach()
-        (grad_gate,) = torch.autograd.grad(activated_gate, gate, grad_activated * up)
-        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)  # [S, 2I]
+        grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]: d loss / d gate, d loss / d up, written in place
+        torch.mul(grad_activated, activated_gate.detach(), out=grad_gate_up[:, width:])
+        grad_activated_gate = grad_activated.mul_(up)
+        if _is_silu(act_fn):
+            torch.ops.aten.silu_backward.grad_input(grad_activated_gate, gate, grad_input=grad_gate_up[:, :width])
+        else:
+            grad_gate_up[:, :width] = torch.autograd.grad(activated_gate, gate_leaf, grad_activated_gate)[0]
 
-        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if ctx.needs_input_grad[2] else None
-        grad_hidden = None
+        grad_hidden = grad_gate_up_proj = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[0]:
+            x_sorted = hidden_states[token_of]  # [S, H]
         if ctx.needs_input_grad[0]:
             grad_x_sorted = torch.empty_like(x_sorted)
             for expert, start, end in blocks:
                 torch.mm(grad_gate_up[start:end], gate_up_proj[expert], out=grad_x_sorted[start:end])
             grad_hidden = _sum_into_tokens(grad_x_sorted, token_of, hidden_states)
-        if grad_gate_up_proj is not None:
+        if ctx.needs_input_grad[2]:
+            grad_gate_up_proj = _weight_gradient(gate_up_proj, blocks)
             for expert, start, end in blocks:
                 torch.mm(grad_gate_up[start:end].t(), x_sorted[start:end], out=grad_gate_up_proj[expert])
         return grad_hidden, grad_pair_weights.to(pair_weights.dtype), grad_gate_up_proj, grad_down_proj, None, None, None
