@@ -1,7 +1,10 @@
-"""(b) Whole-model training step (forward + backward + AdamW step), tokens per second.
+"""(b) Whole-model training step (forward + backward + AdamW step), tokens per second, and activation memory.
 
 Ours under each experts implementation vs transformers' native class on the same weights (MixtralForCausalLM,
-Qwen2MoeForCausalLM) vs the dense Llama floor with the same active FLOPs per token.
+Qwen2MoeForCausalLM) vs the dense Llama floor with the same active FLOPs per token. Activation memory is what the
+forward keeps for the backward at its end (the peak of a training step's activations): the bytes of the distinct
+storages autograd saves, parameters excluded, counted through `torch.autograd.graph.saved_tensors_hooks` (custom
+autograd functions such as `sorted_mm` save through the same hooks).
 
     python benchmarks/train_step.py            # writes BENCHMARKS.md
     python benchmarks/train_step.py --smoke    # tiny models, prints only
@@ -12,6 +15,25 @@ import argparse
 import torch
 from common import markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
+
+
+def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages saved for the backward by one training forward."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids, labels=input_ids).loss
+    del loss
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
 
 
 def measure(smoke: bool, batch: int, seq_len: int, repeats: int):
@@ -35,9 +57,12 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int):
         tokens = batch * seq_len
         floor = times["dense floor"]
         for name, ms in times.items():
-            rows.append([family, name, f"{ms:.0f}", f"{tokens / ms * 1000:.0f}", f"{floor / ms:.2f}"])
+            activations = saved_activation_bytes(models[name], input_ids) / 2**20
+            rows.append([family, name, f"{ms:.0f}", f"{tokens / ms * 1000:.0f}", f"{floor / ms:.2f}",
+                         f"{activations:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
-    return markdown_table(["family", "model", "ms / step", "tokens / s", "speed vs dense floor"], rows)
+    return markdown_table(["family", "model", "ms / step", "tokens / s", "speed vs dense floor",
+                           "saved activations (MiB)"], rows)
 
 
 def main():
