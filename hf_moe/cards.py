@@ -98,7 +98,7 @@ def _routing_of(module: torch.nn.Module, output) -> tuple | None:
     from .finetune.lora_moe.layer import LoraExpertLayer
 
     if isinstance(module, LoraExpertLayer):
-        record = module._records[-1] if module._records else None  # what this call recorded (see aux_loss.py)
+        record = module.last_record  # what this call recorded (see aux_loss.py)
         return None if record is None else (record.logits, record.top_k_index, None)
     logits, weights, index = output[:3]  # every *TopKRouter returns (logits, weights, index, ...)
     return logits, index, weights != 0  # slots dropped by capacity have weight 0

@@ -103,6 +103,11 @@ class LoraExpertLayer(BaseTunerLayer):
         records, self._records = self._records or [], None
         return records
 
+    @property
+    def last_record(self) -> RoutingRecord | None:
+        """The routing of this layer's latest router call while recording is on (None when off or before a call)."""
+        return self._records[-1] if self._records else None
+
     def _record(self, adapter_name: str, logits: torch.Tensor, top_k_index: torch.Tensor | None, batch_size: int):
         if self._records is not None:
             self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size))
