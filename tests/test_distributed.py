@@ -4,8 +4,8 @@ Each distributed test launches `torchrun --nproc_per_node 2 -m distributed.<work
 what rank 0 wrote with the same work done in this process without any parallelism:
 
 - DDP and FSDP2 under `Trainer` (and a MixLoRA fine-tune under DDP), 2 processes x 2 accumulation steps of one row,
-  against one process with 4 accumulation steps of the same rows: the same loss curve, router metrics, trained
-  weights and aux-loss-free router biases (loads summed across ranks).
+  against one process with 4 accumulation steps of the same rows: the same loss curve, router metrics, balance-loss
+  scalars (averaged across ranks), trained weights and aux-loss-free router biases (loads summed across ranks).
 - Tensor and expert parallelism through `from_pretrained(distributed_config=DistributedConfig(...))`: logits, one SGD
   step, parameters and logits after the step, against the plain model taking the same step on the same batches.
 """
@@ -122,8 +122,10 @@ def test_ddp_trainer_matches_one_process_with_the_same_global_batch_and_sums_rou
     # must not touch the routing counts each rank accumulates over the step
     torchrun("train_worker", model_dirs["deepseek_bias_update"], tmp_path, "--sync-each-batch")
 
-    results = assert_same_training(model_dirs["deepseek_bias_update"], tmp_path, LOGGED_PER_STEP + ("router/",))
+    results = assert_same_training(model_dirs["deepseek_bias_update"], tmp_path,
+                                   LOGGED_PER_STEP + ("router/", "moe/"))
     assert results["wrapper"] == "DistributedDataParallel"
+    assert any(key.startswith("moe/") for key in results["log_history"][0])  # balance losses: mean over both ranks
     biases = [value for name, value in results["tensors"].items() if name.endswith("e_score_correction_bias")]
     assert len(biases) == 2 and all(bias.abs().sum() > 0 for bias in biases)  # the update ran, on global loads
 
@@ -132,18 +134,20 @@ def test_ddp_trainer_matches_one_process_with_the_same_global_batch_and_sums_rou
 def test_fsdp2_trainer_matches_one_process_with_the_same_global_batch(model_dirs, tmp_path):
     torchrun("train_worker", model_dirs["mixtral_aux_loss"], tmp_path, "--sharding", "fsdp2")
 
-    results = assert_same_training(model_dirs["mixtral_aux_loss"], tmp_path, LOGGED_PER_STEP + ("router/",),
-                                   sharding="fsdp2")
+    results = assert_same_training(model_dirs["mixtral_aux_loss"], tmp_path,
+                                   LOGGED_PER_STEP + ("router/", "moe/"), sharding="fsdp2")
     assert results["wrapper"].startswith("FSDP") and results["sharded_parameters"] > 0
+    assert "moe/router_aux_loss" in results["log_history"][0]
 
 
 @pytest.mark.distributed
 def test_mixlora_fine_tune_under_ddp_matches_one_process(model_dirs, tmp_path):
     torchrun("train_worker", model_dirs["llama"], tmp_path, "--mixlora")
 
-    results = assert_same_training(model_dirs["llama"], tmp_path, LOGGED_PER_STEP, mixlora=True)
+    results = assert_same_training(model_dirs["llama"], tmp_path, LOGGED_PER_STEP + ("lora_moe/",), mixlora=True)
     assert results["wrapper"] == "DistributedDataParallel"
     assert results["tensors"] and all("mixlora_" in name or "lora_" in name for name in results["tensors"])
+    assert any(key.startswith("lora_moe/") for key in results["log_history"][0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Trainer writes (per layer and averaged over layers: load max-violation, routing 
 Each balancing loss the model adds to its loss (`router_losses` of the output: the Switch aux loss, z-loss,
 importance, DeepSeek balance losses, ...) is logged as its own scalar too, unweighted, as `moe/<loss>`, with
 `moe/weighted_aux_loss` = the sum of coefficient * loss that reached the training loss (means over the training
-forwards since the last log, on this process).
+forwards since the last log, averaged over data-parallel ranks).
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     add_router_callback(trainer)
@@ -34,7 +34,9 @@ def add_to_logs(state: TrainerState, logs: dict, metrics: dict[str, float]) -> N
 
 
 class RunningMeans:
-    """Sums and counts of named scalars, read and reset together."""
+    """Sums and counts of named scalars, read and reset together. Under data parallelism every rank calls `pop` at
+    the same log step (Trainer logs on every process) and gets the mean over ranks of each rank's mean: one
+    all-reduce. Ranks run equally many forwards per step, so that is the mean over every forward of the step."""
 
     def __init__(self):
         self.totals: dict[str, tuple[torch.Tensor, int]] = {}
@@ -45,9 +47,15 @@ class RunningMeans:
             self.totals[name] = (total + value.detach().float(), count + 1)
 
     def pop(self) -> dict[str, float]:
-        means = {name: float(total) / count for name, (total, count) in self.totals.items()}
+        if not self.totals:
+            return {}
+        names = sorted(self.totals)
+        means = torch.stack([torch.as_tensor(self.totals[name][0]) / self.totals[name][1] for name in names])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
         self.totals = {}
-        return means
+        return dict(zip(names, means.tolist()))
 
 
 class MoERouterCallback(TrainerCallback):

@@ -138,7 +138,7 @@ def pop_logged_aux_losses(model: torch.nn.Module) -> dict[str, float]:
 
 class LoraMoeLossCallback(TrainerCallback):
     """Writes `lora_moe/aux_loss` (mean over micro-batches of the weighted auxiliary term) and `lora_moe/<term>`
-    (each unweighted term) into Trainer's logs (values of this process)."""
+    (each unweighted term) into Trainer's logs (averaged over data-parallel ranks)."""
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or model is None:
