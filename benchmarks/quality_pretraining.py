@@ -188,7 +188,7 @@ def main():
                   label=name)
     axis.set_xlabel("training tokens (thousands)")
     axis.set_ylabel("held-out eval loss")
-    axis.set_title("Continued pretraining of the shipped tiny Llama: dense vs upcycled 8-expert MoE")
+    axis.set_title("Shipped tiny Llama, continued pretraining: dense vs upcycled 8-expert MoE", fontsize=10)
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
