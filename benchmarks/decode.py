@@ -4,6 +4,7 @@ Ours under each experts implementation vs transformers' native class on the same
 with the same active FLOPs per token.
 
     python benchmarks/decode.py             # writes BENCHMARKS.md
+    python benchmarks/decode.py --dtype bfloat16
     python benchmarks/decode.py --smoke     # tiny models, prints only
 """
 
@@ -14,10 +15,10 @@ from common import markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
 
 
-def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int):
+def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32):
     rows = []
     for family in FAMILIES:
-        models = build_models(family, smoke)
+        models = build_models(family, smoke, dtype)
         vocab = next(iter(models.values())).config.vocab_size
         for batch in (1, 8):
             torch.manual_seed(2)
@@ -27,9 +28,10 @@ def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int):
                 with torch.no_grad():
                     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
-            outputs = {name: model.generate(prompt, max_new_tokens=4, do_sample=False) for name, model in
-                       models.items() if name != "dense floor"}
-            assert all(torch.equal(out, outputs["ours sorted_mm"]) for out in outputs.values()), family
+            if dtype == torch.float32:  # in bf16 near-ties of the logits may pick different tokens
+                outputs = {name: model.generate(prompt, max_new_tokens=4, do_sample=False) for name, model in
+                           models.items() if name != "dense floor"}
+                assert all(torch.equal(out, outputs["ours sorted_mm"]) for out in outputs.values()), family
             times = round_robin_medians({name: (lambda m=model: decode(m)) for name, model in models.items()},
                                         repeats=repeats)
             floor = times["dense floor"]
@@ -45,12 +47,15 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(True, 4, 3, 1)
+        measure(True, 4, 3, 1, dtype)
         return
-    table = measure(False, args.prompt_len, args.new_tokens, args.repeats)
-    write_section("decode", f"## (c) Greedy decoding with a KV cache, fp32 (prompt {args.prompt_len}, "
+    table = measure(False, args.prompt_len, args.new_tokens, args.repeats, dtype)
+    section = "decode" if args.dtype == "float32" else f"decode-{args.dtype}"
+    write_section(section, f"## (c) Greedy decoding with a KV cache, {args.dtype} (prompt {args.prompt_len}, "
                   f"{args.new_tokens} new tokens)\n\n" + table)
 
 

@@ -7,6 +7,7 @@ storages autograd saves, parameters excluded, counted through `torch.autograd.gr
 autograd functions such as `sorted_mm` save through the same hooks).
 
     python benchmarks/train_step.py            # writes BENCHMARKS.md
+    python benchmarks/train_step.py --dtype bfloat16   # parameters, activations and AdamW states in bf16
     python benchmarks/train_step.py --smoke    # tiny models, prints only
 """
 
@@ -36,10 +37,10 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
     return sum(saved.values())
 
 
-def measure(smoke: bool, batch: int, seq_len: int, repeats: int):
+def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dtype = torch.float32):
     rows = []
     for family in FAMILIES:
-        models = build_models(family, smoke)
+        models = build_models(family, smoke, dtype)
         vocab = next(iter(models.values())).config.vocab_size
         torch.manual_seed(1)
         input_ids = torch.randint(0, vocab, (batch, seq_len))
@@ -71,12 +72,15 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(True, 2, 8, 1)
+        measure(True, 2, 8, 1, dtype)
         return
-    table = measure(False, args.batch, args.seq_len, args.repeats)
-    write_section("train-step", "## (b) Whole-model training step, fp32 (H 512, 4 layers, vocab 32000, batch "
+    table = measure(False, args.batch, args.seq_len, args.repeats, dtype)
+    section = "train-step" if args.dtype == "float32" else f"train-step-{args.dtype}"
+    write_section(section, f"## (b) Whole-model training step, {args.dtype} (H 512, 4 layers, vocab 32000, batch "
                   f"{args.batch} x {args.seq_len} tokens, AdamW)\n\n" + table)
 
 
