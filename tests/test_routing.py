@@ -396,6 +396,22 @@ def test_selection_bias_changes_the_chosen_experts_but_gates_are_unbiased_sigmoi
     assert_close(weights[0], torch.tensor(expected), atol=1e-6, rtol=0)
 
 
+def test_a_checkpoint_without_selection_bias_loads_with_zero_bias_and_nothing_reported_missing(tmp_path):
+    """E.g. an upcycled dense model opened with aux-loss-free balancing on; a saved bias still loads."""
+    torch.manual_seed(0)
+    MixtralMoEForCausalLM(make_mixtral_config()).save_pretrained(tmp_path / "plain")
+    model, info = MixtralMoEForCausalLM.from_pretrained(tmp_path / "plain", router_selection_bias=True,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"]
+    for router in model.model.routers():
+        assert torch.equal(router.e_score_correction_bias, torch.zeros(router.num_experts))
+        router.e_score_correction_bias.fill_(0.25)
+    model.save_pretrained(tmp_path / "biased")
+    reloaded = MixtralMoEForCausalLM.from_pretrained(tmp_path / "biased")
+    assert all(torch.equal(router.e_score_correction_bias, torch.full((router.num_experts,), 0.25))
+               for router in reloaded.model.routers())
+
+
 def test_group_limited_softmax_routing_picks_only_from_groups_with_the_best_max():
     # 4 groups of 2; group max: 5, 4, 3, -5 -> groups {0, 1}. Global top-3 would be {0, 2, 4};
     # ranking groups by the sum of their top two (-> groups {2, 0}) would give {0, 4, 5}.

@@ -329,6 +329,9 @@ class MoEPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    # the selection bias of aux-loss-free balancing starts at zero by definition: a checkpoint saved without it (an
+    # upcycled dense model, a model trained without the bias) loads with zeros and no MISSING report
+    _keys_to_ignore_on_load_missing = [r"e_score_correction_bias"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
