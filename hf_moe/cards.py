@@ -38,9 +38,14 @@ KINDS = ("upcycled", "native", "finetuned", "adapter")
 EXPERT_LOAD_IMAGE, EXPERT_LOAD_DATA = "expert_load.png", "expert_load.json"
 LOSS_IMAGE = "loss.png"
 CONVERSION_FILE = "conversion.yaml"  # how `import`, `export` and `materialize` made a folder
+UPCYCLE_FILE = "upcycle.yaml"  # the options `hf-moe upcycle` ran with
+VERIFICATION_FILE = "verification.json"  # the report of `verify` on a conversion
 RECIPE_FILE = "recipe.yaml"
-TRAINING_RECORD = ("recipe.yaml", "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+TRAINING_RECORD = (RECIPE_FILE, "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
                    EXPERT_LOAD_IMAGE, EXPERT_LOAD_DATA, LOSS_IMAGE)
+# The card and everything it is rendered from: a copy of a checkpoint is another artefact with its own card, so
+# `copy_side_files` never carries these along.
+PROVENANCE_FILES = (CARD_FILE, VERIFICATION_FILE, UPCYCLE_FILE, CONVERSION_FILE, *TRAINING_RECORD)
 # `write_card` keyword facts (each overrides what the folder records)
 FACTS = ("title", "description", "base_model", "base_model_revision", "license", "datasets", "command", "options",
          "seed", "training", "metrics", "verification")
@@ -391,24 +396,24 @@ def _command_line(command: str, positionals: list[str], options: dict, defaults:
 
 def _upcycled_facts(folder: Path) -> dict:
     """What upcycle.yaml and verification.json record."""
-    from .conversion.upcycle import CONFIG_FILE, UpcycleOptions, recorded_deviations
+    from .conversion.upcycle import UpcycleOptions, recorded_deviations
 
-    options = _read_yaml(folder / CONFIG_FILE) or {}
+    options = _read_yaml(folder / UPCYCLE_FILE) or {}
     src = options.pop("src", None)
     shown = dict(options)
     long_list = isinstance(options.get("calibration_tokens"), list) and len(options["calibration_tokens"]) > 16
     if long_list:
-        shown["calibration_tokens"] = f"{len(options['calibration_tokens'])} token ids (listed in {CONFIG_FILE})"
+        shown["calibration_tokens"] = f"{len(options['calibration_tokens'])} token ids (listed in {UPCYCLE_FILE})"
     defaults = {option.name: option.default for option in fields(UpcycleOptions)}
     command = _command_line("upcycle", [str(src), "OUT"], {k: v for k, v in options.items() if not (
         long_list and k == "calibration_tokens")}, {**defaults, "top_k": None})
     if long_list:
-        command += f"  # with the calibration tokens of {CONFIG_FILE}: hf-moe upcycle --config {CONFIG_FILE} OUT"
+        command += f"  # with the calibration tokens of {UPCYCLE_FILE}: hf-moe upcycle --config {UPCYCLE_FILE} OUT"
     dtype = getattr(torch, (_read_json(folder / "config.json") or {}).get("dtype") or "float32")
     deviations = recorded_deviations(options, dtype) if options else None
     return {"base_model": src, "base_model_revision": options.get("revision"), "seed": options.get("seed"),
-            "command": command, "options": shown, "options_file": CONFIG_FILE,
-            "verification": _read_json(folder / "verification.json"), "verification_hint": "`--no-verify`",
+            "command": command, "options": shown, "options_file": UPCYCLE_FILE,
+            "verification": _read_json(folder / VERIFICATION_FILE), "verification_hint": "`--no-verify`",
             "deviations": deviations, "exact_copies": deviations == [] and options.get("norm_topk_prob", True)}
 
 
@@ -423,7 +428,7 @@ def _conversion_facts(folder: Path) -> dict:
             "command": _command_line(record["command"], [str(record[name]) for name in inputs] + ["OUT"], options,
                                      {}),
             "options": {name: value for name, value in record.items() if name != "command"},
-            "options_file": CONVERSION_FILE, "verification": _read_json(folder / "verification.json"),
+            "options_file": CONVERSION_FILE, "verification": _read_json(folder / VERIFICATION_FILE),
             "verification_hint": "check it with `hf-moe verify SRC OUT --output OUT/verification.json`, then run "
                                  "`hf-moe card OUT`"}
 
@@ -467,7 +472,7 @@ def card_kind(folder: str | os.PathLike) -> str:
     conversion = (_read_yaml(folder / CONVERSION_FILE) or {}).get("command")
     if (folder / "adapter_config.json").is_file():
         return "adapter"
-    if (folder / "upcycle.yaml").is_file():
+    if (folder / UPCYCLE_FILE).is_file():
         return "upcycled"
     if (folder / RECIPE_FILE).is_file() or conversion == "materialize":
         return "finetuned"

@@ -34,11 +34,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # Weight files of other serialisations. We never open them: most are pickles, which can run arbitrary code.
 FOREIGN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf", ".npz")
-# Files that describe how a checkpoint was made (its card and what the card is rendered from): a copy of the checkpoint
-# is another artefact, with its own card, so `copy_side_files` never carries them along.
-PROVENANCE_FILES = ("README.md", "verification.json", "upcycle.yaml", "conversion.yaml", "recipe.yaml",
-                    "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
-                    "expert_load.png", "expert_load.json", "loss.png")
 # Index files that list weights (ours are rewritten, the others belong to weights we do not copy).
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
 
@@ -330,9 +325,11 @@ def is_weight_file(name: str) -> bool:
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, exclude: Iterable[str] = ()) -> list[str]:
     """Copy the top-level non-weight files of `src` (tokenizer, generation config, ...) into `dst`.
 
-    Skips weight files and indexes, hidden files, sub-folders, the card and its record (`PROVENANCE_FILES`) and the
-    names in `exclude`. Returns the copied names.
+    Skips weight files and indexes, hidden files, sub-folders, the card and its record (`cards.PROVENANCE_FILES`)
+    and the names in `exclude`. Returns the copied names.
     """
+    from ..cards import PROVENANCE_FILES
+
     excluded = {*exclude, *PROVENANCE_FILES}
     copied = []
     for path in sorted(Path(src).iterdir()):

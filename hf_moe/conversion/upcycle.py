@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..cards import conversion_heatmap, write_card
+from ..cards import UPCYCLE_FILE, conversion_heatmap, write_card
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from .dense import SOURCE_FILES_NOT_COPIED, DenseSource, layer_prefix, read_dense_source, resolve_source
 from .native import (
@@ -88,7 +88,6 @@ logger = logging.get_logger(__name__)
 ARCHS = ("mixtral", "deepseek")
 FORMATS = ("hf_moe", *EXPORT_FORMATS)
 ROUTER_INITS = ("normal", "zeros", "kmeans")
-CONFIG_FILE = "upcycle.yaml"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -825,7 +824,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike | None, verbose: bool
     with CheckpointReader(plan.source.folder) as reader, atomic_output_dir(out, overwrite=o.overwrite) as folder:
         stream(plan, reader, folder)
         _save_config(plan, folder)
-        (folder / CONFIG_FILE).write_text(yaml.safe_dump(recorded_options(plan), sort_keys=False), encoding="utf-8")
+        (folder / UPCYCLE_FILE).write_text(yaml.safe_dump(recorded_options(plan), sort_keys=False), encoding="utf-8")
         if o.verify:
             verification = verify(plan.source.folder, folder, seed=o.seed, mode=o.verify_mode,
                                   tolerance=DEFAULT_TOLERANCE if plan.exact else None)

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import logging
 
+from ..cards import VERIFICATION_FILE
 from ..modeling.configuration_hf_moe import MoEDecoderConfig
 from ..modeling.modeling_hf_moe import MoEDecoderLayer, MoERMSNorm, MoERotaryEmbedding
 from .dense import SUPPORTED_SOURCES, dense_config, dense_fields
@@ -47,7 +48,6 @@ from .safetensors_io import CheckpointReader, ConversionError, read_config_dict
 
 logger = logging.get_logger(__name__)
 
-VERIFICATION_FILE = "verification.json"
 DEFAULT_TOLERANCE = 1e-5
 PROMPTS = (
     "The capital of France is",

@@ -285,6 +285,7 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
         TrainingArguments,
     )
 
+    from ..cards import RECIPE_FILE
     from .lora_moe import TypeIdsCollator, add_lora_moe_callback
     from .trainer import add_router_callback
 
@@ -339,7 +340,7 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     if eval_metrics is not None:
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()  # trainer_state.json, with the log history
-    recipe_path = os.path.join(output_dir, "recipe.yaml")
+    recipe_path = os.path.join(output_dir, RECIPE_FILE)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         with open(recipe_path, "w", encoding="utf-8") as file:
