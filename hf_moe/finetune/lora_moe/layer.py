@@ -234,10 +234,10 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         h_e = act(W_gate x + s B^g_e A^g_e x') * (W_up x + s B^u_e A^u_e x')                      [T, I]
         y   = W_down (sum_{e in idx} w_e h_e) + b_down + sum_{e in idx} w_e s B^d_e A^d_e h_e'   [T, H]
 
-    (s = alpha / r; x' and h_e' after LoRA dropout, whose mask on h_e is one per token, shared by its k experts). This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three
-    weights carry expert e's LoRA, because down_proj is linear and the weights sum to one. W_gate x and W_up x are
-    computed once per token and shared by all experts, and W_down runs once per token on the gate-weighted mix; only
-    the rank-r LoRA products run per expert.
+    (s = alpha / r; x' and h_e' after LoRA dropout, whose mask on h_e is one per token, shared by its k experts).
+    This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three weights carry expert e's LoRA, because down_proj is
+    linear and the weights sum to one. W_gate x and W_up x are computed once per token and shared by all experts, and
+    W_down runs once per token on the gate-weighted mix; only the rank-r LoRA products run per expert.
     """
 
     adapter_layer_names = ("mixlora_router", "mixlora_gate_A", "mixlora_gate_B", "mixlora_up_A", "mixlora_up_B",
