@@ -31,9 +31,7 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids, labels=input_ids).loss
-    del loss
-    model.zero_grad(set_to_none=True)
+        model(input_ids, labels=input_ids)
     return sum(saved.values())
 
 
