@@ -20,11 +20,11 @@ SMOKE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              num_key_value_heads=4)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
-DROPOUT = 0.05  # MixLoRA's default, for every adapter: peft's LoRA defaults to 0, ours to 0.05
+DROPOUT = 0.05  # MixLoRA's default, given to every adapter (peft's LoRA defaults to 0, ours to 0.05)
 
 
-def adapters(rank: int) -> dict:
-    shared = dict(r=rank, lora_alpha=2 * rank, lora_dropout=DROPOUT)
+def adapters(rank: int, dropout: float) -> dict:
+    shared = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout)
     return {
         "LoRA (all linears)": LoraConfig(**shared, target_modules=ATTENTION + FFN),
         "MixLoRA 8 experts top-2": MixLoraConfig(**shared, num_experts=8, top_k=2, target_modules=["mlp", *ATTENTION]),
@@ -33,12 +33,12 @@ def adapters(rank: int) -> dict:
     }
 
 
-def measure(smoke: bool, batch: int, seq_len: int, repeats: int, rank: int) -> str:
+def measure(smoke: bool, batch: int, seq_len: int, repeats: int, rank: int, dropout: float) -> str:
     shapes = SMOKE if smoke else BASE
     torch.manual_seed(0)
     base_state = LlamaForCausalLM(LlamaConfig(**shapes)).state_dict()
     models, optimizers = {}, {}
-    for name, config in adapters(rank).items():
+    for name, config in adapters(rank, dropout).items():
         base = LlamaForCausalLM(LlamaConfig(**shapes))
         base.load_state_dict(base_state)
         models[name] = get_peft_model(base, config).train()
@@ -67,13 +67,15 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=DROPOUT, help="LoRA dropout of every adapter")
     args = parser.parse_args()
     if args.smoke:
-        measure(True, 2, 8, 1, 4)
+        measure(True, 2, 8, 1, 4, args.dropout)
         return
-    table = measure(False, args.batch, args.seq_len, args.repeats, args.rank)
-    write_section("lora-step", f"## LoRA-expert training step, fp32 (dense Llama H 512, 4 layers, FFN 1408, vocab "
-                  f"32000; rank {args.rank}, dropout {DROPOUT}; batch {args.batch} x {args.seq_len} tokens; AdamW)\n\n" + table)
+    table = measure(False, args.batch, args.seq_len, args.repeats, args.rank, args.dropout)
+    write_section("lora-step", "## LoRA-expert training step, fp32 (dense Llama H 512, 4 layers, FFN 1408, vocab "
+                  f"32000; rank {args.rank}, dropout {args.dropout}; batch {args.batch} x {args.seq_len} tokens; "
+                  "AdamW)\n\n" + table)
 
 
 if __name__ == "__main__":
