@@ -101,8 +101,9 @@ class TopKRouter(nn.Module):
                 choice_scores = limit_to_top_groups(
                     choice_scores, config.n_group, config.topk_group, config.scoring_func
                 )
-            top_k_index = torch.topk(choice_scores, self.top_k, dim=-1).indices  # [T, k]
-            top_k_weights = scores.gather(1, top_k_index)  # unbiased scores
+            top_k_weights, top_k_index = torch.topk(choice_scores, self.top_k, dim=-1)  # [T, k]
+            if choice_scores is not scores:
+                top_k_weights = scores.gather(1, top_k_index)  # unbiased scores
             if config.norm_topk_prob:
                 top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
             valid = torch.ones_like(top_k_index, dtype=torch.bool)
@@ -114,8 +115,10 @@ class TopKRouter(nn.Module):
                 dispatched = dispatched & within_capacity(
                     top_k_index, dispatched, self.num_experts, capacity_factor, config.dispatch_groups
                 )
-        top_k_weights = top_k_weights * config.routed_scaling_factor
-        top_k_weights = torch.where(dispatched, top_k_weights, torch.zeros_like(top_k_weights))
+        if config.routed_scaling_factor != 1.0:
+            top_k_weights = top_k_weights * config.routed_scaling_factor
+        if dispatched is not valid:  # some slots were dropped: weight exactly 0, no gradient
+            top_k_weights = torch.where(dispatched, top_k_weights, torch.zeros_like(top_k_weights))
 
         decision = RouterDecision(
             logits=router_logits,
