@@ -19,14 +19,18 @@ def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
     return experts
 
 
-def test_expert_ids_of_other_ranks_are_skipped():
+@pytest.mark.parametrize("grad_enabled", [True, False])  # the autograd function, and the inference path
+def test_expert_ids_of_other_ranks_are_skipped(grad_enabled):
     """Under expert parallelism, ids >= num_experts mark tokens owned by another rank (with zero weight)."""
     sorted_mm, eager = experts_module("sorted_mm"), experts_module("eager")
     hidden = torch.randn(6, 32)
     index = torch.tensor([[0, 4], [1, 2], [4, 4], [3, 0], [2, 4], [1, 3]])  # 4 == num_experts: not on this rank
     weights = torch.rand(6, 2) * (index < 4)
-    assert_close(sorted_mm(hidden, index, weights), eager(hidden, index, weights), atol=1e-6, rtol=0)
-    assert torch.equal(sorted_mm(hidden, index, weights)[2], torch.zeros(32))
+    with torch.set_grad_enabled(grad_enabled):
+        output = sorted_mm(hidden, index, weights)
+    assert output.requires_grad == grad_enabled
+    assert_close(output, eager(hidden, index, weights), atol=1e-6, rtol=0)
+    assert torch.equal(output[2], torch.zeros(32))
 
 
 @pytest.mark.parametrize("hidden_act", ["silu", "gelu"])

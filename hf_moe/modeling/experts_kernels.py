@@ -65,24 +65,30 @@ def _weight_gradient(weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -
     return gradient
 
 
+def _experts_forward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn):
+    """The forward products: returns the [T, H] output and what the backward keeps, [gate; up] and y_s."""
+    # hidden_states [T, H]; pair_weights [S] (sorted); gate_up_proj [E, 2I, H]; down_proj [E, H, I]
+    # token_of [S] token of each sorted pair; blocks: (expert, start, end) of each expert with pairs
+    num_pairs = token_of.shape[0]
+    x_sorted = hidden_states[token_of]  # [S, H]
+    gate_up = x_sorted.new_empty(num_pairs, gate_up_proj.shape[1])  # [S, 2I]
+    for expert, start, end in blocks:
+        torch.mm(x_sorted[start:end], gate_up_proj[expert].t(), out=gate_up[start:end])
+    gate, up = gate_up.chunk(2, dim=-1)
+    activated = act_fn(gate).mul_(up)  # [S, I]
+    expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H] y_s, before the pair weight
+    for expert, start, end in blocks:
+        torch.mm(activated[start:end], down_proj[expert].t(), out=expert_out[start:end])
+    output = _sum_into_tokens(expert_out * pair_weights[:, None].to(expert_out.dtype), token_of, hidden_states)
+    return output, gate_up, expert_out
+
+
 class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, counts, act_fn):
-        # hidden_states [T, H]; pair_weights [S] (sorted); gate_up_proj [E, 2I, H]; down_proj [E, H, I]
-        # token_of [S] token of each sorted pair; counts [E] pairs per expert
-        blocks = _expert_blocks(counts)
-        num_pairs = token_of.shape[0]
-        x_sorted = hidden_states[token_of]  # [S, H]
-        gate_up = x_sorted.new_empty(num_pairs, gate_up_proj.shape[1])  # [S, 2I]
-        for expert, start, end in blocks:
-            torch.mm(x_sorted[start:end], gate_up_proj[expert].t(), out=gate_up[start:end])
-        gate, up = gate_up.chunk(2, dim=-1)
-        activated = act_fn(gate).mul_(up)  # [S, I]
-        expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H] y_s, before the pair weight
-        for expert, start, end in blocks:
-            torch.mm(activated[start:end], down_proj[expert].t(), out=expert_out[start:end])
-        output = _sum_into_tokens(expert_out * pair_weights[:, None].to(expert_out.dtype), token_of, hidden_states)
-
+    def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn):
+        output, gate_up, expert_out = _experts_forward(
+            hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn
+        )
         ctx.save_for_backward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up, expert_out)
         ctx.blocks, ctx.act_fn = blocks, act_fn
         return output
@@ -103,8 +109,9 @@ class _SortedExpertsFunction(torch.autograd.Function):
         for expert, start, end in blocks:
             torch.mm(weighted_grad[start:end], down_proj[expert], out=grad_activated[start:end])
 
-        with torch.enable_grad():
-            gate_leaf = gate.detach().requires_grad_()
+        silu = _is_silu(act_fn)  # SiLU has a backward op of its own (below); other activations take autograd's
+        with torch.set_grad_enabled(not silu):
+            gate_leaf = gate.detach().requires_grad_(not silu)
             activated_gate = act_fn(gate_leaf)  # [S, I], recomputed rather than stored
         if ctx.needs_input_grad[3]:
             activated = activated_gate.detach() * up  # [S, I] a_s
@@ -118,7 +125,7 @@ class _SortedExpertsFunction(torch.autograd.Function):
         grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]: d loss / d gate, d loss / d up, written in place
         torch.mul(grad_activated, activated_gate.detach(), out=grad_gate_up[:, width:])
         grad_activated_gate = grad_activated.mul_(up)
-        if _is_silu(act_fn):
+        if silu:
             torch.ops.aten.silu_backward.grad_input(grad_activated_gate, gate, grad_input=grad_gate_up[:, :width])
         else:
             grad_gate_up[:, :width] = torch.autograd.grad(activated_gate, gate_leaf, grad_activated_gate)[0]
@@ -150,18 +157,19 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     if torch.compiler.is_compiling():
         # the per-expert loop depends on the data (counts per expert): let compiled graphs use one grouped op
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    num_tokens, top_k = top_k_index.shape
-    expert_ids = top_k_index.reshape(-1)
-    order = torch.argsort(expert_ids, stable=True)
-    sorted_ids = expert_ids[order]
-    local = sorted_ids < self.num_experts  # drop ids of experts on other ranks (expert parallelism)
-    order, sorted_ids = order[local], sorted_ids[local]
-    counts = torch.bincount(sorted_ids, minlength=self.num_experts)
+    top_k = top_k_index.shape[1]
+    sorted_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)  # [S] pairs by expert, token order within
+    counts = torch.bincount(sorted_ids, minlength=self.num_experts)[: self.num_experts]
+    # ids >= num_experts (experts on other ranks under expert parallelism) sort last: keep the local prefix
+    blocks = _expert_blocks(counts)
+    num_local = blocks[-1][2] if blocks else 0
+    order = order[:num_local]
     token_of = order // top_k
     pair_weights = top_k_weights.reshape(-1)[order]
-    return _SortedExpertsFunction.apply(
-        hidden_states, pair_weights, self.gate_up_proj, self.down_proj, token_of, counts, self.act_fn
-    )
+    weights = (self.gate_up_proj, self.down_proj)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, pair_weights, *weights)):
+        return _SortedExpertsFunction.apply(hidden_states, pair_weights, *weights, token_of, blocks, self.act_fn)
+    return _experts_forward(hidden_states, pair_weights, *weights, token_of, blocks, self.act_fn)[0]
 
 
 ExpertsInterface.register(SORTED_MM, sorted_mm_experts_forward)
