@@ -1,0 +1,87 @@
+"""Why greedy decoding at batch 1 stays below the floor: the FFN's matrix-vector products, one by one.
+
+At batch 1 a decode step multiplies one token's vector by every weight it uses, so its time is bytes read over the
+bandwidth each product reaches. The MoE FFN of the whole models in table (c) (`models.py`, H 512) reads the same
+bytes as the floor's, but in more, smaller products (k experts, the shared expert, the router), and on this CPU a
+product's bandwidth depends on its shape. This times each product of one layer as the models run it (x @ W^T with W
+stored [out, in], as nn.Linear and the fused experts store it) and, for comparison, with W stored [in, out]. Each
+product cycles through enough copies of its weight (>= 256 MB) that it is read from memory, not from cache.
+Round-robin medians in one process, fp32.
+
+    python benchmarks/decode_gemv.py            # writes BENCHMARKS.md
+    python benchmarks/decode_gemv.py --smoke    # tiny shapes, prints only
+"""
+
+import argparse
+import math
+
+import torch
+from common import markdown_table, round_robin_medians, write_section
+from models import COMMON, FAMILIES, SMOKE, SMOKE_FAMILIES
+
+WORKING_SET = 256 * 2**20  # bytes cycled per product: well above the last-level cache
+
+
+def products(hidden: int, experts: int, top_k: int, width: int, shared: int) -> dict[str, list]:
+    """model -> [(product, out, in, times per token)] of one FFN layer at batch 1."""
+    floor_width = top_k * width + shared
+    moe = [("router", experts, hidden, 1), ("expert gate_up", 2 * width, hidden, top_k),
+           ("expert down", hidden, width, top_k)]
+    if shared:
+        moe += [("shared gate, up", shared, hidden, 2), ("shared down", hidden, shared, 1),
+                ("shared-expert gate", 1, hidden, 1)]
+    floor = [("floor gate, up", floor_width, hidden, 2), ("floor down", hidden, floor_width, 1)]
+    return {"floor": floor, "MoE": moe}
+
+
+def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) -> tuple[list[list], list[list]]:
+    rows, totals = [], []
+    for family, (experts, top_k, width, shared) in shapes.items():
+        layer_us = {}
+        for model, model_products in products(hidden, experts, top_k, width, shared).items():
+            layer_us[model] = 0.0
+            for name, out_features, in_features, uses in model_products:
+                torch.manual_seed(0)
+                copies = max(2, math.ceil(working_set / (out_features * in_features * 4)))
+                stored = torch.randn(copies, out_features, in_features)  # [out, in] as nn.Linear
+                transposed = stored.transpose(1, 2).contiguous()  # [in, out]
+                x = torch.randn(1, in_features)
+                candidates = {
+                    "[out, in]": lambda w=stored: [torch.mm(x, w[i].t()) for i in range(len(w))],
+                    "[in, out]": lambda w=transposed: [torch.mm(x, w[i]) for i in range(len(w))],
+                }
+                times = {layout: ms * 1000 / copies for layout, ms in round_robin_medians(candidates, repeats).items()}
+                gigabytes = out_features * in_features * 4 / 1e9
+                layer_us[model] += uses * times["[out, in]"]
+                rows.append([family, model, name, f"[{out_features}, {in_features}]", uses,
+                             f"{times['[out, in]']:.0f}", f"{gigabytes / times['[out, in]'] * 1e6:.1f}",
+                             f"{gigabytes / times['[in, out]'] * 1e6:.1f}"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+                del stored, transposed
+        totals.append([family, f"{layer_us['floor']:.0f}", f"{layer_us['MoE']:.0f}",
+                       f"{layer_us['floor'] / layer_us['MoE']:.2f}x"])
+        print(" | ".join(totals[-1]), flush=True)
+    return rows, totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    if args.smoke:
+        timed_products(SMOKE_FAMILIES, SMOKE["hidden_size"], 2**16, 1)
+        return
+    rows, totals = timed_products(FAMILIES, COMMON["hidden_size"], WORKING_SET, args.repeats)
+    body = (
+        "## Decode at batch 1: the FFN's matrix-vector products, fp32 (whole models of table (c), H 512)\n\n"
+        + markdown_table(["family", "model", "product", "W [out, in]", "per token", "us", "GB/s as stored",
+                          "GB/s if stored [in, out]"], rows)
+        + "\n\nOne FFN layer, the sum of its products (per token, as stored): \n\n"
+        + markdown_table(["family", "floor us", "MoE us", "MoE speed vs floor (FFN products only)"], totals)
+    )
+    write_section("decode-gemv", body)
+
+
+if __name__ == "__main__":
+    main()
