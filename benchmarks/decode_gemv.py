@@ -57,7 +57,7 @@ def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) ->
                              f"{times['[out, in]']:.0f}", f"{gigabytes / times['[out, in]'] * 1e6:.1f}",
                              f"{gigabytes / times['[in, out]'] * 1e6:.1f}"])
                 print(" | ".join(map(str, rows[-1])), flush=True)
-                del stored, transposed
+                del stored, transposed, candidates  # free this product's copies before the next one's
         totals.append([family, f"{layer_us['floor']:.0f}", f"{layer_us['MoE']:.0f}",
                        f"{layer_us['floor'] / layer_us['MoE']:.2f}x"])
         print(" | ".join(totals[-1]), flush=True)

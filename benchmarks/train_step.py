@@ -50,7 +50,7 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
         # on CPU, and an optimizer's time grows with the parameters, not with the active FLOPs
         optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
                       for name, model in models.items()}
-        optimizer_ms = {name: [] for name in models}  # the AdamW step alone in each step ([0]: the warm-up's)
+        optimizer_ms = {name: [] for name in models}  # the AdamW step alone in each step, warm-up included
 
         def train_step(name):
             model, optimizer = models[name], optimizers[name]
@@ -68,8 +68,9 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
         for name, ms in times.items():
             activations = saved_activation_bytes(models[name], input_ids) / 2**20
             parameters = sum(p.numel() for p in models[name].parameters()) / 1e6
+            adamw_ms = statistics.median(optimizer_ms[name][-repeats:])  # the timed steps, not the warm-up
             rows.append([family, name, f"{ms:.0f}", f"{tokens / ms * 1000:.0f}", f"{floor / ms:.2f}",
-                         f"{activations:.0f}", f"{parameters:.0f}", f"{statistics.median(optimizer_ms[name][1:]):.0f}"])
+                         f"{activations:.0f}", f"{parameters:.0f}", f"{adamw_ms:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
     return markdown_table(["family", "model", "ms / step", "tokens / s", "speed vs dense floor",
                            "saved activations (MiB)", "parameters (M)", "of which AdamW step (ms)"], rows)
