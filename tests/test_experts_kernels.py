@@ -1,4 +1,9 @@
-"""The `sorted_mm` experts implementation: registered with transformers, exact against eager."""
+"""The `sorted_mm` experts implementation: registered with transformers, exact against eager.
+
+Its products run as one `torch.mm` per expert (CPUs) or as one grouped kernel per product (CUDA GPUs): the
+`products` fixture runs a test under both, the grouped one through torch's CPU `grouped_mm` kernel, which takes the
+same arguments as the CUDA one. The `cuda` tests run the real GPU path where a GPU is present.
+"""
 
 import pytest
 import torch
@@ -6,7 +11,18 @@ from conftest import make_mixtral_config, random_input_ids, randomize_weights_
 from torch.testing import assert_close
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from hf_moe.modeling import experts_kernels
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
+
+
+@pytest.fixture(params=["loop", "grouped"])
+def products(request, monkeypatch):
+    """Which products `sorted_mm` runs: the per-expert loop (the CPU default) or the grouped kernel (CUDA's)."""
+    if request.param == "grouped":
+        if experts_kernels._grouped_mm is None:
+            pytest.skip("this torch has no grouped_mm")
+        monkeypatch.setattr(experts_kernels, "_grouped_kernel_applies", lambda hidden_states, weight: True)
+    return request.param
 
 
 def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
@@ -20,9 +36,10 @@ def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
 
 
 @pytest.mark.parametrize("grad_enabled", [True, False])  # the autograd function, and the inference path
-def test_expert_ids_of_other_ranks_are_skipped(grad_enabled):
+def test_expert_ids_of_other_ranks_are_skipped(grad_enabled, products):
     """Under expert parallelism, ids >= num_experts mark tokens owned by another rank (with zero weight)."""
     sorted_mm, eager = experts_module("sorted_mm"), experts_module("eager")
+    sorted_mm._is_expert_parallel = True  # what transformers' expert-parallel plan sets
     hidden = torch.randn(6, 32)
     index = torch.tensor([[0, 4], [1, 2], [4, 4], [3, 0], [2, 4], [1, 3]])  # 4 == num_experts: not on this rank
     weights = torch.rand(6, 2) * (index < 4)
@@ -35,7 +52,7 @@ def test_expert_ids_of_other_ranks_are_skipped(grad_enabled):
 
 @pytest.mark.parametrize("hidden_act", ["silu", "gelu"])
 @pytest.mark.parametrize("experts_used", [4, 2])
-def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts_used):
+def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts_used, products):
     """SiLU takes a fused backward, other activations autograd's. With 2 of 4 experts routed to, the gradient
     blocks of the other two (left uninitialised, then zeroed) must be exactly zero."""
     outputs = {}
@@ -44,7 +61,7 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
         hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
         index = torch.randint(0, experts_used, (10, 2), generator=torch.Generator().manual_seed(2)) * (4 // experts_used)
         weights = torch.rand(10, 2, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        torch.full((64, 1024), float("nan"))  # leave non-zero memory behind for uninitialised buffers
+        torch.full((64, 1024), float("nan"))  # leave NaNs behind in freed memory for uninitialised buffers
         out = experts(hidden, index, weights)
         out.backward(torch.randn_like(out, memory_format=torch.contiguous_format))
         outputs[implementation] = (out, hidden.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
@@ -53,6 +70,19 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
     unused = [expert for expert in range(4) if expert % (4 // experts_used)]
     for gradient in outputs["sorted_mm"][3:]:
         assert torch.equal(gradient[unused], torch.zeros_like(gradient[unused]))
+
+
+def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
+    experts = experts_module("sorted_mm")
+    assert not experts_kernels._grouped_kernel_applies(torch.randn(3, 32), experts.gate_up_proj)
+
+
+def test_interleaved_gate_up_weights_are_refused():
+    """[gate0, up0, gate1, up1, ...] layouts (transformers' is_concatenated=False) would be split wrongly."""
+    experts = experts_module("sorted_mm")
+    experts.is_concatenated = False
+    with pytest.raises(ValueError, match="gate; up"):
+        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
 def test_transformers_own_mixtral_can_select_it():
@@ -72,3 +102,26 @@ def test_transformers_own_mixtral_can_select_it():
     assert_close(results["sorted_mm"][0], results["grouped_mm"][0], atol=1e-5, rtol=0)
     for ours, reference in zip(results["sorted_mm"][1], results["grouped_mm"][1]):
         assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_grouped_kernel_matches_eager(dtype):
+    """On a GPU `sorted_mm` runs torch's grouped kernel; outputs and all gradients agree with `eager` there, and the
+    weight gradients of experts that got no pairs are exactly zero."""
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    outputs = {}
+    for implementation in ("eager", "sorted_mm"):
+        experts = experts_module(implementation).to("cuda", dtype)
+        generator = torch.Generator().manual_seed(1)
+        hidden = torch.randn(40, 32, generator=generator).to("cuda", dtype).requires_grad_()
+        index = (torch.randint(0, 2, (40, 2), generator=generator) * 2).cuda()  # experts 1 and 3 get nothing
+        weights = torch.rand(40, 2, generator=generator).to("cuda", dtype).requires_grad_()
+        assert experts_kernels._grouped_kernel_applies(hidden, experts.gate_up_proj)
+        out = experts(hidden, index, weights)
+        out.backward(torch.ones_like(out))
+        outputs[implementation] = (out, hidden.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+    for ours, reference in zip(outputs["sorted_mm"], outputs["eager"]):
+        assert_close(ours.float(), reference.float(), atol=tolerance, rtol=tolerance)
+    for gradient in outputs["sorted_mm"][3:]:
+        assert torch.equal(gradient[[1, 3]], torch.zeros_like(gradient[[1, 3]]))

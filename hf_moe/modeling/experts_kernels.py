@@ -2,12 +2,14 @@
 """`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward.
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
-experts can select it (`experts_implementation="sorted_mm"`). It is not the default: on this project's CPU
-benchmarks (BENCHMARKS.md) it beats transformers' `grouped_mm` for training steps on very few tokens but not at
-every measured point, and the default must never be slower.
+experts can select it (`experts_implementation="sorted_mm"`). It is not the default: on this project's benchmarks
+(BENCHMARKS.md) it beats transformers' `grouped_mm` for training steps on very few tokens on a CPU but not at every
+measured point, and its backward is a few percent slower on an H100; the default must never be slower. What it
+saves is memory: it keeps 14-25% less for the backward.
 
-The (token, slot) pairs are sorted by expert; each expert that received tokens runs two plain matrix products on
-its contiguous block of rows:
+The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
+contiguous block of rows (on a CPU one `torch.mm` per expert; on a CUDA GPU each product is one grouped kernel over
+all experts, torch's `grouped_mm`, with no host sync):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
@@ -17,12 +19,12 @@ its contiguous block of rows:
 
 Why not autograd through `gate_up_proj[e]`: slicing a parameter inside a loop makes autograd allocate a full-size
 [E, ...] gradient for every slice. The backward below writes each expert's gradient block into one [E, ...]
-buffer instead, left uninitialised since one matrix product writes each block whole (only the blocks of experts
-without pairs are zeroed). It recomputes act(gate) rather than storing it, keeps the expert outputs y_s [S, H] to
-take the pair weights' gradient <grad, y_s> on H-wide rows, and has SiLU's backward write into the gate half of
-the [S, 2I] gradient in place. Work is proportional to the pairs routed plus the number of experts that received
-tokens; there is no [T, E, ...] intermediate. Expert ids >= num_experts (tokens owned by another rank under expert
-parallelism) are skipped. Under `torch.compile` the data-dependent loop would break the graph, so compiled code runs
+buffer instead (only the blocks of experts without pairs are zeroed; each other block is written whole). It
+recomputes act(gate) rather than storing it, keeps the expert outputs y_s [S, H] to take the pair weights' gradient
+<grad, y_s> on H-wide rows, and has SiLU's backward write into the gate half of the [S, 2I] gradient in place. Work
+is proportional to the pairs routed plus the number of experts that received tokens; there is no [T, E, ...]
+intermediate. Expert ids >= num_experts (tokens owned by another rank under expert parallelism) are skipped.
+Under `torch.compile` the data-dependent loop would break the graph, so compiled code runs
 transformers' `grouped_mm` instead.
 """
 
@@ -33,21 +35,77 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 SORTED_MM = "sorted_mm"
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.10 / 2.8-2.9
+# compute capability the kernel needs: torch.nn.functional.grouped_mm runs from Ampere on; the older private op,
+# in some of the torch versions that have only it, on Hopper alone
+_GROUPED_MM_CAPABILITY = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
 
 
-def _expert_blocks(counts: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(expert, start row, end row) for every expert with at least one pair, in sorted-row order."""
-    blocks, start = [], 0
-    for expert, count in enumerate(counts.tolist()):
-        if count:
-            blocks.append((expert, start, start + count))
-            start += count
-    return blocks
+class _LoopProducts:
+    """Per-expert products as one `torch.mm` per expert that received pairs, on its contiguous block of rows. Needs
+    block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs."""
+
+    def __init__(self, ends: torch.Tensor):
+        self.num_experts = ends.shape[0]
+        self.blocks, start = [], 0  # (expert, start row, end row) of every expert with pairs, in sorted-row order
+        for expert, end in enumerate(ends.tolist()):
+            if end > start:
+                self.blocks.append((expert, start, end))
+            start = end
+        self.num_rows = start
+
+    def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
+        out = rows.new_empty(rows.shape[0], weight.shape[-1])
+        for expert, start, end in self.blocks:
+            torch.mm(rows[start:end], weight[expert], out=out[start:end])
+        return out
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """left[rows of e]^T @ right[rows of e] for every expert e -> [E, a, b] (a weight gradient), for left [S, a]
+        and right [S, b]. Left uninitialised and filled block by block: one product writes each block whole, so
+        only the blocks of experts without pairs are zeroed (zeroing the whole buffer first would be a wasted pass)."""
+        out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
+        for expert in set(range(self.num_experts)) - {expert for expert, _, _ in self.blocks}:
+            out[expert].zero_()
+        for expert, start, end in self.blocks:
+            torch.mm(left[start:end].t(), right[start:end], out=out[expert])
+        return out
 
 
-def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[S, H] rows of sorted pairs -> [T, H] sums per token. (scatter_add_: index_add_ costs milliseconds even for a
-    handful of rows on this CPU build.)"""
+class _GroupedProducts:
+    """Each product as one grouped kernel over all experts (torch's `grouped_mm`, CUDA), the row offsets staying on
+    the device: no host sync and no launch per expert, which dominate a per-expert loop on a GPU."""
+
+    def __init__(self, ends: torch.Tensor):
+        self.offsets = ends  # [E] int32
+
+    def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _grouped_mm(rows, weight, offs=self.offsets)
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        # some GPUs' kernels leave the blocks of experts without rows unwritten (pytorch#172439): zero them
+        no_pairs = self.offsets.diff(prepend=self.offsets.new_zeros(1)) == 0  # [E]
+        return _grouped_mm(left.t(), right, offs=self.offsets).masked_fill_(no_pairs[:, None, None], 0)
+
+
+def _grouped_kernel_applies(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
+    """torch's grouped kernel runs on CUDA GPUs (see _GROUPED_MM_CAPABILITY), and needs every stride but the unit
+    one (H, I and 2I elements here) to be a multiple of 16 bytes."""
+    if _grouped_mm is None or hidden_states.device.type != "cuda":
+        return False
+    hidden, width = gate_up_proj.shape[2], gate_up_proj.shape[1] // 2
+    aligned = all(size * gate_up_proj.element_size() % 16 == 0 for size in (hidden, width))
+    return aligned and torch.cuda.get_device_capability(hidden_states.device) >= _GROUPED_MM_CAPABILITY
+
+
+def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, unsort: torch.Tensor | None,
+                     like: torch.Tensor) -> torch.Tensor:
+    """[S, H] rows of sorted pairs -> [T, H] sums per token. With `unsort` (the inverse of the sort, when every pair
+    is present) the rows go back to (token, slot) order and each token sums its k rows: deterministic, no atomic adds
+    (a GPU's). Otherwise scatter_add_ (index_add_ costs milliseconds even for a handful of rows on a CPU)."""
+    if unsort is not None:
+        return pair_rows[unsort].view(like.shape[0], -1, pair_rows.shape[1]).sum(dim=1).to(like.dtype)
     index = token_of[:, None].expand(-1, pair_rows.shape[1])
     return torch.zeros_like(like).scatter_add_(0, index, pair_rows.to(like.dtype))
 
@@ -56,47 +114,37 @@ def _is_silu(act_fn) -> bool:
     return act_fn is F.silu or isinstance(act_fn, (nn.SiLU, SiLUActivation))
 
 
-def _weight_gradient(weight: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
-    """An uninitialised [E, ...] gradient whose blocks of experts without pairs are zeroed: every other block is
-    written whole by one matrix product, so zeroing the full buffer first would be a wasted pass over it."""
-    gradient = torch.empty_like(weight)
-    for expert in set(range(weight.shape[0])) - {expert for expert, _, _ in blocks}:
-        gradient[expert].zero_()
-    return gradient
-
-
-def _experts_forward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn):
+def _experts_forward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, unsort, products, act_fn):
     """The forward products: returns the [T, H] output and what the backward keeps, [gate; up] and y_s."""
     # hidden_states [T, H]; pair_weights [S] (sorted); gate_up_proj [E, 2I, H]; down_proj [E, H, I]
-    # token_of [S] token of each sorted pair; blocks: (expert, start, end) of each expert with pairs
-    num_pairs = token_of.shape[0]
+    # token_of [S] token of each sorted pair; unsort [S] or None: see _sum_into_tokens
+    # products: the per-expert matrix products over the sorted rows
     x_sorted = hidden_states[token_of]  # [S, H]
-    gate_up = x_sorted.new_empty(num_pairs, gate_up_proj.shape[1])  # [S, 2I]
-    for expert, start, end in blocks:
-        torch.mm(x_sorted[start:end], gate_up_proj[expert].t(), out=gate_up[start:end])
+    gate_up = products.rows_times(x_sorted, gate_up_proj.transpose(1, 2))  # [S, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
     activated = act_fn(gate).mul_(up)  # [S, I]
-    expert_out = x_sorted.new_empty(num_pairs, down_proj.shape[1])  # [S, H] y_s, before the pair weight
-    for expert, start, end in blocks:
-        torch.mm(activated[start:end], down_proj[expert].t(), out=expert_out[start:end])
-    output = _sum_into_tokens(expert_out * pair_weights[:, None].to(expert_out.dtype), token_of, hidden_states)
+    expert_out = products.rows_times(activated, down_proj.transpose(1, 2))  # [S, H] y_s, before the pair weight
+    weighted_out = expert_out * pair_weights[:, None].to(expert_out.dtype)  # [S, H]
+    output = _sum_into_tokens(weighted_out, token_of, unsort, hidden_states)
     return output, gate_up, expert_out
 
 
 class _SortedExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn):
+    def forward(ctx, hidden_states, pair_weights, gate_up_proj, down_proj, token_of, unsort, products, act_fn):
         output, gate_up, expert_out = _experts_forward(
-            hidden_states, pair_weights, gate_up_proj, down_proj, token_of, blocks, act_fn
+            hidden_states, pair_weights, gate_up_proj, down_proj, token_of, unsort, products, act_fn
         )
-        ctx.save_for_backward(hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up, expert_out)
-        ctx.blocks, ctx.act_fn = blocks, act_fn
+        ctx.save_for_backward(
+            hidden_states, pair_weights, gate_up_proj, down_proj, token_of, unsort, gate_up, expert_out
+        )
+        ctx.products, ctx.act_fn = products, act_fn
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden_states, pair_weights, gate_up_proj, down_proj, token_of, gate_up, expert_out = ctx.saved_tensors
-        blocks, act_fn = ctx.blocks, ctx.act_fn
+        hidden_states, pair_weights, gate_up_proj, down_proj, token_of, unsort, gate_up, expert_out = ctx.saved_tensors
+        products, act_fn = ctx.products, ctx.act_fn
         width = gate_up.shape[1] // 2
         gate, up = gate_up[:, :width], gate_up[:, width:]
         grad_output = grad_output.contiguous()
@@ -104,23 +152,17 @@ class _SortedExpertsFunction(torch.autograd.Function):
         grad_pair_weights = (grad_pair_out * expert_out).sum(dim=-1)  # d loss / d w_s = <grad, y_s>, on [S, H]
         weighted_grad = grad_pair_out.mul_(pair_weights[:, None].to(grad_pair_out.dtype))  # d loss / d y_s
 
-        # d loss / d a_s = (d loss / d y_s) @ down_proj[e], per expert
-        grad_activated = torch.empty_like(gate)  # [S, I]
-        for expert, start, end in blocks:
-            torch.mm(weighted_grad[start:end], down_proj[expert], out=grad_activated[start:end])
+        grad_activated = products.rows_times(weighted_grad, down_proj)  # [S, I] d loss / d a_s = (d / d y_s) @ W_e
 
         silu = _is_silu(act_fn)  # SiLU has a backward op of its own (below); other activations take autograd's
         with torch.set_grad_enabled(not silu):
             gate_leaf = gate.detach().requires_grad_(not silu)
             activated_gate = act_fn(gate_leaf)  # [S, I], recomputed rather than stored
+        grad_down_proj = None
         if ctx.needs_input_grad[3]:
             activated = activated_gate.detach() * up  # [S, I] a_s
-            grad_down_proj = _weight_gradient(down_proj, blocks)
-            for expert, start, end in blocks:
-                torch.mm(weighted_grad[start:end].t(), activated[start:end], out=grad_down_proj[expert])
+            grad_down_proj = products.outer(weighted_grad, activated)  # [E, H, I]
             del activated
-        else:
-            grad_down_proj = None
 
         grad_gate_up = torch.empty_like(gate_up)  # [S, 2I]: d loss / d gate, d loss / d up, written in place
         torch.mul(grad_activated, activated_gate.detach(), out=grad_gate_up[:, width:])
@@ -134,42 +176,50 @@ class _SortedExpertsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[0]:
             x_sorted = hidden_states[token_of]  # [S, H]
         if ctx.needs_input_grad[0]:
-            grad_x_sorted = torch.empty_like(x_sorted)
-            for expert, start, end in blocks:
-                torch.mm(grad_gate_up[start:end], gate_up_proj[expert], out=grad_x_sorted[start:end])
-            grad_hidden = _sum_into_tokens(grad_x_sorted, token_of, hidden_states)
+            grad_x_sorted = products.rows_times(grad_gate_up, gate_up_proj)  # [S, H]
+            grad_hidden = _sum_into_tokens(grad_x_sorted, token_of, unsort, hidden_states)
         if ctx.needs_input_grad[2]:
-            grad_gate_up_proj = _weight_gradient(gate_up_proj, blocks)
-            for expert, start, end in blocks:
-                torch.mm(grad_gate_up[start:end].t(), x_sorted[start:end], out=grad_gate_up_proj[expert])
-        return grad_hidden, grad_pair_weights.to(pair_weights.dtype), grad_gate_up_proj, grad_down_proj, None, None, None
+            grad_gate_up_proj = products.outer(grad_gate_up, x_sorted)  # [E, 2I, H]
+        grad_pair_weights = grad_pair_weights.to(pair_weights.dtype)
+        return grad_hidden, grad_pair_weights, grad_gate_up_proj, grad_down_proj, None, None, None, None
 
 
 def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                               top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts forward for `@use_experts_implementation` modules with gated, bias-free, non-transposed weights
     (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`)."""
-    if not self.has_gate or self.has_bias or self.is_transposed or getattr(self, "has_post_expert_norm", False):
+    if (not self.has_gate or self.has_bias or self.is_transposed or not getattr(self, "is_concatenated", True)
+            or getattr(self, "has_post_expert_norm", False)):
         raise ValueError(
-            "`experts_implementation`='sorted_mm' supports gated experts without biases, transposed weights or "
-            "post-expert norms; use 'grouped_mm' or 'eager' for this model."
+            "`experts_implementation`='sorted_mm' supports gated experts with [gate; up] weights and without biases, "
+            "transposed weights or post-expert norms; use 'grouped_mm' or 'eager' for this model."
         )
     if torch.compiler.is_compiling():
         # the per-expert loop depends on the data (counts per expert): let compiled graphs use one grouped op
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     top_k = top_k_index.shape[1]
     sorted_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)  # [S] pairs by expert, token order within
-    counts = torch.bincount(sorted_ids, minlength=self.num_experts)[: self.num_experts]
-    # ids >= num_experts (experts on other ranks under expert parallelism) sort last: keep the local prefix
-    blocks = _expert_blocks(counts)
-    num_local = blocks[-1][2] if blocks else 0
-    order = order[:num_local]
+    # ends[e]: the end row of expert e's block of sorted pairs. Ids >= num_experts (experts on other ranks under
+    # expert parallelism) sort after every block: only the prefix up to ends[-1] is local.
+    experts = torch.arange(self.num_experts, device=sorted_ids.device)
+    ends = torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)  # [E], on the device: no sync
+    unsort = None
+    if not _grouped_kernel_applies(hidden_states, self.gate_up_proj):
+        products = _LoopProducts(ends)
+        order = order[: products.num_rows]
+    elif self._is_expert_parallel:  # one sync, that only expert parallelism pays
+        products = _GroupedProducts(ends)
+        order = order[: int(ends[-1])]
+    else:  # every pair is local
+        products = _GroupedProducts(ends)
+        unsort = torch.argsort(order)
     token_of = order // top_k
     pair_weights = top_k_weights.reshape(-1)[order]
     weights = (self.gate_up_proj, self.down_proj)
+    arguments = (hidden_states, pair_weights, *weights, token_of, unsort, products, self.act_fn)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, pair_weights, *weights)):
-        return _SortedExpertsFunction.apply(hidden_states, pair_weights, *weights, token_of, blocks, self.act_fn)
-    return _experts_forward(hidden_states, pair_weights, *weights, token_of, blocks, self.act_fn)[0]
+        return _SortedExpertsFunction.apply(*arguments)
+    return _experts_forward(*arguments)[0]
 
 
 ExpertsInterface.register(SORTED_MM, sorted_mm_experts_forward)
