@@ -30,21 +30,38 @@ def machine_description() -> str:
     except OSError:
         pass
     malloc = "warmed malloc" if all(os.environ.get(name) for name in MALLOC_SETTINGS) else "default malloc"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{malloc}")
+            f"{malloc}{gpu}")
 
 
-def round_robin_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so that wall time covers it (GPU kernels run asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_names(device: str) -> tuple[str, str]:
+    """(BENCHMARKS.md section-name suffix, words for the heading) of results measured on `device`; none for the CPU."""
+    if torch.device(device).type == "cpu":
+        return "", ""
+    return f"-{device}", f" on {torch.cuda.get_device_name(device)}"
+
+
+def round_robin_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                        device: torch.device | str = "cpu") -> dict[str, float]:
     """Median wall time (ms) of each candidate, measured in turns (a, b, c, a, b, c, ...) so that slow drifts of
-    the machine hit every candidate alike."""
+    the machine hit every candidate alike. On a GPU each time covers the candidate's kernels too."""
     for _ in range(warmup):
         for run in candidates.values():
             run()
     samples = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
+            synchronize(device)
             start = time.perf_counter()
             run()
+            synchronize(device)
             samples[name].append((time.perf_counter() - start) * 1000)
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -5,24 +5,26 @@ with the same active FLOPs per token.
 
     python benchmarks/decode.py             # writes BENCHMARKS.md
     python benchmarks/decode.py --dtype bfloat16
+    python benchmarks/decode.py --device cuda   # on a GPU (its own BENCHMARKS.md sections)
     python benchmarks/decode.py --smoke     # tiny models, prints only
 """
 
 import argparse
 
 import torch
-from common import markdown_table, round_robin_medians, write_section
+from common import device_names, markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
 
 
-def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32):
+def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32,
+            device: str = "cpu"):
     rows = []
     for family in FAMILIES:
-        models = build_models(family, smoke, dtype)
+        models = build_models(family, smoke, dtype, device)
         vocab = next(iter(models.values())).config.vocab_size
         for batch in (1, 8):
             torch.manual_seed(2)
-            prompt = torch.randint(1, vocab, (batch, prompt_len))
+            prompt = torch.randint(1, vocab, (batch, prompt_len)).to(device)
 
             def decode(model):
                 with torch.no_grad():
@@ -33,7 +35,7 @@ def measure(smoke: bool, prompt_len: int, new_tokens: int, repeats: int, dtype: 
                            models.items() if name != "dense floor"}
                 assert all(torch.equal(out, outputs["ours sorted_mm"]) for out in outputs.values()), family
             times = round_robin_medians({name: (lambda m=model: decode(m)) for name, model in models.items()},
-                                        repeats=repeats)
+                                        repeats=repeats, device=device)
             floor = times["dense floor"]
             for name, ms in times.items():
                 rows.append([family, batch, name, f"{batch * new_tokens / ms * 1000:.1f}", f"{floor / ms:.2f}"])
@@ -48,14 +50,16 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(True, 4, 3, 1, dtype)
+        measure(True, 4, 3, 1, dtype, args.device)
         return
-    table = measure(False, args.prompt_len, args.new_tokens, args.repeats, dtype)
-    section = "decode" if args.dtype == "float32" else f"decode-{args.dtype}"
-    write_section(section, f"## (c) Greedy decoding with a KV cache, {args.dtype} (prompt {args.prompt_len}, "
+    table = measure(False, args.prompt_len, args.new_tokens, args.repeats, dtype, args.device)
+    suffix, on_gpu = device_names(args.device)
+    section = "decode" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
+    write_section(section, f"## (c) Greedy decoding with a KV cache, {args.dtype}{on_gpu} (prompt {args.prompt_len}, "
                   f"{args.new_tokens} new tokens)\n\n" + table)
 
 

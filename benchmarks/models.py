@@ -24,8 +24,10 @@ FAMILIES = {"mixtral-like": (8, 2, 1408, 0), "qwen2moe-like": (16, 4, 352, 704)}
 SMOKE_FAMILIES = {"mixtral-like": (4, 2, 16, 0), "qwen2moe-like": (8, 2, 8, 16)}
 
 
-def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
-    """name -> model (eval mode, in `dtype`), all with the same weights where the architecture is shared."""
+def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu") -> dict[str, torch.nn.Module]:
+    """name -> model (eval mode, in `dtype` on `device`), all with the same weights where the architecture is
+    shared."""
     common = SMOKE if smoke else COMMON
     experts, top_k, width, shared = (SMOKE_FAMILIES if smoke else FAMILIES)[family]
     torch.manual_seed(0)
@@ -54,7 +56,7 @@ def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.fl
         models[f"ours {implementation}"] = model
     native.set_experts_implementation("grouped_mm")
     for model in models.values():
-        model.to(dtype).eval()
+        model.to(device, dtype).eval()
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
     return models

@@ -7,13 +7,14 @@ dense SwiGLU FFN with the same active FLOPs per token. Reports medians (ms) and 
 
     python benchmarks/moe_block.py                 # full run, writes BENCHMARKS.md
     python benchmarks/moe_block.py --dtype bfloat16 --token-counts 1 16 512   # the bf16 table
+    python benchmarks/moe_block.py --device cuda   # on a GPU (its own BENCHMARKS.md sections)
     python benchmarks/moe_block.py --smoke         # tiny shapes, prints only (used by the test suite)
 """
 
 import argparse
 
 import torch
-from common import markdown_table, round_robin_medians, write_section
+from common import device_names, markdown_table, round_robin_medians, write_section
 from torch import nn
 from transformers import MixtralConfig, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -32,7 +33,7 @@ TOKEN_COUNTS = (1, 16, 512, 4096)
 IMPLEMENTATIONS = ("sorted_mm", "grouped_mm", "batched_mm", "eager")
 
 
-def build_blocks(shape, dtype):
+def build_blocks(shape, dtype, device):
     hidden, experts, top_k, width, shared = shape
     common = dict(hidden_size=hidden, num_attention_heads=8, num_hidden_layers=1, num_experts_per_tok=top_k)
     if shared:
@@ -56,7 +57,13 @@ def build_blocks(shape, dtype):
     floor = MoEMLP(ours_config, top_k * width + shared)
     for parameter in floor.parameters():
         nn.init.normal_(parameter, std=0.02)
-    return ours.to(dtype), ours_config, native.to(dtype), floor.to(dtype)
+    return ours.to(device, dtype), ours_config, native.to(device, dtype), floor.to(device, dtype)
+
+
+def repeats(tokens: int, device: str) -> int:
+    if device == "cpu":
+        return 15 if tokens <= 16 else (5 if tokens <= 512 else 3)
+    return 100 if tokens <= 512 else 30  # a GPU: a millisecond or less per pass
 
 
 def step(module, inputs, grad, backward):
@@ -69,16 +76,16 @@ def step(module, inputs, grad, backward):
             module(inputs)
 
 
-def measure(shapes, token_counts, dtype, repeats_for):
+def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
     header = ["shape", "T", "pass", "floor ms", "transformers grouped_mm", *[f"ours {i}" for i in IMPLEMENTATIONS],
               "sorted_mm speed-up vs best transformers path"]
     print(" | ".join(header), flush=True)
     rows = []
     for shape_name, shape in shapes.items():
-        ours, ours_config, native, floor = build_blocks(shape, dtype)
+        ours, ours_config, native, floor = build_blocks(shape, dtype, device)
         for tokens in token_counts:
-            inputs = torch.randn(1, tokens, shape[0], dtype=dtype, requires_grad=True)
-            grad = torch.randn(1, tokens, shape[0], dtype=dtype)
+            inputs = torch.randn(1, tokens, shape[0], dtype=dtype).to(device).requires_grad_()
+            grad = torch.randn(1, tokens, shape[0], dtype=dtype).to(device)
             with torch.no_grad():
                 ours_config._experts_implementation = "eager"
                 reference = ours(inputs)
@@ -98,7 +105,7 @@ def measure(shapes, token_counts, dtype, repeats_for):
                         step(ours, inputs, grad, b)
 
                     candidates[f"ours {implementation}"] = run
-                times = round_robin_medians(candidates, repeats=repeats_for(tokens, backward))
+                times = round_robin_medians(candidates, repeats=repeats_for(tokens), device=device)
                 floor_ms = times["floor"]
                 best_transformers = min(ms for name, ms in times.items() if name == "transformers"
                                         or name in ("ours grouped_mm", "ours batched_mm", "ours eager"))
@@ -116,16 +123,17 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, print only")
     parser.add_argument("--token-counts", type=int, nargs="+", default=TOKEN_COUNTS, metavar="T")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(SMOKE_SHAPES, (1, 16), dtype, lambda tokens, backward: 1)
+        measure(SMOKE_SHAPES, (1, 16), dtype, lambda tokens: 1, args.device)
         return
-    table = measure(SHAPES, args.token_counts, dtype,
-                    lambda tokens, backward: 15 if tokens <= 16 else (5 if tokens <= 512 else 3))
+    table = measure(SHAPES, args.token_counts, dtype, lambda tokens: repeats(tokens, args.device), args.device)
+    suffix, on_gpu = device_names(args.device)
     write_section(
-        f"moe-block-{args.dtype}",
-        f"## (a) One MoE layer, {args.dtype}: median ms (speed relative to the dense floor)\n\n"
+        f"moe-block-{args.dtype}{suffix}",
+        f"## (a) One MoE layer, {args.dtype}{on_gpu}: median ms (speed relative to the dense floor)\n\n"
         "Floor: a dense SwiGLU FFN with the same active FLOPs per token. Cells: time in ms (floor time / time).\n"
         "Last column: time of the best transformers path (its own block or our block under transformers' kernels) "
         "divided by the time of `sorted_mm`.\n\n" + table,

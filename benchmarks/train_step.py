@@ -10,6 +10,7 @@ and writes every parameter, and an MoE has more parameters than its floor for th
 
     python benchmarks/train_step.py            # writes BENCHMARKS.md
     python benchmarks/train_step.py --dtype bfloat16   # parameters, activations and AdamW states in bf16
+    python benchmarks/train_step.py --device cuda      # on a GPU (its own BENCHMARKS.md sections)
     python benchmarks/train_step.py --smoke    # tiny models, prints only
 """
 
@@ -18,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import markdown_table, round_robin_medians, write_section
+from common import device_names, markdown_table, round_robin_medians, synchronize, write_section
 from models import FAMILIES, build_models
 
 
@@ -39,13 +40,14 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
     return sum(saved.values())
 
 
-def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dtype = torch.float32):
+def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dtype = torch.float32,
+            device: str = "cpu"):
     rows = []
     for family in FAMILIES:
-        models = build_models(family, smoke, dtype)
+        models = build_models(family, smoke, dtype, device)
         vocab = next(iter(models.values())).config.vocab_size
         torch.manual_seed(1)
-        input_ids = torch.randint(0, vocab, (batch, seq_len))
+        input_ids = torch.randint(0, vocab, (batch, seq_len)).to(device)
         # fused AdamW, Trainer's default (optim="adamw_torch_fused"); the for-loop AdamW takes several times as long
         # on CPU, and an optimizer's time grows with the parameters, not with the active FLOPs
         optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -56,13 +58,15 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
             model, optimizer = models[name], optimizers[name]
             model.train()
             model(input_ids, labels=input_ids).loss.backward()
+            synchronize(device)
             start = time.perf_counter()
             optimizer.step()
+            synchronize(device)
             optimizer_ms[name].append((time.perf_counter() - start) * 1000)
             optimizer.zero_grad(set_to_none=True)
 
         candidates = {name: (lambda n=name: train_step(n)) for name in models}
-        times = round_robin_medians(candidates, repeats=repeats)
+        times = round_robin_medians(candidates, repeats=repeats, device=device)
         tokens = batch * seq_len
         floor = times["dense floor"]
         for name, ms in times.items():
@@ -83,15 +87,17 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(True, 2, 8, 1, dtype)
+        measure(True, 2, 8, 1, dtype, args.device)
         return
-    table = measure(False, args.batch, args.seq_len, args.repeats, dtype)
-    section = "train-step" if args.dtype == "float32" else f"train-step-{args.dtype}"
-    write_section(section, f"## (b) Whole-model training step, {args.dtype} (H 512, 4 layers, vocab 32000, batch "
-                  f"{args.batch} x {args.seq_len} tokens, fused AdamW)\n\n" + table)
+    table = measure(False, args.batch, args.seq_len, args.repeats, dtype, args.device)
+    suffix, on_gpu = device_names(args.device)
+    section = "train-step" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
+    write_section(section, f"## (b) Whole-model training step, {args.dtype}{on_gpu} (H 512, 4 layers, vocab 32000, "
+                  f"batch {args.batch} x {args.seq_len} tokens, fused AdamW)\n\n" + table)
 
 
 if __name__ == "__main__":
