@@ -207,7 +207,7 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     if not _grouped_kernel_applies(hidden_states, self.gate_up_proj):
         products = _LoopProducts(ends)
         order = order[: products.num_rows]
-    elif self._is_expert_parallel:  # one sync, that only expert parallelism pays
+    elif getattr(self, "_is_expert_parallel", False):  # one sync, that only expert parallelism pays
         products = _GroupedProducts(ends)
         order = order[: int(ends[-1])]
     else:  # every pair is local
