@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from hf_moe import MixtralMoEConfig, MixtralMoEForCausalLM
+from hf_moe.modeling import experts_kernels
 from hf_moe.modeling.routing import (
     RouterDecision,
     TopKRouter,
@@ -658,7 +659,9 @@ ROUTING_WITH_DROPS = {
 
 
 @pytest.mark.parametrize("routing", list(ROUTING_WITH_DROPS))
-def test_experts_implementations_agree_in_outputs_and_gradients(routing):
+def test_experts_implementations_agree_in_outputs_and_gradients(routing, monkeypatch):
+    """Every implementation, and `sorted_mm`'s grouped-kernel path (the one CUDA GPUs run, here through torch's CPU
+    kernel), agrees with eager with dropped slots (weight 0) and with expert choice."""
     torch.manual_seed(0)
     model = randomize_weights_(MixtralMoEForCausalLM(make_mixtral_config(**ROUTING_WITH_DROPS[routing]))).train()
     input_ids = random_input_ids(2, 12)
@@ -677,8 +680,10 @@ def test_experts_implementations_agree_in_outputs_and_gradients(routing):
     else:
         assert all(layer["dropped_fraction"] > 0 for layer in eager.router_stats)
     assert any(g.abs().max() > 0 for n, g in eager_grads.items() if "experts.gate_up_proj" in n)
-    for implementation in ("sorted_mm", "grouped_mm", "batched_mm"):
-        out, grads = run(implementation)
+    results = {implementation: run(implementation) for implementation in ("sorted_mm", "grouped_mm", "batched_mm")}
+    monkeypatch.setattr(experts_kernels, "_grouped_kernel_applies", lambda hidden_states, weight: True)
+    results["sorted_mm, grouped kernel"] = run("sorted_mm")
+    for implementation, (out, grads) in results.items():
         assert_close(out.logits, eager.logits, atol=1e-5, rtol=0, msg=implementation)
         assert_close(out.loss, eager.loss, atol=1e-5, rtol=0, msg=implementation)
         for name, grad in grads.items():
