@@ -11,6 +11,7 @@ from conftest import make_mixtral_config, random_input_ids, randomize_weights_
 from torch.testing import assert_close
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from hf_moe import MixtralMoEForCausalLM
 from hf_moe.modeling import experts_kernels
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
@@ -83,6 +84,28 @@ def test_interleaved_gate_up_weights_are_refused():
     experts.is_concatenated = False
     with pytest.raises(ValueError, match="gate; up"):
         experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize(("device_type", "while_decoding"), [("cpu", "sorted_mm"), ("cuda", "batched_mm")])
+def test_generate_decodes_with_batched_mm_on_a_gpu_as_for_grouped_mm(monkeypatch, device_type, while_decoding):
+    """On a GPU, transformers' generate() runs `batched_mm` for the decoding steps of a model set to `grouped_mm`;
+    our models hand `sorted_mm` over the same way and restore it afterwards. The swap looks only at `model.device`,
+    faked here; transformers' own context manager does the second half of the swap."""
+    model = MixtralMoEForCausalLM(make_mixtral_config()).eval()
+    model.set_experts_implementation("sorted_mm")
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device(device_type)))
+    with model._optimize_model_for_decode():
+        assert model.config._experts_implementation == while_decoding
+    assert model.config._experts_implementation == "sorted_mm"
+
+
+def test_generate_enters_the_decode_hook(monkeypatch):
+    """The swap above only matters while generate() calls `_optimize_model_for_decode`: fail if it stops."""
+    model = MixtralMoEForCausalLM(make_mixtral_config()).eval()
+    calls, hook = [], type(model)._optimize_model_for_decode
+    monkeypatch.setattr(type(model), "_optimize_model_for_decode", lambda self: calls.append(1) or hook(self))
+    model.generate(random_input_ids(1, 4), max_new_tokens=2, do_sample=False)
+    assert calls
 
 
 def test_transformers_own_mixtral_can_select_it():

@@ -15,6 +15,7 @@ installed: it imports torch, transformers and, with single-dot imports, the file
 """
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
-from .experts_kernels import SORTED_MM  # noqa: F401  registers the "sorted_mm" experts implementation
+from .experts_kernels import SORTED_MM  # importing it registers the "sorted_mm" experts implementation
 from .routing import (
     TopKRouter,
     accumulate_router_statistics,
@@ -573,6 +574,23 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
                 "(dropless inference) to generate."
             )
         return super().generate(*args, **kwargs)
+
+    @contextmanager
+    def _optimize_model_for_decode(self):
+        # generate() runs transformers' `batched_mm` for the decoding steps of a model set to `grouped_mm` on a GPU
+        # (fewer launches for a few tokens). `sorted_mm` is a training kernel, slower there than `batched_mm`
+        # (BENCHMARKS.md, decode on the H100): hand it over the same way, through `grouped_mm`.
+        original = self.get_experts_implementation()
+        swap = self.device.type != "cpu" and SORTED_MM in original.values()
+        if swap:
+            self.set_experts_implementation({key: "grouped_mm" if value == SORTED_MM else value
+                                             for key, value in original.items()})
+        try:
+            with super()._optimize_model_for_decode():
+                yield
+        finally:
+            if swap:
+                self.set_experts_implementation(original)
 
 
 @auto_docstring(
