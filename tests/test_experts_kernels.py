@@ -73,6 +73,16 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
         assert torch.equal(gradient[unused], torch.zeros_like(gradient[unused]))
 
 
+def test_no_tokens(products):
+    """An empty batch (or a rank that got no tokens) gives an empty output and zero weight gradients."""
+    experts = experts_module("sorted_mm")
+    hidden = torch.randn(0, 32, requires_grad=True)
+    output = experts(hidden, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    output.sum().backward()
+    assert output.shape == (0, 32)
+    assert torch.equal(experts.gate_up_proj.grad, torch.zeros_like(experts.gate_up_proj))
+
+
 def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
     experts = experts_module("sorted_mm")
     assert not experts_kernels._grouped_kernel_applies(torch.randn(3, 32), experts.gate_up_proj)

@@ -105,7 +105,8 @@ def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, unsort: to
     is present) the rows go back to (token, slot) order and each token sums its k rows: deterministic, no atomic adds
     (a GPU's). Otherwise scatter_add_ (index_add_ costs milliseconds even for a handful of rows on a CPU)."""
     if unsort is not None:
-        return pair_rows[unsort].view(like.shape[0], -1, pair_rows.shape[1]).sum(dim=1).to(like.dtype)
+        top_k = pair_rows.shape[0] // max(like.shape[0], 1)  # pairs per token; max(): an empty batch has no rows
+        return pair_rows[unsort].view(like.shape[0], top_k, pair_rows.shape[1]).sum(dim=1).to(like.dtype)
     index = token_of[:, None].expand(-1, pair_rows.shape[1])
     return torch.zeros_like(like).scatter_add_(0, index, pair_rows.to(like.dtype))
 
