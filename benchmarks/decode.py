@@ -60,7 +60,7 @@ def main():
     suffix, on_gpu = device_names(args.device)
     section = "decode" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
     switch = ("On a GPU, `generate()` runs `batched_mm` for the decoding steps of the models set to `grouped_mm` "
-              "(transformers' `_optimize_model_for_decode`); it leaves the others as they are.\n\n") if suffix else ""
+              "(transformers' `_optimize_model_for_decode`), and of ours set to `sorted_mm`.\n\n") if suffix else ""
     write_section(section, f"## (c) Greedy decoding with a KV cache, {args.dtype}{on_gpu} (prompt {args.prompt_len}, "
                   f"{args.new_tokens} new tokens)\n\n" + switch + table)
 
