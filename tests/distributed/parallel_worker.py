@@ -69,6 +69,7 @@ def main():
         tensors.update({f"{Path(model_dir).name}.{key}": value for key, value in results.items()})
     if dist.get_rank() == 0:
         write_results(options.out_dir, tensors)
+    dist.destroy_process_group()  # see train_worker.py
 
 
 if __name__ == "__main__":

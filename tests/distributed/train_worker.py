@@ -125,6 +125,8 @@ def main():
     )
     if torch.distributed.get_rank() == 0:
         write_results(options.out_dir, tensors, log_history=log_history, **setup)
+    # an exit with the process group alive can abort a rank while gloo's threads are torn down
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
