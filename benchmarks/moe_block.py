@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, print only")
     parser.add_argument("--token-counts", type=int, nargs="+", default=TOKEN_COUNTS, metavar="T")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the current CUDA GPU")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.smoke:

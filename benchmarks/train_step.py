@@ -87,7 +87,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the current CUDA GPU")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.smoke:

@@ -4,12 +4,12 @@
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
 experts can select it (`experts_implementation="sorted_mm"`). It is not the default: on this project's benchmarks
 (BENCHMARKS.md) it beats transformers' `grouped_mm` for training steps on very few tokens on a CPU but not at every
-measured point, and its backward is a few percent slower on an H100; the default must never be slower. What it
-saves is memory: it keeps 14-25% less for the backward.
+measured point, and with its backward it runs at 0.83-0.99x of `grouped_mm`'s speed on an H100; the default must
+never be slower. What it saves is memory: it keeps 14-25% less for the backward.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
-contiguous block of rows (on a CPU one `torch.mm` per expert; on a CUDA GPU each product is one grouped kernel over
-all experts, torch's `grouped_mm`, with no host sync):
+contiguous block of rows (on a CPU one `torch.mm` per expert; on a CUDA GPU each product is one call of torch's
+`grouped_mm` over all experts, with the block offsets on the device):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
@@ -23,7 +23,9 @@ buffer instead (only the blocks of experts without pairs are zeroed; each other 
 recomputes act(gate) rather than storing it, keeps the expert outputs y_s [S, H] to take the pair weights' gradient
 <grad, y_s> on H-wide rows, and has SiLU's backward write into the gate half of the [S, 2I] gradient in place. Work
 is proportional to the pairs routed plus the number of experts that received tokens; there is no [T, E, ...]
-intermediate. Expert ids >= num_experts (tokens owned by another rank under expert parallelism) are skipped.
+intermediate. Expert ids >= num_experts (tokens owned by another rank) are skipped under expert parallelism, the
+only place they occur; on a GPU, as in transformers' `grouped_mm`, the module's `_is_expert_parallel` flag (set by
+transformers' expert-parallel plan) must say so.
 Under `torch.compile` the data-dependent loop would break the graph, so compiled code runs
 transformers' `grouped_mm` instead.
 """
@@ -36,9 +38,6 @@ from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_f
 
 SORTED_MM = "sorted_mm"
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.10 / 2.8-2.9
-# compute capability the kernel needs: torch.nn.functional.grouped_mm runs from Ampere on; the older private op,
-# in some of the torch versions that have only it, on Hopper alone
-_GROUPED_MM_CAPABILITY = (8, 0) if hasattr(F, "grouped_mm") else (9, 0)
 
 
 class _LoopProducts:
@@ -74,8 +73,9 @@ class _LoopProducts:
 
 
 class _GroupedProducts:
-    """Each product as one grouped kernel over all experts (torch's `grouped_mm`, CUDA), the row offsets staying on
-    the device: no host sync and no launch per expert, which dominate a per-expert loop on a GPU."""
+    """Each product as one call of torch's `grouped_mm` over all experts (CUDA), the row offsets staying on the
+    device. Where torch has a fused kernel (bf16 on Hopper-class GPUs) that is one launch and no host sync, which
+    dominate a per-expert loop on a GPU; for other dtypes and GPUs torch loops over the experts itself."""
 
     def __init__(self, ends: torch.Tensor):
         self.offsets = ends  # [E] int32
@@ -90,13 +90,17 @@ class _GroupedProducts:
 
 
 def _grouped_kernel_applies(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
-    """torch's grouped kernel runs on CUDA GPUs (see _GROUPED_MM_CAPABILITY), and needs every stride but the unit
-    one (H, I and 2I elements here) to be a multiple of 16 bytes."""
+    """torch's `grouped_mm` runs on CUDA GPUs from Ampere on (torch >= 2.10; the older private op only in bf16 on
+    Hopper), and needs every stride but the unit one (H, I and 2I elements here) to be a multiple of 16 bytes."""
     if _grouped_mm is None or hidden_states.device.type != "cuda":
         return False
     hidden, width = gate_up_proj.shape[2], gate_up_proj.shape[1] // 2
-    aligned = all(size * gate_up_proj.element_size() % 16 == 0 for size in (hidden, width))
-    return aligned and torch.cuda.get_device_capability(hidden_states.device) >= _GROUPED_MM_CAPABILITY
+    if not all(size * gate_up_proj.element_size() % 16 == 0 for size in (hidden, width)):
+        return False
+    capability = torch.cuda.get_device_capability(hidden_states.device)
+    if hasattr(F, "grouped_mm"):
+        return capability >= (8, 0)
+    return capability[0] == 9 and gate_up_proj.dtype == torch.bfloat16
 
 
 def _sum_into_tokens(pair_rows: torch.Tensor, token_of: torch.Tensor, unsort: torch.Tensor | None,

@@ -71,8 +71,8 @@ class MoEExperts(nn.Module):
     """The routed experts of one layer, as fused 3D weights (the layout transformers 5 uses in memory).
 
     This forward is the readable `eager` path; `grouped_mm` and `batched_mm` (transformers' kernels) replace it when
-    selected with `experts_implementation=...`. Expert ids >= num_experts (dropped tokens, or experts living on
-    another rank under expert parallelism) are skipped.
+    selected with `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under
+    expert parallelism) are skipped; the routers never emit them (dropped slots keep a valid id with weight 0).
     """
 
     def __init__(self, config: MoEDecoderConfig):
