@@ -36,11 +36,8 @@ def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
     return experts
 
 
-@pytest.mark.parametrize("grad_enabled", [True, False])  # the autograd function, and the inference path
-def test_expert_ids_of_other_ranks_are_skipped(grad_enabled, products):
-    """Under expert parallelism, ids >= num_experts mark tokens owned by another rank (with zero weight)."""
-    sorted_mm, eager = experts_module("sorted_mm"), experts_module("eager")
-    sorted_mm._is_expert_parallel = True  # what transformers' expert-parallel plan sets
+def _check_ids_of_other_ranks_are_skipped(sorted_mm: MoEExperts, grad_enabled: bool):
+    eager = experts_module("eager")
     hidden = torch.randn(6, 32)
     index = torch.tensor([[0, 4], [1, 2], [4, 4], [3, 0], [2, 4], [1, 3]])  # 4 == num_experts: not on this rank
     weights = torch.rand(6, 2) * (index < 4)
@@ -49,6 +46,21 @@ def test_expert_ids_of_other_ranks_are_skipped(grad_enabled, products):
     assert output.requires_grad == grad_enabled
     assert_close(output, eager(hidden, index, weights), atol=1e-6, rtol=0)
     assert torch.equal(output[2], torch.zeros(32))
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])  # the autograd function, and the inference path
+def test_expert_ids_of_other_ranks_are_skipped(grad_enabled, products):
+    """Under expert parallelism, ids >= num_experts mark tokens owned by another rank (with zero weight); the module's
+    flag, set by transformers' expert-parallel plan, says so (the grouped path relies on it, as transformers'
+    `grouped_mm` does)."""
+    sorted_mm = experts_module("sorted_mm")
+    sorted_mm._is_expert_parallel = True
+    _check_ids_of_other_ranks_are_skipped(sorted_mm, grad_enabled)
+
+
+def test_the_loop_skips_ids_of_other_ranks_without_the_flag_too():
+    """As eager does."""
+    _check_ids_of_other_ranks_are_skipped(experts_module("sorted_mm"), grad_enabled=True)
 
 
 @pytest.mark.parametrize("hidden_act", ["silu", "gelu"])
