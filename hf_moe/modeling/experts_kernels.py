@@ -30,6 +30,8 @@ Under `torch.compile` the data-dependent loop would break the graph, so compiled
 transformers' `grouped_mm` instead.
 """
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,10 +85,13 @@ class _GroupedProducts:
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _grouped_mm(rows, weight, offs=self.offsets)
 
+    @cached_property
+    def no_pairs(self) -> torch.Tensor:  # [E, 1, 1], only the backward needs it (once for both weight gradients)
+        return (self.offsets.diff(prepend=self.offsets.new_zeros(1)) == 0)[:, None, None]
+
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         # some GPUs' kernels leave the blocks of experts without rows unwritten (pytorch#172439): zero them
-        no_pairs = self.offsets.diff(prepend=self.offsets.new_zeros(1)) == 0  # [E]
-        return _grouped_mm(left.t(), right, offs=self.offsets).masked_fill_(no_pairs[:, None, None], 0)
+        return _grouped_mm(left.t(), right, offs=self.offsets).masked_fill_(self.no_pairs, 0)
 
 
 def _grouped_kernel_applies(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
@@ -212,12 +217,12 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     if not _grouped_kernel_applies(hidden_states, self.gate_up_proj):
         products = _LoopProducts(ends)
         order = order[: products.num_rows]
-    elif getattr(self, "_is_expert_parallel", False):  # one sync, that only expert parallelism pays
+    else:
         products = _GroupedProducts(ends)
-        order = order[: int(ends[-1])]
-    else:  # every pair is local
-        products = _GroupedProducts(ends)
-        unsort = torch.argsort(order)
+        if getattr(self, "_is_expert_parallel", False):  # one sync, that only expert parallelism pays
+            order = order[: int(ends[-1])]
+        else:  # every pair is local
+            unsort = torch.argsort(order)
     token_of = order // top_k
     pair_weights = top_k_weights.reshape(-1)[order]
     weights = (self.gate_up_proj, self.down_proj)
