@@ -1,8 +1,9 @@
 """The `sorted_mm` experts implementation: registered with transformers, exact against eager.
 
-Its products run as one `torch.mm` per expert (CPUs) or as one grouped kernel per product (CUDA GPUs): the
-`products` fixture runs a test under both, the grouped one through torch's CPU `grouped_mm` kernel, which takes the
-same arguments as the CUDA one. The `cuda` tests run the real GPU path where a GPU is present.
+Its products run as one matrix product per expert (CPUs: oneDNN's in fp32 on x86-64, else `torch.mm`) or as one
+grouped kernel per product (CUDA GPUs): the `products` fixture runs a test under all three, the grouped one through
+torch's CPU `grouped_mm` kernel, which takes the same arguments as the CUDA one. The `cuda` tests run the real GPU
+path where a GPU is present.
 """
 
 import pytest
@@ -16,14 +17,19 @@ from hf_moe.modeling import experts_kernels
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
 
-@pytest.fixture(params=["loop", "grouped"])
+@pytest.fixture(params=["loop", "loop torch.mm", "grouped"])
 def products(request, monkeypatch):
-    """Which products `sorted_mm` runs: the per-expert loop (the CPU default) or the grouped kernel (CUDA's)."""
+    """Which products `sorted_mm` runs: the per-expert loop (the CPU default; its fp32 products through oneDNN on
+    x86-64), the loop through `torch.mm` (oneDNN switched off), or the grouped kernel (CUDA's)."""
+    if request.param == "loop torch.mm":
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield request.param
+        return
     if request.param == "grouped":
         if experts_kernels._grouped_mm is None:
             pytest.skip("this torch has no grouped_mm")
         monkeypatch.setattr(experts_kernels, "_grouped_kernel_applies", lambda hidden_states, weight: True)
-    return request.param
+    yield request.param
 
 
 def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
@@ -72,7 +78,8 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
     for implementation in ("eager", "sorted_mm"):
         experts = experts_module(implementation, hidden_act)
         hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        index = torch.randint(0, experts_used, (10, 2), generator=torch.Generator().manual_seed(2)) * (4 // experts_used)
+        index = torch.randint(0, experts_used, (10, 2), generator=torch.Generator().manual_seed(2))
+        index = index * (4 // experts_used)
         weights = torch.rand(10, 2, generator=torch.Generator().manual_seed(3)).requires_grad_()
         torch.full((64, 1024), float("nan"))  # leave NaNs behind in freed memory for uninitialised buffers
         out = experts(hidden, index, weights)
@@ -98,6 +105,25 @@ def test_no_tokens(products):
 def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
     experts = experts_module("sorted_mm")
     assert not experts_kernels._grouped_kernel_applies(torch.randn(3, 32), experts.gate_up_proj)
+
+
+@pytest.mark.skipif(experts_kernels._onednn_linear is None or not experts_kernels._X86_64,
+                    reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
+@pytest.mark.parametrize(("dtype", "enabled", "products_through_onednn"),
+                         [(torch.float32, True, 8), (torch.float32, False, 0), (torch.bfloat16, True, 0)])
+def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, products_through_onednn):
+    """In fp32 the four row products of each expert with pairs (gate/up and down forward; their input gradients
+    backward) run through oneDNN, unless switched off; in bf16 `torch.mm` already does. The weight gradients stay on
+    `torch.mm`. The agreement tests above check the results under each path."""
+    calls = []
+    linear = experts_kernels._onednn_linear
+    monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda *args: calls.append(1) or linear(*args))
+    experts = experts_module("sorted_mm").to(dtype)
+    hidden = torch.randn(6, 32, dtype=dtype, requires_grad=True)
+    index = torch.tensor([[0, 1]] * 3 + [[1, 0]] * 3)  # 2 experts with pairs
+    with torch.backends.mkldnn.flags(enabled=enabled):
+        experts(hidden, index, torch.rand(6, 2, dtype=dtype)).sum().backward()
+    assert len(calls) == products_through_onednn
 
 
 def test_interleaved_gate_up_weights_are_refused():

@@ -660,8 +660,9 @@ ROUTING_WITH_DROPS = {
 
 @pytest.mark.parametrize("routing", list(ROUTING_WITH_DROPS))
 def test_experts_implementations_agree_in_outputs_and_gradients(routing, monkeypatch):
-    """Every implementation, and `sorted_mm`'s grouped-kernel path (the one CUDA GPUs run, here through torch's CPU
-    kernel), agrees with eager with dropped slots (weight 0) and with expert choice."""
+    """Every implementation, and `sorted_mm`'s other product paths (`torch.mm` where oneDNN is off; the grouped kernel
+    CUDA GPUs run, here through torch's CPU kernel), agrees with eager with dropped slots (weight 0) and with expert
+    choice."""
     torch.manual_seed(0)
     model = randomize_weights_(MixtralMoEForCausalLM(make_mixtral_config(**ROUTING_WITH_DROPS[routing]))).train()
     input_ids = random_input_ids(2, 12)
@@ -681,6 +682,8 @@ def test_experts_implementations_agree_in_outputs_and_gradients(routing, monkeyp
         assert all(layer["dropped_fraction"] > 0 for layer in eager.router_stats)
     assert any(g.abs().max() > 0 for n, g in eager_grads.items() if "experts.gate_up_proj" in n)
     results = {implementation: run(implementation) for implementation in ("sorted_mm", "grouped_mm", "batched_mm")}
+    with torch.backends.mkldnn.flags(enabled=False):
+        results["sorted_mm, torch.mm products"] = run("sorted_mm")
     monkeypatch.setattr(experts_kernels, "_grouped_kernel_applies", lambda hidden_states, weight: True)
     results["sorted_mm, grouped kernel"] = run("sorted_mm")
     for implementation, (out, grads) in results.items():

@@ -8,8 +8,9 @@ measured point, and with its backward it runs at 0.83-0.99x of `grouped_mm`'s sp
 never be slower. What it saves is memory: it keeps 14-25% less for the backward.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
-contiguous block of rows (on a CPU one `torch.mm` per expert; on a CUDA GPU each product is one call of torch's
-`grouped_mm` over all experts, with the block offsets on the device):
+contiguous block of rows (on a CPU one product per expert, through oneDNN in fp32 on x86-64 and `torch.mm`
+otherwise; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the block offsets on
+the device):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
@@ -30,6 +31,7 @@ Under `torch.compile` the data-dependent loop would break the graph, so compiled
 transformers' `grouped_mm` instead.
 """
 
+import platform
 from functools import cached_property
 
 import torch
@@ -40,11 +42,22 @@ from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_f
 
 SORTED_MM = "sorted_mm"
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.10 / 2.8-2.9
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _onednn_runs(rows: torch.Tensor) -> bool:
+    """Whether the loop's row products go through oneDNN: fp32 on x86-64 CPUs, unless switched off with
+    `torch.backends.mkldnn.flags(enabled=False)`. torch's own fp32 `mm` calls MKL there, which ran these per-expert
+    products 1.1-2.8x slower than oneDNN on an AMD EPYC (Zen 4) CPU (BENCHMARKS.md, "Expert-block matrix products");
+    in bf16 torch already calls oneDNN."""
+    return (rows.dtype == torch.float32 and _onednn_linear is not None and _X86_64
+            and torch.backends.mkldnn.enabled)
 
 
 class _LoopProducts:
-    """Per-expert products as one `torch.mm` per expert that received pairs, on its contiguous block of rows. Needs
-    block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs."""
+    """Per-expert products as one matrix product per expert that received pairs, on its contiguous block of rows.
+    Needs block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs."""
 
     def __init__(self, ends: torch.Tensor):
         self.num_experts = ends.shape[0]
@@ -58,8 +71,12 @@ class _LoopProducts:
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
         out = rows.new_empty(rows.shape[0], weight.shape[-1])
-        for expert, start, end in self.blocks:
-            torch.mm(rows[start:end], weight[expert], out=out[start:end])
+        if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
+            for expert, start, end in self.blocks:
+                out[start:end] = _onednn_linear(rows[start:end], weight[expert].t(), None, "none", [], "")
+        else:
+            for expert, start, end in self.blocks:
+                torch.mm(rows[start:end], weight[expert], out=out[start:end])
         return out
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
