@@ -16,6 +16,8 @@ from hf_moe import MixtralMoEForCausalLM
 from hf_moe.modeling import experts_kernels
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
+ON_X86_WITH_ONEDNN = experts_kernels._onednn_linear is not None  # None off x86-64 or without oneDNN
+
 
 @pytest.fixture(params=["loop", "loop torch.mm", "grouped"])
 def products(request, monkeypatch):
@@ -107,8 +109,7 @@ def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
     assert not experts_kernels._grouped_kernel_applies(torch.randn(3, 32), experts.gate_up_proj)
 
 
-@pytest.mark.skipif(experts_kernels._onednn_linear is None or not experts_kernels._X86_64,
-                    reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
+@pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
 @pytest.mark.parametrize(("dtype", "enabled", "products_through_onednn"),
                          [(torch.float32, True, 8), (torch.float32, False, 0), (torch.bfloat16, True, 0)])
 def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, products_through_onednn):
@@ -126,6 +127,30 @@ def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, produc
     assert len(calls) == products_through_onednn
 
 
+@pytest.mark.parametrize(("case", "runs"), [
+    pytest.param("fp32", "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN")),
+    ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
+])
+def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeypatch, case, runs):
+    """"auto" (our models' default) runs `sorted_mm` in fp32 on x86-64 CPUs, where its products go through oneDNN,
+    and transformers' `grouped_mm` for other dtypes, with oneDNN off, and for layouts `sorted_mm` refuses."""
+    calls = []
+    for name in ("sorted_mm", "grouped_mm"):
+        monkeypatch.setattr(experts_kernels, f"{name}_experts_forward", lambda *args, name=name: calls.append(name))
+    experts = experts_module("auto").to(torch.bfloat16 if case == "bf16" else torch.float32)
+    experts.has_bias = case == "biases"
+    hidden = torch.randn(3, 32, dtype=experts.gate_up_proj.dtype)
+    with torch.backends.mkldnn.flags(enabled=case != "oneDNN off"):
+        experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=hidden.dtype))
+    assert calls == [runs]
+
+
+def test_gpu_tensors_never_take_the_onednn_products():
+    """oneDNN's linear runs on CPU tensors only; on a GPU "auto" runs `grouped_mm` (the device check, on a meta
+    tensor here since the suite runs without a GPU)."""
+    assert not experts_kernels._onednn_runs(torch.empty(2, 32, device="meta"))
+
+
 def test_interleaved_gate_up_weights_are_refused():
     """[gate0, up0, gate1, up1, ...] layouts (transformers' is_concatenated=False) would be split wrongly."""
     experts = experts_module("sorted_mm")
@@ -134,17 +159,18 @@ def test_interleaved_gate_up_weights_are_refused():
         experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
 
 
-@pytest.mark.parametrize(("device_type", "while_decoding"), [("cpu", "sorted_mm"), ("cuda", "batched_mm")])
-def test_generate_decodes_with_batched_mm_on_a_gpu_as_for_grouped_mm(monkeypatch, device_type, while_decoding):
+@pytest.mark.parametrize("implementation", ["sorted_mm", "auto"])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_generate_decodes_with_batched_mm_on_a_gpu_as_for_grouped_mm(monkeypatch, device_type, implementation):
     """On a GPU, transformers' generate() runs `batched_mm` for the decoding steps of a model set to `grouped_mm`;
-    our models hand `sorted_mm` over the same way and restore it afterwards. The swap looks only at `model.device`,
-    faked here; transformers' own context manager does the second half of the swap."""
+    our models hand `sorted_mm` and "auto" over the same way and restore them afterwards. The swap looks only at
+    `model.device`, faked here; transformers' own context manager does the second half of the swap."""
     model = MixtralMoEForCausalLM(make_mixtral_config()).eval()
-    model.set_experts_implementation("sorted_mm")
+    model.set_experts_implementation(implementation)
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device(device_type)))
     with model._optimize_model_for_decode():
-        assert model.config._experts_implementation == while_decoding
-    assert model.config._experts_implementation == "sorted_mm"
+        assert model.config._experts_implementation == ("batched_mm" if device_type == "cuda" else implementation)
+    assert model.config._experts_implementation == implementation
 
 
 def test_generate_enters_the_decode_hook(monkeypatch):

@@ -186,14 +186,16 @@ def test_from_pretrained_applies_attention_and_experts_implementation(family, tm
         assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=ATOL, rtol=0)
 
 
-def test_default_experts_implementation_is_grouped_mm(family):
-    """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`;
-    our `sorted_mm` kernel is registered next to transformers' own and selectable, not the default."""
-    assert family.causal_lm().config._experts_implementation == "grouped_mm"
-    assert "sorted_mm" in ALL_EXPERTS_FUNCTIONS
+def test_default_experts_implementation_is_auto(family):
+    """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`; our
+    kernels are registered next to transformers' own, and where transformers would default to `grouped_mm` our models
+    default to "auto" (`sorted_mm` or `grouped_mm`, test_experts_kernels.py). An explicit choice is kept."""
+    assert family.causal_lm().config._experts_implementation == "auto"
+    assert {"sorted_mm", "auto"} <= set(ALL_EXPERTS_FUNCTIONS)
+    assert family.causal_lm(experts_implementation="grouped_mm").config._experts_implementation == "grouped_mm"
 
 
-@pytest.mark.parametrize("experts_implementation", ["sorted_mm", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("experts_implementation", ["auto", "sorted_mm", "grouped_mm", "batched_mm"])
 def test_experts_implementation_matches_eager_in_outputs_and_gradients(family, experts_implementation):
     model = family.causal_lm().train()
     input_ids = random_input_ids(2, 9)

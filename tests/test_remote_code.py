@@ -144,10 +144,11 @@ def test_remote_classes_come_from_transformers_modules(remote_load, family_name)
     assert entry["class_names"] == [f"{prefix}ForCausalLM", f"{prefix}Model", f"{prefix}ForSequenceClassification"]
 
 
-def test_remote_model_keeps_the_default_grouped_mm_experts_kernel(remote_load, family_name):
-    """transformers enables kernel switching only when the loaded modeling file holds `@use_experts_implementation`."""
+def test_remote_model_keeps_the_default_auto_experts_kernel(remote_load, family_name):
+    """transformers enables kernel switching only when the loaded modeling file holds `@use_experts_implementation`;
+    the remote copy then defaults to "auto", as the installed package does."""
     _, report, _ = remote_load
-    assert report["families"][family_name]["experts_implementation"] == "grouped_mm"
+    assert report["families"][family_name]["experts_implementation"] == "auto"
 
 
 def test_remote_causal_lm_logits_match_parent(remote_load, family_name):

@@ -1,11 +1,12 @@
 # Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
-"""`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward.
+"""`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward; and "auto".
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
-experts can select it (`experts_implementation="sorted_mm"`). It is not the default: on this project's benchmarks
-(BENCHMARKS.md) it beats transformers' `grouped_mm` for training steps on very few tokens on a CPU but not at every
-measured point, and with its backward it runs at 0.83-0.99x of `grouped_mm`'s speed on an H100; the default must
-never be slower. What it saves is memory: it keeps 14-25% less for the backward.
+experts can select it (`experts_implementation="sorted_mm"`). "auto", registered too and the default of this
+project's models, runs it where it measured faster than transformers' kernels (BENCHMARKS.md): fp32 on x86-64 CPUs,
+where its products go through oneDNN rather than the MKL that torch's fp32 `mm` calls. It runs transformers'
+`grouped_mm` elsewhere: on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of `grouped_mm`'s speed on an H100, and
+in bf16 both run the same oneDNN products. What `sorted_mm` also saves is memory: 14-25% less kept for the backward.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
 contiguous block of rows (on a CPU one product per expert, through oneDNN in fp32 on x86-64 and `torch.mm`
@@ -41,17 +42,32 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 SORTED_MM = "sorted_mm"
+AUTO = "auto"
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.10 / 2.8-2.9
-_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _probed_onednn_linear():
+    """torch's oneDNN linear on x86-64 (a private op, the one torch.compile's CPU backend calls), or None where this
+    torch lacks it or it no longer takes these arguments: then the loop runs `torch.mm`."""
+    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    try:
+        linear(torch.ones(1, 1), torch.ones(1, 1), None, "none", [], "")
+    except (TypeError, RuntimeError):  # TypeError: no such op (None) or other arguments
+        return None
+    return linear
+
+
+_onednn_linear = _probed_onednn_linear()
 
 
 def _onednn_runs(rows: torch.Tensor) -> bool:
     """Whether the loop's row products go through oneDNN: fp32 on x86-64 CPUs, unless switched off with
-    `torch.backends.mkldnn.flags(enabled=False)`. torch's own fp32 `mm` calls MKL there, which ran these per-expert
-    products 1.1-2.8x slower than oneDNN on an AMD EPYC (Zen 4) CPU (BENCHMARKS.md, "Expert-block matrix products");
-    in bf16 torch already calls oneDNN."""
-    return (rows.dtype == torch.float32 and _onednn_linear is not None and _X86_64
+    `torch.backends.mkldnn.flags(enabled=False)`. torch's own fp32 `mm` calls MKL there (official wheels), which ran
+    these per-expert products 1.05-1.9x slower than oneDNN on an AMD EPYC (Zen 4) CPU (BENCHMARKS.md, "Expert-block
+    matrix products"); in bf16 torch already calls oneDNN."""
+    return (rows.device.type == "cpu" and rows.dtype == torch.float32 and _onednn_linear is not None
             and torch.backends.mkldnn.enabled)
 
 
@@ -211,12 +227,18 @@ class _SortedExpertsFunction(torch.autograd.Function):
         return grad_hidden, grad_pair_weights, grad_gate_up_proj, grad_down_proj, None, None, None, None
 
 
+def _takes_layout(experts: nn.Module) -> bool:
+    """Whether `sorted_mm` takes this experts module's weight layout (transformers' `use_experts_implementation`
+    flags)."""
+    return (experts.has_gate and not experts.has_bias and not experts.is_transposed
+            and getattr(experts, "is_concatenated", True) and not getattr(experts, "has_post_expert_norm", False))
+
+
 def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                               top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts forward for `@use_experts_implementation` modules with gated, bias-free, non-transposed weights
     (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`)."""
-    if (not self.has_gate or self.has_bias or self.is_transposed or not getattr(self, "is_concatenated", True)
-            or getattr(self, "has_post_expert_norm", False)):
+    if not _takes_layout(self):
         raise ValueError(
             "`experts_implementation`='sorted_mm' supports gated experts with [gate; up] weights and without biases, "
             "transposed weights or post-expert norms; use 'grouped_mm' or 'eager' for this model."
@@ -249,4 +271,16 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     return _experts_forward(*arguments)[0]
 
 
+def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """"auto", the default of this project's models: `sorted_mm` where it measured faster than transformers' kernels
+    (fp32 on x86-64 CPUs, its products through oneDNN; BENCHMARKS.md), transformers' `grouped_mm` elsewhere: on GPUs,
+    where `sorted_mm`'s backward is slower, in bf16, where both run torch's oneDNN products and are even, and for
+    weight layouts `sorted_mm` does not take."""
+    if _onednn_runs(hidden_states) and _takes_layout(self):
+        return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
 ExpertsInterface.register(SORTED_MM, sorted_mm_experts_forward)
+ExpertsInterface.register(AUTO, auto_experts_forward)

@@ -41,7 +41,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
-from .experts_kernels import SORTED_MM  # importing it registers the "sorted_mm" experts implementation
+from .experts_kernels import AUTO, SORTED_MM  # importing it registers "sorted_mm" and "auto"
 from .routing import (
     TopKRouter,
     accumulate_router_statistics,
@@ -70,8 +70,9 @@ class MoEMLP(nn.Module):
 class MoEExperts(nn.Module):
     """The routed experts of one layer, as fused 3D weights (the layout transformers 5 uses in memory).
 
-    This forward is the readable `eager` path; `grouped_mm` and `batched_mm` (transformers' kernels) replace it when
-    selected with `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under
+    This forward is the readable `eager` path; `grouped_mm` and `batched_mm` (transformers' kernels) and `sorted_mm`
+    and "auto" (ours, "auto" the default: experts_kernels.py) replace it when selected with
+    `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under
     expert parallelism) are skipped; the routers never emit them (dropped slots keep a valid id with weight 0).
     """
 
@@ -340,6 +341,13 @@ class MoEPreTrainedModel(PreTrainedModel):
         "attentions": MoEAttention,
     }
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # where transformers would default to its `grouped_mm`, default to "auto": `sorted_mm` where that is faster
+        # (fp32 on x86-64 CPUs), `grouped_mm` elsewhere (experts_kernels.py)
+        if requested_experts is None and super().get_correct_experts_implementation(None) == "grouped_mm":
+            return AUTO
+        return super().get_correct_experts_implementation(requested_experts)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -579,11 +587,11 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
     def _optimize_model_for_decode(self):
         # generate() runs transformers' `batched_mm` for the decoding steps of a model set to `grouped_mm` on a GPU
         # (fewer launches for a few tokens). `sorted_mm` is a training kernel, slower there than `batched_mm`
-        # (BENCHMARKS.md, decode on the H100): hand it over the same way, through `grouped_mm`.
+        # (BENCHMARKS.md, decode on the H100), and "auto" runs `grouped_mm` on a GPU: hand both over the same way.
         original = self.get_experts_implementation()
-        swap = self.device.type != "cpu" and SORTED_MM in original.values()
+        swap = self.device.type != "cpu" and {SORTED_MM, AUTO} & set(original.values())
         if swap:
-            self.set_experts_implementation({key: "grouped_mm" if value == SORTED_MM else value
+            self.set_experts_implementation({key: "grouped_mm" if value in (SORTED_MM, AUTO) else value
                                              for key, value in original.items()})
         try:
             with super()._optimize_model_for_decode():
