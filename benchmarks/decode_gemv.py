@@ -3,10 +3,11 @@
 At batch 1 a decode step multiplies one token's vector by every weight it uses, so its time is bytes read over the
 bandwidth each product reaches. The MoE FFN of the whole models in table (c) (`models.py`, H 512) reads the same
 bytes as the floor's, but in more, smaller products (k experts, the shared expert, the router), and on this CPU a
-product's bandwidth depends on its shape. This times each product of one layer as the models run it (x @ W^T with W
-stored [out, in], as nn.Linear and the fused experts store it) and, for comparison, with W stored [in, out]. Each
-product cycles through enough copies of its weight (>= 256 MB) that it is read from memory, not from cache.
-Round-robin medians in one process, fp32.
+product's bandwidth depends on its shape. This times each product of one layer as x @ W^T with W stored [out, in], as
+nn.Linear and the fused experts store it, through `torch.mm` (MKL for fp32 on x86) and through oneDNN (what
+`sorted_mm`, our models' default on x86-64 CPUs in fp32, runs the routed experts' products with), and, for
+comparison, with W stored [in, out]. Each product cycles through enough copies of its weight (>= 256 MB) that it is
+read from memory, not from cache. Round-robin medians in one process, fp32.
 
     python benchmarks/decode_gemv.py            # writes BENCHMARKS.md
     python benchmarks/decode_gemv.py --smoke    # tiny shapes, prints only
@@ -19,7 +20,10 @@ import torch
 from common import markdown_table, round_robin_medians, write_section
 from models import COMMON, FAMILIES, SMOKE, SMOKE_FAMILIES
 
+from hf_moe.modeling.experts_kernels import _onednn_linear
+
 WORKING_SET = 256 * 2**20  # bytes cycled per product: well above the last-level cache
+ROUTED = ("expert gate_up", "expert down")  # the products `sorted_mm` runs, through oneDNN in fp32 on x86-64
 
 
 def products(hidden: int, experts: int, top_k: int, width: int, shared: int) -> dict[str, list]:
@@ -35,11 +39,12 @@ def products(hidden: int, experts: int, top_k: int, width: int, shared: int) -> 
 
 
 def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) -> tuple[list[list], list[list]]:
+    if _onednn_linear is None:
+        raise SystemExit("this torch has no oneDNN (torch.backends.mkldnn is not available)")
     rows, totals = [], []
     for family, (experts, top_k, width, shared) in shapes.items():
-        layer_us = {}
+        layer_us = {"floor": 0.0, "floor, oneDNN": 0.0, "MoE": 0.0}
         for model, model_products in products(hidden, experts, top_k, width, shared).items():
-            layer_us[model] = 0.0
             for name, out_features, in_features, uses in model_products:
                 torch.manual_seed(0)
                 copies = max(2, math.ceil(working_set / (out_features * in_features * 4)))
@@ -47,19 +52,24 @@ def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) ->
                 transposed = stored.transpose(1, 2).contiguous()  # [in, out]
                 x = torch.randn(1, in_features)
                 candidates = {
-                    "[out, in]": lambda w=stored: [torch.mm(x, w[i].t()) for i in range(len(w))],
+                    "torch.mm": lambda w=stored: [torch.mm(x, w[i].t()) for i in range(len(w))],
+                    "oneDNN": lambda w=stored: [_onednn_linear(x, w[i], None, "none", [], "") for i in range(len(w))],
                     "[in, out]": lambda w=transposed: [torch.mm(x, w[i]) for i in range(len(w))],
                 }
-                times = {layout: ms * 1000 / copies for layout, ms in round_robin_medians(candidates, repeats).items()}
+                times = {way: ms * 1000 / copies for way, ms in round_robin_medians(candidates, repeats).items()}
                 gigabytes = out_features * in_features * 4 / 1e9
-                layer_us[model] += uses * times["[out, in]"]
+                if model == "floor":
+                    layer_us["floor"] += uses * times["torch.mm"]
+                    layer_us["floor, oneDNN"] += uses * times["oneDNN"]
+                else:
+                    layer_us["MoE"] += uses * times["oneDNN" if name in ROUTED else "torch.mm"]
                 rows.append([family, model, name, f"[{out_features}, {in_features}]", uses,
-                             f"{times['[out, in]']:.0f}", f"{gigabytes / times['[out, in]'] * 1e6:.1f}",
-                             f"{gigabytes / times['[in, out]'] * 1e6:.1f}"])
+                             *[f"{times[way]:.0f} us, {gigabytes / times[way] * 1e6:.1f}" for way in candidates]])
                 print(" | ".join(map(str, rows[-1])), flush=True)
                 del stored, transposed, candidates  # free this product's copies before the next one's
-        totals.append([family, f"{layer_us['floor']:.0f}", f"{layer_us['MoE']:.0f}",
-                       f"{layer_us['floor'] / layer_us['MoE']:.2f}x"])
+        totals.append([family, f"{layer_us['floor']:.0f}", f"{layer_us['floor, oneDNN']:.0f}",
+                       f"{layer_us['MoE']:.0f}", f"{layer_us['floor'] / layer_us['MoE']:.2f}x",
+                       f"{layer_us['floor, oneDNN'] / layer_us['MoE']:.2f}x"])
         print(" | ".join(totals[-1]), flush=True)
     return rows, totals
 
@@ -75,10 +85,13 @@ def main():
     rows, totals = timed_products(FAMILIES, COMMON["hidden_size"], WORKING_SET, args.repeats)
     body = (
         "## Decode at batch 1: the FFN's matrix-vector products, fp32 (whole models of table (c), H 512)\n\n"
-        + markdown_table(["family", "model", "product", "W [out, in]", "per token", "us", "GB/s as stored",
-                          "GB/s if stored [in, out]"], rows)
-        + "\n\nOne FFN layer, the sum of its products (per token, as stored): \n\n"
-        + markdown_table(["family", "floor us", "MoE us", "MoE speed vs floor (FFN products only)"], totals)
+        + markdown_table(["family", "model", "product", "W [out, in]", "per token", "torch.mm: us, GB/s",
+                          "oneDNN: us, GB/s", "torch.mm, W stored [in, out]: us, GB/s"], rows)
+        + "\n\nOne FFN layer, the sum of its products per token, W as stored. The MoE runs its routed experts' "
+        "products through oneDNN and the rest (router, shared expert) through torch.mm, as our models do by default "
+        "in fp32 on x86-64 (\"auto\"); the floor through torch.mm, as a dense model does, and through oneDNN:\n\n"
+        + markdown_table(["family", "floor us (torch.mm)", "floor us (oneDNN)", "MoE us", "MoE speed vs floor",
+                          "MoE speed vs the oneDNN floor"], totals)
     )
     write_section("decode-gemv", body)
 

@@ -1,9 +1,10 @@
-"""The matrix products of one expert block against the floor's: why per-expert products cost more per FLOP.
+"""The matrix products of one expert block against the floor's, under torch's fp32 `mm` and under oneDNN.
 
 At T=512 tokens the Mixtral-like layer (E 8, top-2) gives each expert about 128 rows and the DeepSeek-like layer
-(64 experts, top-6) about 48; the dense floor multiplies all 512 rows at once. This times the gate/up product of
-one block in the orientation the experts kernels use (rows x W^T, as nn.Linear) and transposed (W x rows^T, the
-output [2I, rows]), and the same product on the floor's 512 rows, in one process: round-robin medians, GFLOP/s.
+(64 experts, top-6) about 48; the dense floor multiplies all 512 rows at once. This times the gate/up and down
+products of one block as the experts kernels run them (rows x W^T, W stored [out, in] as nn.Linear stores it) and
+the same products on the floor's 512 rows, each through `torch.mm` (which calls MKL for fp32 on x86 CPUs) and
+through oneDNN's linear (what `sorted_mm` calls for fp32 on x86-64), in one process: round-robin medians, GFLOP/s.
 
     python benchmarks/expert_gemm.py            # writes BENCHMARKS.md
     python benchmarks/expert_gemm.py --smoke    # tiny shapes, prints only
@@ -14,30 +15,36 @@ import argparse
 import torch
 from common import markdown_table, round_robin_medians, write_section
 
-# name: (hidden, gate+up width 2I, rows per expert block at T=512, floor rows)
-SHAPES = {"mixtral-like": (1024, 2 * 2816, 128, 512), "deepseek-like": (1024, 2 * 704, 48, 512)}
-SMOKE_SHAPES = {"mixtral-like": (32, 96, 8, 32)}
+from hf_moe.modeling.experts_kernels import _onednn_linear
+
+# name: (hidden, expert width I, rows per expert block at T=512, floor rows)
+SHAPES = {"mixtral-like": (1024, 2816, 128, 512), "deepseek-like": (1024, 704, 48, 512)}
+SMOKE_SHAPES = {"mixtral-like": (32, 48, 8, 32)}
 
 
 def measure(shapes: dict, repeats: int) -> str:
+    if _onednn_linear is None:
+        raise SystemExit("this torch has no oneDNN (torch.backends.mkldnn is not available)")
     rows = []
     for name, (hidden, width, block_rows, floor_rows) in shapes.items():
-        torch.manual_seed(0)
-        weight = torch.randn(width, hidden)
-        block, floor = torch.randn(block_rows, hidden), torch.randn(floor_rows, hidden)
-        block_out, block_out_t = torch.empty(block_rows, width), torch.empty(width, block_rows)
-        floor_out = torch.empty(floor_rows, width)
-        candidates = {
-            ("floor rows x W^T", floor_rows): lambda: torch.mm(floor, weight.t(), out=floor_out),
-            ("block rows x W^T", block_rows): lambda: torch.mm(block, weight.t(), out=block_out),
-            ("block W x rows^T", block_rows): lambda: torch.mm(weight, block.t(), out=block_out_t),
-        }
-        times = round_robin_medians(candidates, repeats=repeats)
-        for (label, count), ms in times.items():
-            gflops = 2 * count * hidden * width / ms / 1e6
-            rows.append([name, label, f"[{count}, {hidden}] x [{hidden}, {width}]", f"{ms:.2f}", f"{gflops:.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
-    return markdown_table(["shape", "product", "sizes", "ms", "GFLOP/s"], rows)
+        for product, (in_features, out_features) in {"gate/up": (hidden, 2 * width), "down": (width, hidden)}.items():
+            torch.manual_seed(0)
+            weight = torch.randn(out_features, in_features)  # [out, in]
+            for label, count in (("block", block_rows), ("floor", floor_rows)):
+                x, out = torch.randn(count, in_features), torch.empty(count, out_features)
+                candidates = {
+                    "torch.mm": lambda x=x, out=out: torch.mm(x, weight.t(), out=out),
+                    "oneDNN": lambda x=x: _onednn_linear(x, weight, None, "none", [], ""),
+                }
+                times = round_robin_medians(candidates, repeats=repeats)
+                flop = 2 * count * in_features * out_features
+                rows.append([name, f"{label} {product}", f"[{count}, {in_features}] x [{in_features}, {out_features}]",
+                             *[f"{times[library]:.2f} ms, {flop / times[library] / 1e6:.0f}" for library in times],
+                             f"{times['torch.mm'] / times['oneDNN']:.2f}x"])
+                print(" | ".join(rows[-1]), flush=True)
+    header = ["shape", "product", "sizes", "torch.mm (MKL): ms, GFLOP/s", "oneDNN: ms, GFLOP/s",
+              "oneDNN speed-up"]
+    return markdown_table(header, rows)
 
 
 def main():
@@ -49,7 +56,7 @@ def main():
         measure(SMOKE_SHAPES, 1)
         return
     table = measure(SHAPES, args.repeats)
-    write_section("expert-gemm", "## Expert-block matrix products vs the floor's, fp32 (gate/up product at T=512)\n\n"
+    write_section("expert-gemm", "## Expert-block matrix products vs the floor's, fp32, torch.mm and oneDNN (T=512)\n\n"
                   + table)
 
 
