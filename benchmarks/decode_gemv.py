@@ -88,8 +88,9 @@ def main():
         + markdown_table(["family", "model", "product", "W [out, in]", "per token", "torch.mm: us, GB/s",
                           "oneDNN: us, GB/s", "torch.mm, W stored [in, out]: us, GB/s"], rows)
         + "\n\nOne FFN layer, the sum of its products per token, W as stored. The MoE runs its routed experts' "
-        "products through oneDNN and the rest (router, shared expert) through torch.mm, as our models do by default "
-        "in fp32 on x86-64 (\"auto\"); the floor through torch.mm, as a dense model does, and through oneDNN:\n\n"
+        "products through oneDNN\nand the rest (router, shared expert) through torch.mm, as our models do by default "
+        "for inference in fp32 on\nx86-64 (\"auto\"); the floor through torch.mm, as a dense model does, and "
+        "through oneDNN:\n\n"
         + markdown_table(["family", "floor us (torch.mm)", "floor us (oneDNN)", "MoE us", "MoE speed vs floor",
                           "MoE speed vs the oneDNN floor"], totals)
     )

@@ -129,18 +129,19 @@ def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, produc
 
 @pytest.mark.parametrize(("case", "runs"), [
     pytest.param("fp32", "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN")),
-    ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
+    ("training", "grouped_mm"), ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
 ])
 def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeypatch, case, runs):
-    """"auto" (our models' default) runs `sorted_mm` in fp32 on x86-64 CPUs, where its products go through oneDNN,
-    and transformers' `grouped_mm` for other dtypes, with oneDNN off, and for layouts `sorted_mm` refuses."""
+    """"auto" (our models' default) runs `sorted_mm` for inference in fp32 on x86-64 CPUs, where its products go
+    through oneDNN, and transformers' `grouped_mm` when gradients are needed, for other dtypes, with oneDNN off, and
+    for layouts `sorted_mm` refuses."""
     calls = []
     for name in ("sorted_mm", "grouped_mm"):
         monkeypatch.setattr(experts_kernels, f"{name}_experts_forward", lambda *args, name=name: calls.append(name))
     experts = experts_module("auto").to(torch.bfloat16 if case == "bf16" else torch.float32)
     experts.has_bias = case == "biases"
     hidden = torch.randn(3, 32, dtype=experts.gate_up_proj.dtype)
-    with torch.backends.mkldnn.flags(enabled=case != "oneDNN off"):
+    with torch.backends.mkldnn.flags(enabled=case != "oneDNN off"), torch.set_grad_enabled(case == "training"):
         experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=hidden.dtype))
     assert calls == [runs]
 

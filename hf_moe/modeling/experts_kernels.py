@@ -3,10 +3,12 @@
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
 experts can select it (`experts_implementation="sorted_mm"`). "auto", registered too and the default of this
-project's models, runs it where it measured faster than transformers' kernels (BENCHMARKS.md): fp32 on x86-64 CPUs,
-where its products go through oneDNN rather than the MKL that torch's fp32 `mm` calls. It runs transformers'
-`grouped_mm` elsewhere: on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of `grouped_mm`'s speed on an H100, and
-in bf16 both run the same oneDNN products. What `sorted_mm` also saves is memory: 14-25% less kept for the backward.
+project's models, runs it where it was as fast as or faster than transformers' kernels at every measured point
+(BENCHMARKS.md): inference in fp32 on x86-64 CPUs, where its products go through oneDNN rather than the MKL that
+torch's fp32 `mm` calls. It runs transformers' `grouped_mm` elsewhere: for training on a CPU one `sorted_mm` layer
+is faster, but whole training steps were not reliably so; on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of
+`grouped_mm`'s speed on an H100; and in bf16 both run the same oneDNN products. What `sorted_mm` also saves is
+memory: 14-25% less kept for the backward, so it is worth selecting for training where memory binds.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
 contiguous block of rows (on a CPU one product per expert, through oneDNN in fp32 on x86-64 and `torch.mm`
@@ -273,11 +275,14 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
 def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """"auto", the default of this project's models: `sorted_mm` where it measured faster than transformers' kernels
-    (fp32 on x86-64 CPUs, its products through oneDNN; BENCHMARKS.md), transformers' `grouped_mm` elsewhere: on GPUs,
-    where `sorted_mm`'s backward is slower, in bf16, where both run torch's oneDNN products and are even, and for
-    weight layouts `sorted_mm` does not take."""
-    if _onednn_runs(hidden_states) and _takes_layout(self):
+    """"auto", the default of this project's models: `sorted_mm` where it was as fast as or faster than transformers'
+    kernels at every measured point (BENCHMARKS.md): inference in fp32 on x86-64 CPUs, its products through oneDNN
+    (forward passes and decoding). Transformers' `grouped_mm` elsewhere: for training, where `sorted_mm`'s layer is
+    faster but whole training steps were not reliably so; on GPUs, where its backward is slower; in bf16, where both
+    run torch's oneDNN products and are even; and for weight layouts `sorted_mm` does not take."""
+    weights = (self.gate_up_proj, self.down_proj)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *weights))
+    if not training and _onednn_runs(hidden_states) and _takes_layout(self):
         return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
