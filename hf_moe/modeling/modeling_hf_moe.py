@@ -70,10 +70,10 @@ class MoEMLP(nn.Module):
 class MoEExperts(nn.Module):
     """The routed experts of one layer, as fused 3D weights (the layout transformers 5 uses in memory).
 
-    This forward is the readable `eager` path; `grouped_mm` and `batched_mm` (transformers' kernels) and `sorted_mm`
-    and "auto" (ours, "auto" the default: experts_kernels.py) replace it when selected with
-    `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under
-    expert parallelism) are skipped; the routers never emit them (dropped slots keep a valid id with weight 0).
+    This forward is the readable `eager` path; transformers' kernels (`grouped_mm`, `batched_mm`) and ours
+    (`sorted_mm`, and "auto", the default: experts_kernels.py) replace it when selected with
+    `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under expert parallelism)
+    are skipped; the routers never emit them (dropped slots keep a valid id with weight 0).
     """
 
     def __init__(self, config: MoEDecoderConfig):
