@@ -229,6 +229,11 @@ class _SortedExpertsFunction(torch.autograd.Function):
         return grad_hidden, grad_pair_weights, grad_gate_up_proj, grad_down_proj, None, None, None, None
 
 
+def _grad_needed(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call: grad mode is on and one of the inputs requires a gradient."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 def _takes_layout(experts: nn.Module) -> bool:
     """Whether `sorted_mm` takes this experts module's weight layout (transformers' `use_experts_implementation`
     flags)."""
@@ -268,7 +273,7 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     pair_weights = top_k_weights.reshape(-1)[order]
     weights = (self.gate_up_proj, self.down_proj)
     arguments = (hidden_states, pair_weights, *weights, token_of, unsort, products, self.act_fn)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, pair_weights, *weights)):
+    if _grad_needed(hidden_states, pair_weights, *weights):
         return _SortedExpertsFunction.apply(*arguments)
     return _experts_forward(*arguments)[0]
 
@@ -280,8 +285,7 @@ def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     (forward passes and decoding). Transformers' `grouped_mm` elsewhere: for training, where `sorted_mm`'s layer is
     faster but whole training steps were not reliably so; on GPUs, where its backward is slower; in bf16, where both
     run torch's oneDNN products and are even; and for weight layouts `sorted_mm` does not take."""
-    weights = (self.gate_up_proj, self.down_proj)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, top_k_weights, *weights))
+    training = _grad_needed(hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
     if not training and _onednn_runs(hidden_states) and _takes_layout(self):
         return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

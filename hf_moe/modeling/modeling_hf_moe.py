@@ -588,10 +588,10 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         # generate() runs transformers' `batched_mm` for the decoding steps of a model set to `grouped_mm` on a GPU
         # (fewer launches for a few tokens). `sorted_mm` is a training kernel, slower there than `batched_mm`
         # (BENCHMARKS.md, decode on the H100), and "auto" runs `grouped_mm` on a GPU: hand both over the same way.
-        original = self.get_experts_implementation()
-        swap = self.device.type != "cpu" and {SORTED_MM, AUTO} & set(original.values())
+        original, ours = self.get_experts_implementation(), (SORTED_MM, AUTO)
+        swap = self.device.type != "cpu" and any(value in ours for value in original.values())
         if swap:
-            self.set_experts_implementation({key: "grouped_mm" if value in (SORTED_MM, AUTO) else value
+            self.set_experts_implementation({key: "grouped_mm" if value in ours else value
                                              for key, value in original.items()})
         try:
             with super()._optimize_model_for_decode():
