@@ -146,6 +146,16 @@ def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeyp
     assert calls == [runs]
 
 
+def test_auto_inference_matches_eager():
+    """What "auto" runs without gradients (`sorted_mm` through oneDNN on x86-64 in fp32) gives eager's outputs."""
+    hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1))
+    index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(10, 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(experts_module("auto")(hidden, index, weights), experts_module("eager")(hidden, index, weights),
+                     atol=1e-6, rtol=0)
+
+
 def test_gpu_tensors_never_take_the_onednn_products():
     """oneDNN's linear runs on CPU tensors only; on a GPU "auto" runs `grouped_mm` (the device check, on a meta
     tensor here since the suite runs without a GPU)."""
