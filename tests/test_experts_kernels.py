@@ -127,6 +127,36 @@ def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, produc
     assert len(calls) == products_through_onednn
 
 
+def test_bucketed_row_counts_are_few_and_waste_at_most_a_sixteenth():
+    """oneDNN compiles a kernel per product shape: the row counts it sees are bucketed, exact up to 32."""
+    buckets = [experts_kernels._bucketed(rows) for rows in range(1, 8193)]
+    assert buckets[:32] == list(range(1, 33))
+    assert all(rows <= bucket <= rows * 17 / 16 for rows, bucket in enumerate(buckets, start=1))
+    assert len(set(buckets)) == 32 + 16 * 8  # 16 per power of two from 32 to 8192
+
+
+@pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
+def test_onednn_products_run_on_windows_around_each_block(monkeypatch):
+    """Each expert's oneDNN product runs on a window of a bucketed number of rows that contains its block: forward
+    into the next block's rows, or back into the previous block's at the end of the rows. Only the block's own
+    results are kept, even where the neighbouring rows are NaN."""
+    sizes = [45, 0, 3, 70, 33]  # rows per expert -> windows of 46, 3, 72 and 34 rows
+    products = experts_kernels._LoopProducts(torch.tensor(sizes).cumsum(0).to(torch.int32))
+    rows = torch.randn(sum(sizes), 16, generator=torch.Generator().manual_seed(0))
+    rows[45:48] = float("nan")  # expert 2's rows, inside expert 0's window
+    weight = torch.randn(5, 16, 8, generator=torch.Generator().manual_seed(1))
+    windows = []
+    linear = experts_kernels._onednn_linear
+    monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda x, *args: windows.append(len(x)) or linear(x, *args))
+    out = products.rows_times(rows, weight)
+    assert windows == [46, 3, 72, 34]
+    starts = [0, 45, 45, 48, 118, 151]
+    for expert in range(5):
+        block = slice(starts[expert], starts[expert + 1])
+        assert_close(out[block], rows[block] @ weight[expert], atol=1e-5, rtol=0, equal_nan=expert == 2)
+    assert not out[:45].isnan().any() and not out[48:].isnan().any()
+
+
 @pytest.mark.parametrize(("case", "runs"), [
     pytest.param("fp32", "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN")),
     ("training", "grouped_mm"), ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),

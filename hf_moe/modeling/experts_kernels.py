@@ -73,9 +73,23 @@ def _onednn_runs(rows: torch.Tensor) -> bool:
             and torch.backends.mkldnn.enabled)
 
 
+def _bucketed(rows: int) -> int:
+    """`rows` rounded up to one of 16 steps per power of two (exact up to 32): at most 6.25% more rows."""
+    if rows <= 32:
+        return rows
+    step = 1 << (rows.bit_length() - 5)  # rows in [2^(b-1), 2^b): steps of 2^(b-5)
+    return -(-rows // step) * step
+
+
 class _LoopProducts:
     """Per-expert products as one matrix product per expert that received pairs, on its contiguous block of rows.
-    Needs block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs."""
+    Needs block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs.
+
+    oneDNN builds (JIT-compiles) a kernel for every new product shape and caches 1024 of them: 0.45-1.1 ms each, as
+    much as a whole small product, and per-expert row counts change with every batch. Its products therefore run on
+    windows of a bucketed number of rows that contain the expert's block (the neighbouring rows' results are
+    dropped): in the training steps of BENCHMARKS.md ("oneDNN kernel shapes") 8-20 calls per step met a new shape
+    instead of 76-112, and the cache held 272-376 shapes after 12 steps instead of 992-1568."""
 
     def __init__(self, ends: torch.Tensor):
         self.num_experts = ends.shape[0]
@@ -85,13 +99,19 @@ class _LoopProducts:
                 self.blocks.append((expert, start, end))
             start = end
         self.num_rows = start
+        self.windows = []  # (expert, start, end, first row, rows) of each block's oneDNN product
+        for expert, start, end in self.blocks:
+            rows = min(_bucketed(end - start), self.num_rows)
+            first = min(start, self.num_rows - rows)
+            self.windows.append((expert, start, end, first, rows))
 
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
         out = rows.new_empty(rows.shape[0], weight.shape[-1])
         if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
-            for expert, start, end in self.blocks:
-                out[start:end] = _onednn_linear(rows[start:end], weight[expert].t(), None, "none", [], "")
+            for expert, start, end, first, count in self.windows:
+                window = _onednn_linear(rows[first:first + count], weight[expert].t(), None, "none", [], "")
+                out[start:end] = window[start - first:end - first]
         else:
             for expert, start, end in self.blocks:
                 torch.mm(rows[start:end], weight[expert], out=out[start:end])
