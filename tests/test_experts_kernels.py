@@ -136,10 +136,10 @@ def test_bucketed_row_counts_are_few_and_waste_at_most_a_sixteenth():
 
 
 @pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
-def test_onednn_products_run_on_windows_around_each_block(monkeypatch):
-    """Each expert's oneDNN product runs on a window of a bucketed number of rows that contains its block: forward
-    into the next block's rows, or back into the previous block's at the end of the rows. Only the block's own
-    results are kept, even where the neighbouring rows are NaN."""
+def test_onednn_products_run_on_windows_from_each_block(monkeypatch):
+    """Each expert's oneDNN product runs on a window of a bucketed number of rows from its block's first row: into the
+    next block's rows, or zero padding at the end of the rows. Only the block's own results are kept, even where the
+    next block's rows are NaN, and they do not depend on what follows the block."""
     sizes = [45, 0, 3, 70, 33]  # rows per expert -> windows of 46, 3, 72 and 34 rows
     products = experts_kernels._LoopProducts(torch.tensor(sizes).cumsum(0).to(torch.int32))
     rows = torch.randn(sum(sizes), 16, generator=torch.Generator().manual_seed(0))
@@ -155,6 +155,9 @@ def test_onednn_products_run_on_windows_around_each_block(monkeypatch):
         block = slice(starts[expert], starts[expert + 1])
         assert_close(out[block], rows[block] @ weight[expert], atol=1e-5, rtol=0, equal_nan=expert == 2)
     assert not out[:45].isnan().any() and not out[48:].isnan().any()
+    # without expert 4, expert 3's block is the last one, its window padded: the same results to the bit
+    last = experts_kernels._LoopProducts(torch.tensor(sizes[:4]).cumsum(0).to(torch.int32))
+    assert torch.equal(last.rows_times(rows[:118], weight[:4])[48:118], out[48:118])
 
 
 @pytest.mark.parametrize(("case", "runs"), [
@@ -177,10 +180,11 @@ def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeyp
 
 
 def test_auto_inference_matches_eager():
-    """What "auto" runs without gradients (`sorted_mm` through oneDNN on x86-64 in fp32) gives eager's outputs."""
-    hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1))
-    index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(2))
-    weights = torch.rand(10, 2, generator=torch.Generator().manual_seed(3))
+    """What "auto" runs without gradients (`sorted_mm` through oneDNN on x86-64 in fp32) gives eager's outputs, with
+    expert blocks longer than the 32 rows up to which oneDNN's windows are exact."""
+    hidden = torch.randn(100, 32, generator=torch.Generator().manual_seed(1))
+    index = torch.randint(0, 4, (100, 2), generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(100, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert_close(experts_module("auto")(hidden, index, weights), experts_module("eager")(hidden, index, weights),
                      atol=1e-6, rtol=0)

@@ -87,9 +87,10 @@ class _LoopProducts:
 
     oneDNN builds (JIT-compiles) a kernel for every new product shape and caches 1024 of them: 0.45-1.1 ms each, as
     much as a whole small product, and per-expert row counts change with every batch. Its products therefore run on
-    windows of a bucketed number of rows that contain the expert's block (the neighbouring rows' results are
-    dropped): in the training steps of BENCHMARKS.md ("oneDNN kernel shapes") 8-20 calls per step met a new shape
-    instead of 76-112, and the cache held 272-376 shapes after 12 steps instead of 992-1568."""
+    windows of a bucketed number of rows from the first row of the expert's block (the rows after the block, the next
+    blocks' or zero padding at the end, give results that are dropped): in the training steps of BENCHMARKS.md
+    ("oneDNN kernel shapes") 8-20 calls per step met a new shape instead of 76-112, and the cache held 272-376 shapes
+    after 12 steps instead of 992-1568."""
 
     def __init__(self, ends: torch.Tensor):
         self.num_experts = ends.shape[0]
@@ -99,19 +100,17 @@ class _LoopProducts:
                 self.blocks.append((expert, start, end))
             start = end
         self.num_rows = start
-        self.windows = []  # (expert, start, end, first row, rows) of each block's oneDNN product
-        for expert, start, end in self.blocks:
-            rows = min(_bucketed(end - start), self.num_rows)
-            first = min(start, self.num_rows - rows)
-            self.windows.append((expert, start, end, first, rows))
+        self.windows = [(expert, start, end, _bucketed(end - start)) for expert, start, end in self.blocks]
 
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
         out = rows.new_empty(rows.shape[0], weight.shape[-1])
         if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
-            for expert, start, end, first, count in self.windows:
-                window = _onednn_linear(rows[first:first + count], weight[expert].t(), None, "none", [], "")
-                out[start:end] = window[start - first:end - first]
+            for expert, start, end, count in self.windows:
+                window = rows[start:start + count]  # [count, in], or fewer rows at the end: padded with zeros
+                if len(window) < count:
+                    window = torch.cat([window, window.new_zeros(count - len(window), window.shape[1])])
+                out[start:end] = _onednn_linear(window, weight[expert].t(), None, "none", [], "")[: end - start]
         else:
             for expert, start, end in self.blocks:
                 torch.mm(rows[start:end], weight[expert], out=out[start:end])
