@@ -6,7 +6,7 @@ experts can select it (`experts_implementation="sorted_mm"`). "auto", registered
 project's models, runs it where it was as fast as or faster than transformers' kernels at every measured point
 (BENCHMARKS.md): inference in fp32 on x86-64 CPUs, where its products go through oneDNN rather than the MKL that
 torch's fp32 `mm` calls. It runs transformers' `grouped_mm` elsewhere: for training on a CPU one `sorted_mm` layer
-is faster, but whole training steps were not reliably so; on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of
+is faster, but whole training steps were not; on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of
 `grouped_mm`'s speed on an H100; and in bf16 both run the same oneDNN products. What `sorted_mm` also saves is
 memory: 14-25% less kept for the backward, so it is worth selecting for training where memory binds.
 
@@ -302,7 +302,7 @@ def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     """"auto", the default of this project's models: `sorted_mm` where it was as fast as or faster than transformers'
     kernels at every measured point (BENCHMARKS.md): inference in fp32 on x86-64 CPUs, its products through oneDNN
     (forward passes and decoding). Transformers' `grouped_mm` elsewhere: for training, where `sorted_mm`'s layer is
-    faster but whole training steps were not reliably so; on GPUs, where its backward is slower; in bf16, where both
+    faster but whole training steps were not; on GPUs, where its backward is slower; in bf16, where both
     run torch's oneDNN products and are even; and for weight layouts `sorted_mm` does not take."""
     training = _grad_needed(hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
     if not training and _onednn_runs(hidden_states) and _takes_layout(self):
