@@ -1,13 +1,14 @@
 """What oneDNN's per-shape kernels cost `sorted_mm`: one product at a new row count against a cached one, and the
-new shapes that training steps meet with exact and with bucketed row windows.
+new shapes that training steps and prefills meet with exact and with bucketed row windows.
 
 oneDNN builds (JIT-compiles) a kernel for every new product shape and keeps the last 1024 in a cache. `sorted_mm`'s
-per-expert row counts change with every batch, so with exact windows a training step keeps meeting new shapes;
-bucketed windows (`hf_moe/modeling/experts_kernels.py`, `_bucketed`) round each count up to one of 16 steps per power
-of two. Part 1 times single products: the first call at each of 20 row counts near 48 and 256, the same call again,
-and `torch.mm`. Part 2 trains each model of table (b) under `sorted_mm` for a number of steps, once with exact and
-once with bucketed windows, each in a fresh process (the cache is per process), and counts the oneDNN calls whose
-shape the process had not seen before and the time they took.
+per-expert row counts change with every batch, so with exact windows training steps and prompts of new lengths keep
+meeting new shapes; bucketed windows (`hf_moe/modeling/experts_kernels.py`, `_bucketed`) round each count up to one of
+16 steps per power of two. Part 1 times single products: the first call at each of 20 row counts near 48 and 256, the
+same call again, and `torch.mm`. Part 2 runs each model of table (b) under `sorted_mm` for a number of training steps,
+and of prefills of prompts of random lengths, once with exact and once with bucketed windows, each in a fresh process
+(the cache is per process), and counts the oneDNN calls whose shape the process had not seen before and the time they
+took.
 
     python benchmarks/onednn_shapes.py           # writes BENCHMARKS.md
     python benchmarks/onednn_shapes.py --smoke   # tiny shapes, prints only
@@ -57,9 +58,10 @@ def product_rows(smoke: bool) -> list[list]:
     return rows
 
 
-def train(family: str, windows: str, steps: int, smoke: bool) -> dict:
-    """Train `steps` steps of the family's `sorted_mm` model; per step, the oneDNN calls at shapes new to this
-    process and the time in them."""
+def run_steps(family: str, work: str, windows: str, steps: int, smoke: bool) -> dict:
+    """Run `steps` steps of the family's `sorted_mm` model: training steps on one batch, or prefills (forward passes
+    without gradients, what "auto" runs `sorted_mm` for) of prompts of random lengths. Per step, the oneDNN calls at
+    shapes new to this process and the time in them."""
     if windows == "exact":
         experts_kernels._bucketed = lambda rows: rows
     linear, seen, step_calls = experts_kernels._onednn_linear, set(), []
@@ -74,17 +76,28 @@ def train(family: str, windows: str, steps: int, smoke: bool) -> dict:
 
     experts_kernels._onednn_linear = counting_linear
     model = build_models(family, smoke)["ours sorted_mm"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 8) if smoke else (4, 256),
-                              generator=torch.Generator().manual_seed(1))
-    model.train()
+    vocab, generator = model.config.vocab_size, torch.Generator().manual_seed(1)
+    if work == "training":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        input_ids = torch.randint(0, vocab, (2, 8) if smoke else (4, 256), generator=generator)
+        model.train()
+
+        def step():
+            model(input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        lengths = (4, 12) if smoke else (64, 512)
+
+        def step():
+            length = int(torch.randint(*lengths, (1,), generator=generator))
+            with torch.no_grad():
+                model(torch.randint(0, vocab, (1, length), generator=generator))
     per_step = []
     for _ in range(steps):
         step_calls.clear()
         start = time.perf_counter()
-        model(input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step()
         step_ms = (time.perf_counter() - start) * 1000
         new = [seconds for is_new, seconds in step_calls if is_new]
         old = [seconds for is_new, seconds in step_calls if not is_new]
@@ -95,18 +108,20 @@ def train(family: str, windows: str, steps: int, smoke: bool) -> dict:
 
 def step_rows(steps: int, smoke: bool) -> list[list]:
     rows = []
-    for family in FAMILIES:
-        for windows in ("exact", "bucketed"):
-            arguments = [sys.executable, __file__, "--train", family, windows, str(steps)] + ["--smoke"] * smoke
-            result = json.loads(subprocess.run(arguments, capture_output=True, text=True, check=True).stdout)
-            later = result["per step"][1:] or result["per step"]  # the first step meets every shape for the first time
+    for work in ("training", "prefill"):
+        for family in list(FAMILIES)[:1] if smoke else FAMILIES:
+            for windows in ("exact", "bucketed"):
+                arguments = [sys.executable, __file__, "--run", family, work, windows, str(steps)]
+                result = json.loads(subprocess.run(arguments + ["--smoke"] * smoke, capture_output=True, text=True,
+                                                   check=True).stdout)
+                later = result["per step"][1:] or result["per step"]  # step 1 meets every shape for the first time
 
-            def median(key):
-                return statistics.median(step[key] for step in later)
-            rows.append([family, windows, str(steps), str(result["per step"][0]["new"]), f"{median('calls'):.0f}",
-                         f"{median('new'):.0f}", f"{median('new ms'):.0f}", f"{median('old ms'):.0f}",
-                         str(result["shapes"]), f"{median('step ms'):.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
+                def median(key):
+                    return statistics.median(step[key] for step in later)
+                rows.append([family, work, windows, str(steps), str(result["per step"][0]["new"]),
+                             f"{median('calls'):.0f}", f"{median('new'):.0f}", f"{median('new ms'):.0f}",
+                             f"{median('old ms'):.0f}", str(result["shapes"]), f"{median('step ms'):.0f}"])
+                print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
@@ -114,13 +129,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, prints only")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--train", nargs=3, metavar=("FAMILY", "WINDOWS", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--run", nargs=4, metavar=("FAMILY", "WORK", "WINDOWS", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if experts_kernels._onednn_linear is None:
         raise SystemExit("this torch has no oneDNN linear on this machine: nothing to compare")
-    if args.train:  # one training run in this fresh process, for step_rows
-        family, windows, steps = args.train
-        print(json.dumps(train(family, windows, int(steps), args.smoke)))
+    if args.run:  # one run of steps in this fresh process, for step_rows
+        family, work, windows, steps = args.run
+        print(json.dumps(run_steps(family, work, windows, int(steps), args.smoke)))
         return
     steps = 2 if args.smoke else args.steps
     products, trained = product_rows(args.smoke), step_rows(steps, args.smoke)
@@ -131,11 +146,12 @@ def main():
                   "`torch.mm` (MKL).\n\n"
                   + markdown_table(["product", "rows", "oneDNN first call", "oneDNN again", "torch.mm",
                                     "first-call cost"], products)
-                  + "\n\nTraining steps of table (b)'s models under `sorted_mm` (batch 4 x 256), each run in a fresh "
-                  "process; medians over the steps after the first.\n\n"
-                  + markdown_table(["family", "row windows", "steps", "new shapes in step 1", "oneDNN calls / step",
-                                    "of which at new shapes", "ms in those", "ms in the other calls",
-                                    "shapes after the last step", "ms / step"], trained))
+                  + "\n\nSteps of table (b)'s models under `sorted_mm`, each run in a fresh process: training steps "
+                  "(batch 4 x 256), or prefills (forward passes without gradients, as \"auto\" runs them) of single "
+                  "prompts of 64-511 random tokens. Medians over the steps after the first.\n\n"
+                  + markdown_table(["family", "steps of", "row windows", "steps", "new shapes in step 1",
+                                    "oneDNN calls / step", "of which at new shapes", "ms in those",
+                                    "ms in the other calls", "shapes after the last step", "ms / step"], trained))
 
 
 if __name__ == "__main__":

@@ -85,12 +85,13 @@ class _LoopProducts:
     """Per-expert products as one matrix product per expert that received pairs, on its contiguous block of rows.
     Needs block ends on the host (one sync); work is proportional to the pairs plus the experts with pairs.
 
-    oneDNN builds (JIT-compiles) a kernel for every new product shape and caches 1024 of them: 0.45-1.1 ms each, as
-    much as a whole small product, and per-expert row counts change with every batch. Its products therefore run on
-    windows of a bucketed number of rows from the first row of the expert's block (the rows after the block, the next
-    blocks' or zero padding at the end, give results that are dropped): in the training steps of BENCHMARKS.md
-    ("oneDNN kernel shapes") 8-20 calls per step met a new shape instead of 76-112, and the cache held 272-376 shapes
-    after 12 steps instead of 992-1568."""
+    oneDNN builds (JIT-compiles) a kernel for every new product shape and caches 1024 of them: 0.4-1.1 ms each, as
+    much as a whole small product, and per-expert row counts change with every batch and prompt. Its products
+    therefore run on windows of a bucketed number of rows from the first row of the expert's block (the rows after the
+    block, the next blocks' or zero padding at the end, give results that are dropped): in the training steps of
+    BENCHMARKS.md ("oneDNN kernel shapes") 8-20 calls per step met a new shape instead of 76-112, and the cache held
+    272-376 shapes after 12 steps instead of 992-1568; prefills of prompts of random lengths met 6-8 instead of
+    18-28."""
 
     def __init__(self, ends: torch.Tensor):
         self.num_experts = ends.shape[0]
