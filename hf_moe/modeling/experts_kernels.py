@@ -101,13 +101,13 @@ class _LoopProducts:
                 self.blocks.append((expert, start, end))
             start = end
         self.num_rows = start
-        self.windows = [(expert, start, end, _bucketed(end - start)) for expert, start, end in self.blocks]
 
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
         out = rows.new_empty(rows.shape[0], weight.shape[-1])
         if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
-            for expert, start, end, count in self.windows:
+            for expert, start, end in self.blocks:
+                count = _bucketed(end - start)
                 window = rows[start:start + count]  # [count, in], or fewer rows at the end: padded with zeros
                 if len(window) < count:
                     window = torch.cat([window, window.new_zeros(count - len(window), window.shape[1])])
