@@ -35,6 +35,15 @@ def machine_description() -> str:
             f"{malloc}{gpu}")
 
 
+def onednn_linear():
+    """torch's oneDNN linear, as `sorted_mm` calls it (hf_moe/modeling/experts_kernels.py), for the scripts that compare
+    it with `torch.mm`; exits where this machine has none (off x86-64, or torch without oneDNN)."""
+    from hf_moe.modeling.experts_kernels import _onednn_linear
+    if _onednn_linear is None:
+        raise SystemExit("this torch has no oneDNN linear on this machine: nothing to compare")
+    return _onednn_linear
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work, so that wall time covers it (GPU kernels run asynchronously)."""
     if torch.device(device).type == "cuda":

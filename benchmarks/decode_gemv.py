@@ -17,10 +17,8 @@ import argparse
 import math
 
 import torch
-from common import markdown_table, round_robin_medians, write_section
+from common import markdown_table, onednn_linear, round_robin_medians, write_section
 from models import COMMON, FAMILIES, SMOKE, SMOKE_FAMILIES
-
-from hf_moe.modeling.experts_kernels import _onednn_linear
 
 WORKING_SET = 256 * 2**20  # bytes cycled per product: well above the last-level cache
 ROUTED = ("expert gate_up", "expert down")  # the products `sorted_mm` runs, through oneDNN in fp32 on x86-64
@@ -39,8 +37,7 @@ def products(hidden: int, experts: int, top_k: int, width: int, shared: int) -> 
 
 
 def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) -> tuple[list[list], list[list]]:
-    if _onednn_linear is None:
-        raise SystemExit("this torch has no oneDNN (torch.backends.mkldnn is not available)")
+    linear = onednn_linear()
     rows, totals = [], []
     for family, (experts, top_k, width, shared) in shapes.items():
         layer_us = {"floor": 0.0, "floor, oneDNN": 0.0, "MoE": 0.0}
@@ -53,7 +50,7 @@ def timed_products(shapes: dict, hidden: int, working_set: int, repeats: int) ->
                 x = torch.randn(1, in_features)
                 candidates = {
                     "torch.mm": lambda w=stored: [torch.mm(x, w[i].t()) for i in range(len(w))],
-                    "oneDNN": lambda w=stored: [_onednn_linear(x, w[i], None, "none", [], "") for i in range(len(w))],
+                    "oneDNN": lambda w=stored: [linear(x, w[i], None, "none", [], "") for i in range(len(w))],
                     "[in, out]": lambda w=transposed: [torch.mm(x, w[i]) for i in range(len(w))],
                 }
                 times = {way: ms * 1000 / copies for way, ms in round_robin_medians(candidates, repeats).items()}

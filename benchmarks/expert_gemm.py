@@ -13,9 +13,7 @@ through oneDNN's linear (what `sorted_mm` calls for fp32 on x86-64), in one proc
 import argparse
 
 import torch
-from common import markdown_table, round_robin_medians, write_section
-
-from hf_moe.modeling.experts_kernels import _onednn_linear
+from common import markdown_table, onednn_linear, round_robin_medians, write_section
 
 # name: (hidden, expert width I, rows per expert block at T=512, floor rows)
 SHAPES = {"mixtral-like": (1024, 2816, 128, 512), "deepseek-like": (1024, 704, 48, 512)}
@@ -23,8 +21,7 @@ SMOKE_SHAPES = {"mixtral-like": (32, 48, 8, 32)}
 
 
 def measure(shapes: dict, repeats: int) -> str:
-    if _onednn_linear is None:
-        raise SystemExit("this torch has no oneDNN (torch.backends.mkldnn is not available)")
+    linear = onednn_linear()
     rows = []
     for name, (hidden, width, block_rows, floor_rows) in shapes.items():
         for product, (in_features, out_features) in {"gate/up": (hidden, 2 * width), "down": (width, hidden)}.items():
@@ -34,7 +31,7 @@ def measure(shapes: dict, repeats: int) -> str:
                 x, out = torch.randn(count, in_features), torch.empty(count, out_features)
                 candidates = {
                     "torch.mm": lambda x=x, out=out: torch.mm(x, weight.t(), out=out),
-                    "oneDNN": lambda x=x: _onednn_linear(x, weight, None, "none", [], ""),
+                    "oneDNN": lambda x=x: linear(x, weight, None, "none", [], ""),
                 }
                 times = round_robin_medians(candidates, repeats=repeats)
                 flop = 2 * count * in_features * out_features

@@ -17,12 +17,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from common import markdown_table, round_robin_medians, write_section
+from common import markdown_table, onednn_linear, round_robin_medians, write_section
 from models import FAMILIES, build_models
 from moe_block import SHAPES, SMOKE_SHAPES, build_blocks
 from torch import nn
-
-from hf_moe.modeling.experts_kernels import _onednn_linear
 
 # the MoE layer of the Qwen2-MoE-like model of table (b): (hidden, experts, top-k, width, shared width)
 LAYER_SHAPES = {"mixtral-like": (SHAPES["mixtral-like"], 512), "deepseek-like": (SHAPES["deepseek-like"], 512),
@@ -161,8 +159,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print the top operations of one step per candidate")
     args = parser.parse_args()
-    if _onednn_linear is None:
-        raise SystemExit("this torch has no oneDNN linear on this machine: nothing to compare")
+    onednn_linear()  # exits where this machine has none
     if args.smoke:
         layer_rounds(SMOKE_LAYER_SHAPES, 1, 1)
         step_rounds(True, 1, 1, args.profile)

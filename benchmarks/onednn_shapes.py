@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from common import markdown_table, write_section
+from common import markdown_table, onednn_linear, write_section
 from models import FAMILIES, build_models
 
 from hf_moe.modeling import experts_kernels
@@ -131,8 +131,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--run", nargs=4, metavar=("FAMILY", "WORK", "WINDOWS", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if experts_kernels._onednn_linear is None:
-        raise SystemExit("this torch has no oneDNN linear on this machine: nothing to compare")
+    onednn_linear()  # exits where this machine has none
     if args.run:  # one run of steps in this fresh process, for step_rows
         family, work, windows, steps = args.run
         print(json.dumps(run_steps(family, work, windows, int(steps), args.smoke)))
