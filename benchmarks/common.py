@@ -1,8 +1,9 @@
 """Shared measurement helpers: round-robin repeats in one process, medians, the machine, BENCHMARKS.md sections.
 
-Run benchmarks with a warmed allocator, e.g.
+Run benchmarks with a warmed allocator (WARMED_MALLOC), e.g.
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 python ...
-(glibc otherwise returns large buffers to the OS and page-faults them back, adding 30-60% noise).
+(glibc otherwise returns large buffers to the OS and page-faults them back, adding 30-60% noise). Buffers above the
+32 MB threshold are still fresh pages on every allocation: page_faults.py measures what that costs.
 """
 
 import os
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# glibc keeps freed memory for reuse: the largest mmap threshold it takes (32 MB), no trimming, 1 GB of heap headroom
+WARMED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+                 "MALLOC_TOP_PAD_": "1073741824"}
 
 
 def machine_description() -> str:
@@ -29,7 +32,7 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    malloc = "warmed malloc" if all(os.environ.get(name) for name in MALLOC_SETTINGS) else "default malloc"
+    malloc = "warmed malloc" if all(os.environ.get(name) for name in WARMED_MALLOC) else "default malloc"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{malloc}{gpu}")

@@ -14,7 +14,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("moe_block.py", "sorted_mm"), ("train_step.py", "sorted_mm"), ("decode.py", "sorted_mm"),
     ("lora_step.py", "MixLoRA"), ("expert_gemm.py", "block gate/up"),
     ("decode_gemv.py", "shared-expert gate"), ("onednn_ab.py", "sorted_mm, oneDNN forward only"),
-    ("onednn_shapes.py", "mixtral-like | prefill | bucketed"), ("quality_pretraining.py", "| expert_choice |"),
+    ("onednn_shapes.py", "mixtral-like | prefill | bucketed"),
+    ("page_faults.py", "deepseek-like | one layer fwd+bwd, T=8 | ours sorted_mm"),
+    ("quality_pretraining.py", "| expert_choice |"),
     pytest.param("quality_lora_moe.py", "| mola |", marks=pytest.mark.slow),
 ])
 def test_benchmark_script_runs_on_tiny_shapes(script, expected, tmp_path):
