@@ -28,7 +28,8 @@ import sys
 import torch
 from common import WARMED_MALLOC, markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
-from moe_block import SHAPES, SMOKE_SHAPES, build_blocks, step
+from moe_block import SHAPES, SMOKE_SHAPES, build_blocks, repeats, step
+from train_step import fused_adamw, training_step
 
 SETTINGS = {"warmed malloc": WARMED_MALLOC, "mmap off": {**WARMED_MALLOC, "MALLOC_MMAP_MAX_": "0"}}
 LAYER_CANDIDATES = ("floor", "transformers grouped_mm", "ours sorted_mm", "ours grouped_mm")
@@ -67,7 +68,7 @@ def layer_results(smoke: bool) -> list[list]:
             candidates = dict(zip(LAYER_CANDIDATES, (
                 lambda: step(floor, inputs, grad, True), lambda: step(native, inputs, grad, True),
                 lambda: ours_step("sorted_mm"), lambda: ours_step("grouped_mm"))))
-            results = timed_with_faults(candidates, repeats=1 if smoke else (5 if tokens <= 512 else 3))
+            results = timed_with_faults(candidates, repeats=1 if smoke else repeats(tokens, "cpu"))
             rows += [[shape_name, f"one layer fwd+bwd, T={tokens}", name, *results[name]] for name in candidates]
     return rows
 
@@ -78,16 +79,9 @@ def model_results(smoke: bool) -> list[list]:
         models = {name: model for name, model in build_models(family, smoke).items() if name in MODEL_CANDIDATES}
         torch.manual_seed(1)
         input_ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (2, 8) if smoke else (4, 256))
-        optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-                      for name, model in models.items()}
-
-        def train_step(name):  # as train_step.py's: Trainer's, with zero_grad setting the gradients to None
-            models[name].train()
-            models[name](input_ids, labels=input_ids).loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-
-        results = timed_with_faults({name: (lambda n=name: train_step(n)) for name in models}, 1 if smoke else 5)
+        optimizers = {name: fused_adamw(model) for name, model in models.items()}
+        candidates = {name: (lambda n=name: training_step(models[n], optimizers[n], input_ids)) for name in models}
+        results = timed_with_faults(candidates, 1 if smoke else 5)
         work = f"training step, batch {input_ids.shape[0]} x {input_ids.shape[1]}"
         rows += [[family, work, name, *results[name]] for name in models]
     return rows

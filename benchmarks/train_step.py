@@ -40,6 +40,26 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> i
     return sum(saved.values())
 
 
+def fused_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Fused AdamW, Trainer's default (optim="adamw_torch_fused"); the for-loop AdamW takes several times as long on
+    CPU, and an optimizer's time grows with the parameters, not with the active FLOPs."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                  device: str = "cpu") -> float:
+    """One training step as Trainer runs it (zero_grad sets the gradients to None); returns the AdamW step's ms."""
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    synchronize(device)
+    start = time.perf_counter()
+    optimizer.step()
+    synchronize(device)
+    optimizer_ms = (time.perf_counter() - start) * 1000
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer_ms
+
+
 def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dtype = torch.float32,
             device: str = "cpu"):
     rows = []
@@ -48,22 +68,11 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
         vocab = next(iter(models.values())).config.vocab_size
         torch.manual_seed(1)
         input_ids = torch.randint(0, vocab, (batch, seq_len)).to(device)
-        # fused AdamW, Trainer's default (optim="adamw_torch_fused"); the for-loop AdamW takes several times as long
-        # on CPU, and an optimizer's time grows with the parameters, not with the active FLOPs
-        optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-                      for name, model in models.items()}
+        optimizers = {name: fused_adamw(model) for name, model in models.items()}
         optimizer_ms = {name: [] for name in models}  # the AdamW step alone in each step, warm-up included
 
         def train_step(name):
-            model, optimizer = models[name], optimizers[name]
-            model.train()
-            model(input_ids, labels=input_ids).loss.backward()
-            synchronize(device)
-            start = time.perf_counter()
-            optimizer.step()
-            synchronize(device)
-            optimizer_ms[name].append((time.perf_counter() - start) * 1000)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_ms[name].append(training_step(models[name], optimizers[name], input_ids, device))
 
         candidates = {name: (lambda n=name: train_step(n)) for name in models}
         times = round_robin_medians(candidates, repeats=repeats, device=device)
