@@ -36,7 +36,7 @@ LAYER_CANDIDATES = ("floor", "transformers grouped_mm", "ours sorted_mm", "ours 
 MODEL_CANDIDATES = ("dense floor", "transformers grouped_mm", "ours sorted_mm", "ours grouped_mm")
 
 
-def timed_with_faults(candidates: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
+def timed_with_faults(candidates: dict, count: int) -> dict[str, tuple[float, float, float]]:
     """name -> (median ms, median MiB of minor page faults per call, the first candidate's (the floor's) median ms),
     round-robin."""
     page_mib, faults = resource.getpagesize() / 2**20, {name: [] for name in candidates}
@@ -47,9 +47,9 @@ def timed_with_faults(candidates: dict, repeats: int) -> dict[str, tuple[float, 
         faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
     times = round_robin_medians({name: (lambda n=name, r=run: counting(n, r)) for name, run in candidates.items()},
-                                repeats=repeats)
+                                repeats=count)
     floor_ms = next(iter(times.values()))
-    return {name: (ms, statistics.median(faults[name][-repeats:]) * page_mib, floor_ms) for name, ms in times.items()}
+    return {name: (ms, statistics.median(faults[name][-count:]) * page_mib, floor_ms) for name, ms in times.items()}
 
 
 def layer_results(smoke: bool) -> list[list]:
@@ -68,7 +68,7 @@ def layer_results(smoke: bool) -> list[list]:
             candidates = dict(zip(LAYER_CANDIDATES, (
                 lambda: step(floor, inputs, grad, True), lambda: step(native, inputs, grad, True),
                 lambda: ours_step("sorted_mm"), lambda: ours_step("grouped_mm"))))
-            results = timed_with_faults(candidates, repeats=1 if smoke else repeats(tokens, "cpu"))
+            results = timed_with_faults(candidates, 1 if smoke else repeats(tokens, "cpu"))
             rows += [[shape_name, f"one layer fwd+bwd, T={tokens}", name, *results[name]] for name in candidates]
     return rows
 

@@ -121,7 +121,8 @@ def train(name: str, model, batches: torch.Tensor, eval_blocks: torch.Tensor, lr
                   + (f", max violation {curve[-1][2]:.2f}" if curve[-1][2] is not None else ""), flush=True)
     seq_len = batches.shape[-1]
     tokens = batches.numel()
-    flops_per_token = 6 * active_parameters(model) + 6 * model.config.num_hidden_layers * seq_len * model.config.hidden_size
+    attention_flops_per_token = 6 * model.config.num_hidden_layers * seq_len * model.config.hidden_size
+    flops_per_token = 6 * active_parameters(model) + attention_flops_per_token
     return {"curve": curve, "tokens": tokens, "flops": flops_per_token * tokens, "active": active_parameters(model)}
 
 
