@@ -23,7 +23,9 @@ WARMED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_":
                  "MALLOC_TOP_PAD_": "1073741824"}
 
 
-def machine_description() -> str:
+def machine_description(malloc: str | None = None) -> str:
+    """The CPU, cores, torch, threads and allocator settings (`malloc`: where the measuring processes' settings are not
+    this process's)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +34,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    malloc = "warmed malloc" if all(os.environ.get(name) for name in WARMED_MALLOC) else "default malloc"
+    if malloc is None:
+        malloc = "warmed malloc" if all(os.environ.get(name) for name in WARMED_MALLOC) else "default malloc"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{malloc}{gpu}")
@@ -84,14 +87,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, body: str, document: str = "BENCHMARKS.md") -> None:
+def write_section(name: str, body: str, document: str = "BENCHMARKS.md", machine: str | None = None) -> None:
     """Replace (or append) the section between `<!-- name -->` markers in `document` (BENCHMARKS.md: speed and
-    memory; QUALITY.md: the quality studies)."""
+    memory; QUALITY.md: the quality studies). `machine`: the machine line, `machine_description()` by default."""
     path = ROOT / document
     text = path.read_text() if path.exists() else f"# {Path(document).stem.title()}\n"
     script = Path(sys.argv[0]).resolve().relative_to(ROOT).as_posix()
     command = " ".join(["python", script, *sys.argv[1:]])
-    block = (f"<!-- {name} -->\n{body}\n\nCommand: `{command}`  \nMachine: {machine_description()}\n"
+    block = (f"<!-- {name} -->\n{body}\n\nCommand: `{command}`  \nMachine: {machine or machine_description()}\n"
              f"<!-- /{name} -->")
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -26,7 +26,7 @@ import subprocess
 import sys
 
 import torch
-from common import WARMED_MALLOC, markdown_table, round_robin_medians, write_section
+from common import WARMED_MALLOC, machine_description, markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
 from moe_block import SHAPES, SMOKE_SHAPES, build_blocks, repeats, step
 from train_step import fused_adamw, training_step
@@ -140,7 +140,8 @@ def main():
         write_section("page-faults", "## Page faults of fresh memory: glibc's warmed settings against mmap off, "
                       "fp32\n\nEach setting in its own processes (rounds alternate them). Times are medians over the "
                       "rounds, speeds the range over the rounds, faults the minor page faults of one timed call "
-                      f"(median) times the page size. Peak resident memory of a process: {memory}.\n\n" + body)
+                      f"(median) times the page size. Peak resident memory of a process: {memory}.\n\n" + body,
+                      machine=machine_description(malloc="malloc settings per column"))
 
 
 if __name__ == "__main__":
