@@ -270,7 +270,7 @@ def test_gradient_accumulation_gives_the_same_aux_contribution(tmp_path):
 
     full, full_log = step(4, 1, coef=1.0)
     # with activation checkpointing too: recomputation in the backward pass must not record a second time
-    accumulated, accumulated_log = step(1, 4, coef=1.0, gradient_checkpointing=True)
+    accumulated, accumulated_log = step(1, 4, coef=1.0, activation_checkpointing=True)
     without_aux, _ = step(4, 1, coef=0.0)
     router = "base_model.model.model.layers.0.mlp.mixlora_router.default"
     assert (full[router] - without_aux[router]).abs().max() > 1e-3  # the aux term does move the router

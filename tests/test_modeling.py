@@ -257,6 +257,20 @@ def test_greedy_generation_with_cache_matches_without_cache(family):
     assert torch.equal(with_cache, without_cache)
 
 
+def test_cache_continues_a_forward_under_its_new_name_and_its_deprecated_one(family):
+    # transformers 5.25 renamed the forward's `past_key_values` to `cache` (generate() passes `cache=`) and keeps
+    # the old name as a deprecated alias until 5.40, as its own decoders do
+    model = family.causal_lm()
+    input_ids = random_input_ids(2, 7)
+    with torch.no_grad():
+        full = model(input_ids).logits[:, -2:]
+        for name in ("cache", "past_key_values"):
+            cache = model(input_ids[:, :5], use_cache=True).cache
+            continued = model(input_ids[:, 5:], use_cache=True, **{name: cache})
+            assert continued.cache is cache and cache.get_seq_length() == 7, name
+            assert_close(continued.logits, full, atol=ATOL, rtol=0)
+
+
 def test_sliding_window_generation_with_cache_matches_without_cache():
     model = FAMILIES["mixtral"].causal_lm(sliding_window=3)
     prompt = random_input_ids(2, 4)  # 4 + 10 tokens, far past the window of 3
@@ -316,8 +330,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(family):
         return loss.detach(), grads_by_name(model), len(layer_calls)
 
     loss, grads, calls = loss_and_grads()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
     checkpointed_loss, checkpointed_grads, checkpointed_calls = loss_and_grads()
 
     num_layers = model.config.num_hidden_layers
@@ -383,7 +397,7 @@ def test_causal_lm_output_fields(family):
     assert out.logits.shape == (2, 6, model.config.vocab_size)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert out.aux_loss.ndim == 0 and torch.isfinite(out.aux_loss)
-    assert out.past_key_values.get_seq_length() == 6
+    assert out.cache.get_seq_length() == 6
     assert out.hidden_states is None and out.attentions is None
 
 

@@ -151,7 +151,7 @@ def test_trainer_step_with_gradient_checkpointing_matches_plain_step(family, tmp
     for layer in checkpointed.model.layers:
         layer.mlp.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     train_one_step(plain, causal_lm_rows(), tmp_path / "plain")
-    result = train_one_step(checkpointed, causal_lm_rows(), tmp_path / "checkpointed", gradient_checkpointing=True)
+    result = train_one_step(checkpointed, causal_lm_rows(), tmp_path / "checkpointed", activation_checkpointing=True)
     assert math.isfinite(result.training_loss)
     assert len(layer_calls) == 2 * checkpointed.config.num_hidden_layers  # forward + recomputation in backward
     assert_same_parameters(parameters(checkpointed), parameters(plain))

@@ -126,7 +126,7 @@ class LayerwiseModel:
             self.positions.append(positions)
             self.rotary.append(rotary(hidden, positions))
             self.masks.append(mask_function(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                            past_key_values=None, position_ids=positions,
+                                            cache=None, position_ids=positions,
                                             allow_is_causal_skip=False))
 
     @torch.no_grad()

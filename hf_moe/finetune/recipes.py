@@ -292,9 +292,6 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     method, data, output_dir = recipe["method"], recipe["data"], recipe["output_dir"]
     training = {**TRAINING_DEFAULTS, **recipe["training"]}
     resume = training.pop("resume_from_checkpoint", None)
-    if "gradient_checkpointing" in training and "activation_checkpointing" in {
-            field.name for field in dataclasses.fields(TrainingArguments)}:  # its newer name in transformers 5.x
-        training["activation_checkpointing"] = training.pop("gradient_checkpointing")
     if training.get("bf16") and not has_native_bf16():
         logger.warning("hf-moe finetune: this hardware has no native bf16; training in fp32 instead")
         training["bf16"] = False

@@ -88,7 +88,6 @@ def _check(condition: bool, field: str, value, allowed: str) -> None:
 class MoEDecoderConfig(PreTrainedConfig):
     """Fields and validation shared by both families (not registered as a model type of its own)."""
 
-    keys_to_ignore_at_inference = ["past_key_values"]
     base_model_ep_plan = _EP_PLAN
     base_model_pp_plan = _PP_PLAN
 
