@@ -111,11 +111,11 @@ def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
 
 @pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
 @pytest.mark.parametrize(("dtype", "enabled", "products_through_onednn"),
-                         [(torch.float32, True, 8), (torch.float32, False, 0), (torch.bfloat16, True, 0)])
-def test_fp32_row_products_go_through_onednn(monkeypatch, dtype, enabled, products_through_onednn):
-    """In fp32 the four row products of each expert with pairs (gate/up and down forward; their input gradients
-    backward) run through oneDNN, unless switched off; in bf16 `torch.mm` already does. The weight gradients stay on
-    `torch.mm`. The agreement tests above check the results under each path."""
+                         [(torch.float32, True, 12), (torch.float32, False, 0), (torch.bfloat16, True, 0)])
+def test_fp32_products_go_through_onednn(monkeypatch, dtype, enabled, products_through_onednn):
+    """In fp32 the six products of each expert with pairs (gate/up and down forward; their input gradients and
+    weight gradients backward) run through oneDNN, unless switched off; in bf16 `torch.mm` already does. The agreement
+    tests above check the results under each path."""
     calls = []
     linear = experts_kernels._onednn_linear
     monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda *args: calls.append(1) or linear(*args))
@@ -160,14 +160,38 @@ def test_onednn_products_run_on_windows_from_each_block(monkeypatch):
     assert torch.equal(last.rows_times(rows[:118], weight[:4])[48:118], out[48:118])
 
 
+@pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
+def test_onednn_weight_gradients_sum_over_each_block_padded_with_zero_rows(monkeypatch):
+    """A weight gradient's oneDNN product per expert sums over the block's rows, padded with zero rows up to the
+    bucketed count: never over the next block's rows (NaN here), and to the same sums as the exact products."""
+    sizes = [45, 0, 3, 70, 33]  # rows per expert -> sums over 46, 3, 72 and 34 rows
+    products = experts_kernels._LoopProducts(torch.tensor(sizes).cumsum(0).to(torch.int32))
+    left = torch.randn(sum(sizes), 16, generator=torch.Generator().manual_seed(0))
+    right = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
+    left[45:48] = float("nan")  # expert 2's rows, right after expert 0's block
+    sums = []
+    linear = experts_kernels._onednn_linear
+    monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda x, *args: sums.append(x.shape[1]) or linear(x, *args))
+    torch.full((5, 16, 8), float("nan"))  # leave NaNs behind in freed memory for the uninitialised gradient
+    out = products.outer(left, right)
+    assert sums == [46, 3, 72, 34]
+    starts = [0, 45, 45, 48, 118, 151]
+    for expert in range(5):
+        block = slice(starts[expert], starts[expert + 1])
+        assert_close(out[expert], left[block].t() @ right[block], atol=1e-5, rtol=0, equal_nan=expert == 2)
+    assert not out[[0, 1, 3, 4]].isnan().any()
+    assert torch.equal(out[1], torch.zeros(16, 8))
+
+
 @pytest.mark.parametrize(("case", "runs"), [
-    pytest.param("fp32", "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN")),
-    ("training", "grouped_mm"), ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
+    *[pytest.param(case, "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN"))
+      for case in ("fp32", "training")],
+    ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
 ])
 def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeypatch, case, runs):
-    """"auto" (our models' default) runs `sorted_mm` for inference in fp32 on x86-64 CPUs, where its products go
-    through oneDNN, and transformers' `grouped_mm` when gradients are needed, for other dtypes, with oneDNN off, and
-    for layouts `sorted_mm` refuses."""
+    """"auto" (our models' default) runs `sorted_mm` in fp32 on x86-64 CPUs, for inference and training, where its
+    products go through oneDNN, and transformers' `grouped_mm` for other dtypes, with oneDNN off, and for layouts
+    `sorted_mm` refuses."""
     calls = []
     for name in ("sorted_mm", "grouped_mm"):
         monkeypatch.setattr(experts_kernels, f"{name}_experts_forward", lambda *args, name=name: calls.append(name))
@@ -179,15 +203,25 @@ def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeyp
     assert calls == [runs]
 
 
-def test_auto_inference_matches_eager():
-    """What "auto" runs without gradients (`sorted_mm` through oneDNN on x86-64 in fp32) gives eager's outputs, with
-    expert blocks longer than the 32 rows up to which oneDNN's windows are exact."""
-    hidden = torch.randn(100, 32, generator=torch.Generator().manual_seed(1))
-    index = torch.randint(0, 4, (100, 2), generator=torch.Generator().manual_seed(2))
-    weights = torch.rand(100, 2, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert_close(experts_module("auto")(hidden, index, weights), experts_module("eager")(hidden, index, weights),
-                     atol=1e-6, rtol=0)
+def test_auto_matches_eager_in_outputs_and_gradients():
+    """What "auto" runs (`sorted_mm` through oneDNN on x86-64 in fp32, inference and training) gives eager's outputs
+    and gradients, with expert blocks longer than the 32 rows up to which oneDNN's row counts are exact (the windows
+    of the row products, the zero padding of the weight gradients' sums)."""
+    results = {}
+    for implementation in ("auto", "eager"):
+        hidden = torch.randn(100, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        index = torch.randint(0, 4, (100, 2), generator=torch.Generator().manual_seed(2))
+        weights = torch.rand(100, 2, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        experts = experts_module(implementation)
+        with torch.no_grad():
+            inference = experts(hidden, index, weights)
+        output = experts(hidden, index, weights)
+        output.backward(torch.randn(100, 32, generator=torch.Generator().manual_seed(4)))
+        results[implementation] = (inference, output, hidden.grad, weights.grad, experts.gate_up_proj.grad,
+                                   experts.down_proj.grad)
+    assert torch.bincount(index.flatten()).min() > 32
+    for ours, reference in zip(results["auto"], results["eager"]):
+        assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
 def test_gpu_tensors_never_take_the_onednn_products():

@@ -3,16 +3,15 @@
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
 experts can select it (`experts_implementation="sorted_mm"`). "auto", registered too and the default of this
-project's models, runs it where it was as fast as or faster than transformers' kernels at every measured point
-(BENCHMARKS.md): inference in fp32 on x86-64 CPUs, where its products go through oneDNN rather than the MKL that
-torch's fp32 `mm` calls. It runs transformers' `grouped_mm` elsewhere: for training on a CPU one `sorted_mm` layer
-is faster, but whole training steps were not; on a GPU `sorted_mm`'s backward runs at 0.83-0.99x of
-`grouped_mm`'s speed on an H100; and in bf16 both run the same oneDNN products. What `sorted_mm` also saves is
-memory: 14-25% less kept for the backward, so it is worth selecting for training where memory binds.
+project's models, runs it where it was faster than transformers' kernels (BENCHMARKS.md): in fp32 on x86-64 CPUs,
+for inference and training, where all its products (forward, input and weight gradients) go through oneDNN rather
+than the MKL that torch's fp32 `mm` calls. It runs transformers' `grouped_mm` elsewhere: on a GPU `sorted_mm`'s
+backward runs at 0.83-0.99x of `grouped_mm`'s speed on an H100, and in bf16 both run the same oneDNN products.
+`sorted_mm` also keeps 14-25% less memory for the backward than `grouped_mm`.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
 contiguous block of rows (on a CPU one product per expert, through oneDNN in fp32 on x86-64 and `torch.mm`
-otherwise; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the block offsets on
+otherwise, the weight gradients' products included; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the block offsets on
 the device):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
@@ -67,10 +66,17 @@ _onednn_linear = _probed_onednn_linear()
 def _onednn_runs(rows: torch.Tensor) -> bool:
     """Whether the loop's row products go through oneDNN: fp32 on x86-64 CPUs, unless switched off with
     `torch.backends.mkldnn.flags(enabled=False)`. torch's own fp32 `mm` calls MKL there (official wheels), which ran
-    these per-expert products 1.05-1.9x slower than oneDNN on an AMD EPYC (Zen 4) CPU (BENCHMARKS.md, "Expert-block
-    matrix products"); in bf16 torch already calls oneDNN."""
+    these per-expert products 1.9-2.3x slower than oneDNN on an AMD EPYC (Zen 5) CPU, and 1.05-1.9x on a Zen 4 one
+    (BENCHMARKS.md, "Expert-block matrix products"); in bf16 torch already calls oneDNN."""
     return (rows.device.type == "cpu" and rows.dtype == torch.float32 and _onednn_linear is not None
             and torch.backends.mkldnn.enabled)
+
+
+def _zero_padded(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """[n, d] rows with zero rows appended up to `count` >= n."""
+    if len(rows) == count:
+        return rows
+    return torch.cat([rows, rows.new_zeros(count - len(rows), rows.shape[1])])
 
 
 def _bucketed(rows: int) -> int:
@@ -91,7 +97,8 @@ class _LoopProducts:
     block, the next blocks' or zero padding at the end, give results that are dropped): in the training steps of
     BENCHMARKS.md ("oneDNN kernel shapes") 8-20 calls per step met a new shape instead of 76-112, and the cache held
     272-376 shapes after 12 steps instead of 992-1568; prefills of prompts of random lengths met 6-8 instead of
-    18-28."""
+    18-28. The weight gradients' products sum over an expert's rows: there the block is padded with zero rows to the
+    bucketed count."""
 
     def __init__(self, ends: torch.Tensor):
         self.num_experts = ends.shape[0]
@@ -108,9 +115,7 @@ class _LoopProducts:
         if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
             for expert, start, end in self.blocks:
                 count = _bucketed(end - start)
-                window = rows[start:start + count]  # [count, in], or fewer rows at the end: padded with zeros
-                if len(window) < count:
-                    window = torch.cat([window, window.new_zeros(count - len(window), window.shape[1])])
+                window = _zero_padded(rows[start:start + count], count)  # [count, in]: fewer rows at the end
                 out[start:end] = _onednn_linear(window, weight[expert].t(), None, "none", [], "")[: end - start]
         else:
             for expert, start, end in self.blocks:
@@ -119,13 +124,21 @@ class _LoopProducts:
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """left[rows of e]^T @ right[rows of e] for every expert e -> [E, a, b] (a weight gradient), for left [S, a]
-        and right [S, b]. Left uninitialised and filled block by block: one product writes each block whole, so
-        only the blocks of experts without pairs are zeroed (zeroing the whole buffer first would be a wasted pass)."""
+        and right [S, b]. Left uninitialised and filled block by block: one product (`torch.mm`'s, or oneDNN's copied
+        in) writes each block whole, so only the blocks of experts without pairs are zeroed (zeroing the whole buffer
+        first would be a wasted pass). With the copy, oneDNN ran an expert block's weight-gradient products 1.2-1.8x
+        faster than `torch.mm` on an AMD EPYC (Zen 5) CPU (BENCHMARKS.md, "Expert-block matrix products")."""
         out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
         for expert in set(range(self.num_experts)) - {expert for expert, _, _ in self.blocks}:
             out[expert].zero_()
-        for expert, start, end in self.blocks:
-            torch.mm(left[start:end].t(), right[start:end], out=out[expert])
+        if _onednn_runs(left):  # src @ W^T for src = left^T, W = right^T, summed over the block's rows and zero rows
+            for expert, start, end in self.blocks:
+                count = _bucketed(end - start)
+                left_rows, right_rows = _zero_padded(left[start:end], count), _zero_padded(right[start:end], count)
+                out[expert] = _onednn_linear(left_rows.t(), right_rows.t(), None, "none", [], "")  # no `out=`: a copy
+        else:
+            for expert, start, end in self.blocks:
+                torch.mm(left[start:end].t(), right[start:end], out=out[expert])
         return out
 
 
@@ -300,13 +313,11 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
 def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """"auto", the default of this project's models: `sorted_mm` where it was as fast as or faster than transformers'
-    kernels at every measured point (BENCHMARKS.md): inference in fp32 on x86-64 CPUs, its products through oneDNN
-    (forward passes and decoding). Transformers' `grouped_mm` elsewhere: for training, where `sorted_mm`'s layer is
-    faster but whole training steps were not; on GPUs, where its backward is slower; in bf16, where both
-    run torch's oneDNN products and are even; and for weight layouts `sorted_mm` does not take."""
-    training = _grad_needed(hidden_states, top_k_weights, self.gate_up_proj, self.down_proj)
-    if not training and _onednn_runs(hidden_states) and _takes_layout(self):
+    """"auto", the default of this project's models: `sorted_mm` where it was faster than transformers' kernels
+    (BENCHMARKS.md): in fp32 on x86-64 CPUs, its products through oneDNN (training steps, forward passes, decoding).
+    Transformers' `grouped_mm` elsewhere: on GPUs, where `sorted_mm`'s backward is slower; in bf16, where both run
+    torch's oneDNN products; and for weight layouts `sorted_mm` does not take."""
+    if _onednn_runs(hidden_states) and _takes_layout(self):
         return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 

@@ -345,7 +345,7 @@ class MoEPreTrainedModel(PreTrainedModel):
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # where transformers would default to its `grouped_mm`, default to "auto": `sorted_mm` where that is faster
-        # (inference in fp32 on x86-64 CPUs), `grouped_mm` elsewhere (experts_kernels.py)
+        # (fp32 on x86-64 CPUs), `grouped_mm` elsewhere (experts_kernels.py)
         if requested_experts is None and super().get_correct_experts_implementation(None) == "grouped_mm":
             return AUTO
         return super().get_correct_experts_implementation(requested_experts)
