@@ -27,12 +27,12 @@ def machine_description(malloc: str | None = None) -> str:
     """The CPU, cores, torch, threads and allocator settings (`malloc`: where the measuring processes' settings are not
     this process's)."""
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+    try:  # the model name, and the family and model numbers that tell CPU generations apart under one name
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError, ValueError):
         pass
     if malloc is None:
         malloc = "warmed malloc" if all(os.environ.get(name) for name in WARMED_MALLOC) else "default malloc"

@@ -1,11 +1,13 @@
 """Where `sorted_mm`'s oneDNN products pay: one MoE layer and a whole training step, in repeated rounds.
 
-`sorted_mm` runs its fp32 row products through oneDNN on x86-64 CPUs (BENCHMARKS.md, "Expert-block matrix
+`sorted_mm` runs its fp32 products through oneDNN on x86-64 CPUs (BENCHMARKS.md, "Expert-block matrix
 products"). This compares, in one process on the same weights, `sorted_mm` with oneDNN in both passes, in the forward
 only (`torch.backends.mkldnn` switched off around the backward), and not at all (`torch.mm`), against our model or
 block under transformers' `grouped_mm` and transformers' own. Each round is a set of round-robin medians; the rounds
 show how far whole steps move between repeats on this machine. The layer part adds a plain loop over separate
-per-expert `nn.Linear` weights (autograd's own backward) at the layer shapes of table (a).
+per-expert `nn.Linear` weights (autograd's own backward) at the layer shapes of table (a), and the floor's FFN through
+oneDNN: its weights as one expert that every token picks, run by `sorted_mm`, so that the MoE's speed can also be read
+against a floor on the same library (torch's dense layers call MKL for fp32 products).
 
     python benchmarks/onednn_ab.py              # writes BENCHMARKS.md
     python benchmarks/onednn_ab.py --profile    # also the top operations of one profiled step per candidate
@@ -21,6 +23,9 @@ from common import markdown_table, onednn_linear, round_robin_medians, write_sec
 from models import FAMILIES, build_models
 from moe_block import SHAPES, SMOKE_SHAPES, build_blocks
 from torch import nn
+
+from hf_moe import MixtralMoEConfig
+from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
 # the MoE layer of the Qwen2-MoE-like model of table (b): (hidden, experts, top-k, width, shared width)
 LAYER_SHAPES = {"mixtral-like": (SHAPES["mixtral-like"], 512), "deepseek-like": (SHAPES["deepseek-like"], 512),
@@ -61,6 +66,28 @@ class PerExpertLinears(nn.Module):
         return output.reshape(shape)
 
 
+class OneDNNFloor(nn.Module):
+    """The floor's dense SwiGLU FFN as ONE expert that every token picks with weight 1, run by `sorted_mm`: the same
+    products through oneDNN (forward, input and weight gradients) as the MoE's experts, plus a few elementwise passes
+    over the rows (the gather, the weighting, the sum per token)."""
+
+    def __init__(self, floor: nn.Module):
+        super().__init__()
+        width, hidden = floor.gate_proj.weight.shape
+        config = MixtralMoEConfig(hidden_size=hidden, intermediate_size=width, num_local_experts=1,
+                                  num_experts_per_tok=1, num_attention_heads=8)
+        config._experts_implementation = "sorted_mm"
+        self.experts = MoEExperts(config)
+        with torch.no_grad():
+            self.experts.gate_up_proj[0] = torch.cat([floor.gate_proj.weight, floor.up_proj.weight])
+            self.experts.down_proj[0] = floor.down_proj.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        every_token = torch.zeros(len(tokens), 1, dtype=torch.long)
+        return self.experts(tokens, every_token, tokens.new_ones(len(tokens), 1)).reshape(hidden_states.shape)
+
+
 def timed(run, forward_onednn: bool, backward_onednn: bool):
     """run() -> loss; the forward under one oneDNN switch, the backward under the other."""
     def step():
@@ -75,7 +102,7 @@ def layer_rounds(shapes: dict, rounds: int, repeats: int) -> list[list]:
     rows = []
     for name, (shape, tokens) in shapes.items():
         ours, config, native, floor = build_blocks(shape, torch.float32, "cpu")
-        per_expert = PerExpertLinears(ours)
+        per_expert, onednn_floor = PerExpertLinears(ours), OneDNNFloor(floor)
         inputs = torch.randn(1, tokens, shape[0], requires_grad=True)
         grad = torch.randn(1, tokens, shape[0])
 
@@ -88,7 +115,10 @@ def layer_rounds(shapes: dict, rounds: int, repeats: int) -> list[list]:
                 return (module(inputs) * grad).sum()
             return run
 
+        with torch.no_grad():
+            assert torch.allclose(onednn_floor(inputs), floor(inputs), atol=1e-4), "the two floors disagree"
         candidates = {"floor": timed(loss_of(floor), True, True),
+                      "floor through oneDNN": timed(loss_of(onednn_floor), True, True),
                       "transformers grouped_mm": timed(loss_of(native), True, True),
                       "ours grouped_mm": timed(loss_of(ours, "grouped_mm"), True, True),
                       "per-expert nn.Linear loop": timed(loss_of(per_expert), True, True)}
@@ -137,8 +167,10 @@ def rounds_of(what: str, candidates: dict, rounds: int, repeats: int) -> list[li
     times = [round_robin_medians(candidates, repeats=repeats) for _ in range(rounds)]
     rows = []
     for label in candidates:
-        row = [what, label, " / ".join(f"{round_times[label]:.0f}" for round_times in times),
-               " / ".join(f"{round_times['floor'] / round_times[label]:.2f}" for round_times in times)]
+        row = [what, label, " / ".join(f"{round_times[label]:.0f}" for round_times in times)]
+        for floor in ("floor", "floor through oneDNN"):
+            row.append(" / ".join(f"{round_times[floor] / round_times[label]:.2f}" for round_times in times)
+                       if floor in candidates else "-")
         rows.append(row)
         print(" | ".join(row), flush=True)
     return rows
@@ -167,8 +199,10 @@ def main():
     rows = layer_rounds(LAYER_SHAPES, args.rounds, args.repeats) + step_rounds(False, args.rounds, args.repeats,
                                                                                 args.profile)
     write_section("onednn-ab", "## `sorted_mm` with and without oneDNN: one layer and a whole training step, fp32\n\n"
-                  "Each cell: one value per round (round-robin medians). Speed is floor time / time.\n\n"
-                  + markdown_table(["what", "candidate", "ms per round", "speed vs floor per round"], rows))
+                  "Each cell: one value per round (round-robin medians). Speed is floor time / time; the floor through "
+                  "oneDNN is the floor's FFN run by `sorted_mm` as one expert that every token picks.\n\n"
+                  + markdown_table(["what", "candidate", "ms per round", "speed vs floor per round",
+                                    "speed vs the floor through oneDNN per round"], rows))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ backward runs at 0.83-0.99x of `grouped_mm`'s speed on an H100, and in bf16 both
 `sorted_mm` also keeps 14-25% less memory for the backward than `grouped_mm`.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
-contiguous block of rows (on a CPU one product per expert, through oneDNN in fp32 on x86-64 and `torch.mm`
-otherwise, the weight gradients' products included; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the block offsets on
-the device):
+contiguous block of rows, and its backward four (on a CPU one product per expert, through oneDNN in fp32 on x86-64
+and `torch.mm` otherwise; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the
+block offsets on the device):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
