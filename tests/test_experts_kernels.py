@@ -110,20 +110,22 @@ def test_the_loop_runs_on_cpu_and_the_grouped_kernel_needs_cuda():
 
 
 @pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
-@pytest.mark.parametrize(("dtype", "enabled", "products_through_onednn"),
-                         [(torch.float32, True, 12), (torch.float32, False, 0), (torch.bfloat16, True, 0)])
-def test_fp32_products_go_through_onednn(monkeypatch, dtype, enabled, products_through_onednn):
+@pytest.mark.parametrize(("dtype", "enabled", "rows", "products_through_onednn"),
+                         [(torch.float32, True, 20, 12), (torch.float32, True, 6, 8), (torch.float32, False, 20, 0),
+                          (torch.bfloat16, True, 20, 0)])
+def test_fp32_products_go_through_onednn(monkeypatch, dtype, enabled, rows, products_through_onednn):
     """In fp32 the six products of each expert with pairs (gate/up and down forward; their input gradients and
-    weight gradients backward) run through oneDNN, unless switched off; in bf16 `torch.mm` already does. The agreement
-    tests above check the results under each path."""
+    weight gradients backward) run through oneDNN, unless switched off; in bf16 `torch.mm` already does. A weight
+    gradient summed over at most 16 rows stays on `torch.mm` (oneDNN's result would have to be copied in). The
+    agreement tests above check the results under each path."""
     calls = []
     linear = experts_kernels._onednn_linear
     monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda *args: calls.append(1) or linear(*args))
     experts = experts_module("sorted_mm").to(dtype)
-    hidden = torch.randn(6, 32, dtype=dtype, requires_grad=True)
-    index = torch.tensor([[0, 1]] * 3 + [[1, 0]] * 3)  # 2 experts with pairs
+    hidden = torch.randn(rows, 32, dtype=dtype, requires_grad=True)
+    index = torch.tensor([[0, 1], [1, 0]] * (rows // 2))  # 2 experts with `rows` pairs each
     with torch.backends.mkldnn.flags(enabled=enabled):
-        experts(hidden, index, torch.rand(6, 2, dtype=dtype)).sum().backward()
+        experts(hidden, index, torch.rand(rows, 2, dtype=dtype)).sum().backward()
     assert len(calls) == products_through_onednn
 
 
@@ -163,8 +165,9 @@ def test_onednn_products_run_on_windows_from_each_block(monkeypatch):
 @pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
 def test_onednn_weight_gradients_sum_over_each_block_padded_with_zero_rows(monkeypatch):
     """A weight gradient's oneDNN product per expert sums over the block's rows, padded with zero rows up to the
-    bucketed count: never over the next block's rows (NaN here), and to the same sums as the exact products."""
-    sizes = [45, 0, 3, 70, 33]  # rows per expert -> sums over 46, 3, 72 and 34 rows
+    bucketed count: never over the next block's rows (NaN here), and to the same sums as the exact products. A block
+    of at most 16 rows takes `torch.mm`."""
+    sizes = [45, 0, 3, 70, 33]  # rows per expert -> oneDNN sums over 46, 72 and 34 rows; torch.mm over 3
     products = experts_kernels._LoopProducts(torch.tensor(sizes).cumsum(0).to(torch.int32))
     left = torch.randn(sum(sizes), 16, generator=torch.Generator().manual_seed(0))
     right = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
@@ -174,7 +177,7 @@ def test_onednn_weight_gradients_sum_over_each_block_padded_with_zero_rows(monke
     monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda x, *args: sums.append(x.shape[1]) or linear(x, *args))
     torch.full((5, 16, 8), float("nan"))  # leave NaNs behind in freed memory for the uninitialised gradient
     out = products.outer(left, right)
-    assert sums == [46, 3, 72, 34]
+    assert sums == [46, 72, 34]
     starts = [0, 45, 45, 48, 118, 151]
     for expert in range(5):
         block = slice(starts[expert], starts[expert + 1])

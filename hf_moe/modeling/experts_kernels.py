@@ -72,6 +72,11 @@ def _onednn_runs(rows: torch.Tensor) -> bool:
             and torch.backends.mkldnn.enabled)
 
 
+# A weight gradient's sum over at most this many rows runs through `torch.mm` even where oneDNN runs: copying oneDNN's
+# result into the gradient costs more than its faster product saves (at T=1 the copy alone is a whole product).
+_SHORT_SUM = 16
+
+
 def _zero_padded(rows: torch.Tensor, count: int) -> torch.Tensor:
     """[n, d] rows with zero rows appended up to `count` >= n."""
     if len(rows) == count:
@@ -131,13 +136,13 @@ class _LoopProducts:
         out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
         for expert in set(range(self.num_experts)) - {expert for expert, _, _ in self.blocks}:
             out[expert].zero_()
-        if _onednn_runs(left):  # src @ W^T for src = left^T, W = right^T, summed over the block's rows and zero rows
-            for expert, start, end in self.blocks:
-                count = _bucketed(end - start)
+        onednn = _onednn_runs(left)
+        for expert, start, end in self.blocks:
+            if onednn and end - start > _SHORT_SUM:  # src @ W^T for src = left^T, W = right^T: sums over the rows
+                count = _bucketed(end - start)  # the block's rows and zero rows
                 left_rows, right_rows = _zero_padded(left[start:end], count), _zero_padded(right[start:end], count)
                 out[expert] = _onednn_linear(left_rows.t(), right_rows.t(), None, "none", [], "")  # no `out=`: a copy
-        else:
-            for expert, start, end in self.blocks:
+            else:
                 torch.mm(left[start:end].t(), right[start:end], out=out[expert])
         return out
 
