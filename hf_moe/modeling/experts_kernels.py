@@ -64,10 +64,11 @@ _onednn_linear = _probed_onednn_linear()
 
 
 def _onednn_runs(rows: torch.Tensor) -> bool:
-    """Whether the loop's row products go through oneDNN: fp32 on x86-64 CPUs, unless switched off with
-    `torch.backends.mkldnn.flags(enabled=False)`. torch's own fp32 `mm` calls MKL there (official wheels), which ran
-    these per-expert products 1.9-2.3x slower than oneDNN on an AMD EPYC (Zen 5) CPU, and 1.05-1.9x on a Zen 4 one
-    (BENCHMARKS.md, "Expert-block matrix products"); in bf16 torch already calls oneDNN."""
+    """Whether the loop's products go through oneDNN (the weight gradients' where they sum over more than
+    `_SHORT_SUM` rows): fp32 on x86-64 CPUs, unless switched off with `torch.backends.mkldnn.flags(enabled=False)`.
+    torch's own fp32 `mm` calls MKL there (official wheels), which ran the per-expert row products 1.8-2.5x slower than
+    oneDNN on an AMD EPYC (Zen 5) CPU, and 1.05-1.9x on a Zen 4 one (BENCHMARKS.md, "Expert-block matrix products");
+    in bf16 torch already calls oneDNN."""
     return (rows.device.type == "cpu" and rows.dtype == torch.float32 and _onednn_linear is not None
             and torch.backends.mkldnn.enabled)
 
