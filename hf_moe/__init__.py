@@ -4,6 +4,18 @@ Importing the package registers the model types `hf_moe_mixtral` and `hf_moe_dee
 classes, so `AutoModelForCausalLM.from_pretrained` loads our checkpoints without `trust_remote_code`.
 """
 
+import os as _os
+import sys as _sys
+
+if _os.path.basename(_sys.argv[0]) == "hf-moe":  # the command: Ctrl-C while the libraries load needs no traceback
+    def _quiet_interrupt(kind, value, traceback, default=_sys.excepthook):
+        if issubclass(kind, KeyboardInterrupt):
+            print("hf-moe: interrupted", file=_sys.stderr)
+        else:
+            default(kind, value, traceback)
+
+    _sys.excepthook = _quiet_interrupt
+
 from .finetune.lora_moe import LoraMoeConfig, MixLoraConfig, MolaConfig, register_lora_moe_methods
 from .finetune.trainer import MoERouterCallback, add_router_callback
 from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, list_presets

@@ -262,11 +262,25 @@ def conversion_heatmap(folder: Path, batches: Iterable, description: str) -> Pat
 
 
 def _read_yaml(path: Path) -> dict | None:
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _read_record(path, yaml.safe_load, (yaml.YAMLError, UnicodeDecodeError), "YAML")
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _read_record(path, json.loads, (ValueError,), "JSON")
+
+
+def _read_record(path: Path, parse, errors: tuple, language: str) -> dict | None:
+    """The mapping a record file of the folder holds (None when there is no such file); a ValueError naming the
+    file when it does not parse or holds something else."""
+    if not path.is_file():
+        return None
+    try:
+        record = parse(path.read_text(encoding="utf-8"))
+    except errors as error:
+        raise ValueError(f"{path} is not valid {language}: {' '.join(str(error).split())}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {language} {type(record).__name__}, not a mapping of fields")
+    return record
 
 
 def record_conversion(folder: Path, command: str, **options) -> None:
@@ -639,6 +653,19 @@ def write_card(folder: str | os.PathLike, kind: str, **facts) -> Path:
     return path
 
 
-def render_card(folder: str | os.PathLike) -> Path:
-    """(Re)render the card of an existing hf-moe folder, its kind inferred from the files present (`card_kind`)."""
-    return write_card(folder, card_kind(folder))
+def render_card(folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """(Re)render the card of an existing hf-moe folder, its kind inferred from the files present (`card_kind`).
+
+    A README.md that hf-moe did not write (no `hf-moe` tag in its metadata) is replaced only with `overwrite`: its
+    metadata keys are kept, its text is not."""
+    kind = card_kind(folder)
+    path = Path(folder) / CARD_FILE
+    if path.is_file() and not overwrite:
+        try:
+            tags = (metadata_load(path) or {}).get("tags") or []
+        except yaml.YAMLError:
+            tags = []
+        if "hf-moe" not in tags:
+            raise FileExistsError(f"{path} was not written by hf-moe (its metadata has no `hf-moe` tag): pass "
+                                  f"overwrite=True (--overwrite) to replace its text (its metadata keys are kept)")
+    return write_card(folder, kind)

@@ -2,8 +2,11 @@
 """The `hf-moe` command: one subcommand per job, each registered by an `add_<name>_command(subparsers)` function
 that sets `run=<function(args) -> exit code>`.
 
-Exit codes: 0 success, 2 invalid input (usage error, or a conversion refused with a one-line reason),
-130 interrupted (nothing is left at OUT).
+Every error is one line, `hf-moe <command>: error: <what is wrong, naming the file or field>`; `--debug` shows the
+traceback instead. Ctrl-C and SIGTERM end a command cleanly: a converter leaves nothing at OUT.
+
+Exit codes: 0 success, 1 a failed check (verification) or an unexpected error, 2 invalid input (usage error, or a
+command refused with a one-line reason), 130 interrupted.
 """
 
 import argparse
@@ -19,10 +22,18 @@ from .conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, ConversionError
 from .conversion.upcycle import UpcycleOptions, load_options_file, upcycle
 from .conversion.verify import DEFAULT_TOLERANCE, VerificationError, format_report, verify
 from .conversion.verify import MODES as VERIFY_MODES
+from .hub import HubAccessError
 from .modeling.configuration_hf_moe import list_presets
 
-# Errors that mean "the input is wrong": reported in one line, exit code 2.
-INPUT_ERRORS = (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError)
+# Errors that mean "the input is wrong": reported in one line, exit code 2. (ConversionError, OutputPathError and
+# the recipes' errors are ValueErrors; json's and YAML's parse errors too, or are turned into ConversionErrors.)
+INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+# Failures whose message already says what happened and what to do: printed as they are, exit code 1.
+EXPLAINED_FAILURES = (VerificationError, HubAccessError)
+# What an interrupted command leaves behind, by command (default: nothing).
+INTERRUPTED = {"finetune": "the checkpoints saved so far stay in OUT (resume with training.resume_from_checkpoint)",
+               "quickstart": "DIR holds the steps that finished; rerun with --overwrite"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -31,7 +42,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT if it exists (only once the new checkpoint is complete)")
+                        help="replace OUT if it holds an earlier output of hf-moe or is empty (only once the new "
+                             "checkpoint is complete); any other content is refused")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                         help="largest safetensors shard to write, e.g. 500MB, 5GB, 2GiB")
 
@@ -176,7 +188,7 @@ def _terminate_as_interrupt():
 
 
 def run_upcycle(args: argparse.Namespace) -> int:
-    given = {name: value for name, value in vars(args).items() if name not in ("run", "command", "config")}
+    given = {name: value for name, value in vars(args).items() if name not in ("run", "command", "config", "debug")}
     options = load_options_file(args.config) if args.config else {}
     src, out = given.pop("src"), given.pop("out")
     if "src" in options and src is not None and out is None:  # `--config FILE OUT`: the file names SRC
@@ -188,12 +200,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
     options.update(given)
     if out is None and not options.get("dry_run", False):
         raise ConversionError("OUT is required (unless --dry-run): give it on the command line or as `out:`")
-    try:
-        with _terminate_as_interrupt():
-            result = upcycle(src, out, **options)
-    except VerificationError as error:
-        print(f"hf-moe upcycle: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+    result = upcycle(src, out, **options)
     if result.out is None:
         print("hf-moe upcycle: dry run, nothing was written")
     else:
@@ -288,6 +295,9 @@ def add_finetune_command(subparsers) -> None:
                         help="output folder (default: the recipe's output_dir)")
     parser.add_argument("--max-steps", type=int, metavar="N", default=argparse.SUPPRESS,
                         help="number of optimizer steps (default: the recipe's training.max_steps)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it holds an earlier output of hf-moe (a non-empty OUT is refused "
+                             "otherwise, unless the recipe resumes from its checkpoints)")
     parser.set_defaults(run=run_finetune)
 
 
@@ -299,11 +309,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         overrides["output_dir"] = args.output
     if "max_steps" in args:
         overrides["training.max_steps"] = args.max_steps
-    try:
-        result = run_recipe(args.recipe, **overrides)
-    except ValueError as error:  # an invalid recipe: one line, exit code 2
-        print(f"hf-moe finetune: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    result = run_recipe(args.recipe, overwrite=args.overwrite, **overrides)
     print(f"hf-moe finetune: wrote the results to {result.output_dir}")
     return 0
 
@@ -320,17 +326,15 @@ def add_card_command(subparsers) -> None:
         ),
     )
     parser.add_argument("path", metavar="PATH", help="model or adapter folder written by hf-moe")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a README.md that hf-moe did not write (its body is lost)")
     parser.set_defaults(run=run_card)
 
 
 def run_card(args: argparse.Namespace) -> int:
     from .cards import render_card
 
-    try:
-        path = render_card(args.path)
-    except ValueError as error:
-        print(f"hf-moe card: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    path = render_card(args.path, overwrite=args.overwrite)
     print(f"hf-moe card: wrote {path}")
     return 0
 
@@ -359,11 +363,7 @@ def add_push_command(subparsers) -> None:
 def run_push(args: argparse.Namespace) -> int:
     from .hub import push, pushed_url
 
-    try:
-        info = push(args.path, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
-    except ValueError as error:  # not a publishable folder, or metadata the Hub refuses
-        print(f"hf-moe push: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    info = push(args.path, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
     print(f"hf-moe push: pushed {args.path} to {pushed_url(info, args.revision)} (commit {info.oid})")
     return 0
 
@@ -394,12 +394,8 @@ def add_quickstart_command(subparsers) -> None:
 def run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import QuickstartSettings, run_quickstart
 
-    try:
-        run_quickstart(QuickstartSettings(output_dir=args.output, seed=args.seed, max_steps=args.max_steps,
-                                          overwrite=args.overwrite))
-    except ValueError as error:
-        print(f"hf-moe quickstart: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+    run_quickstart(QuickstartSettings(output_dir=args.output, seed=args.seed, max_steps=args.max_steps,
+                                      overwrite=args.overwrite))
     return 0
 
 
@@ -408,11 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-moe", formatter_class=_HelpFormatter,
         description="Mixture-of-experts decoders for the Hugging Face stack: conversion, fine-tuning, publishing.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in (add_quickstart_command, add_import_command, add_export_command, add_presets_command,
                         add_upcycle_command, add_verify_command, add_materialize_command, add_finetune_command,
                         add_card_command, add_push_command):
         add_command(subparsers)
+    for command in subparsers.choices.values():  # `hf-moe CMD ... --debug` as well as `hf-moe --debug CMD ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
 
 
@@ -424,14 +424,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help (0) or a usage error (2, already printed by argparse)
         return exit_request.code if isinstance(exit_request.code, int) else 0
     try:
-        return args.run(args)
-    except INPUT_ERRORS as error:
-        message = " ".join(str(error).split())
-        print(f"hf-moe {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        with _terminate_as_interrupt():
+            return args.run(args)
     except KeyboardInterrupt:
-        print(f"hf-moe {args.command}: interrupted; nothing was written", file=sys.stderr)
+        left = INTERRUPTED.get(args.command, "nothing was written")
+        print(f"hf-moe {args.command}: interrupted; {left}", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        code = 2 if isinstance(error, INPUT_ERRORS) else 1
+        message = " ".join(str(error).split()) or "(no message)"
+        if code == 1 and not isinstance(error, EXPLAINED_FAILURES):
+            message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        print(f"hf-moe {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ weights are refused outright). Files are uploaded by huggingface_hub, with its p
 the Hub's deduplication: a second push of an unchanged file uploads and commits nothing for it.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -21,12 +20,12 @@ from transformers.utils import logging
 
 from .cards import CARD_FILE
 from .conversion.native import OUR_CONFIG_CLASSES, our_model_code_files
-from .conversion.safetensors_io import FOREIGN_WEIGHT_SUFFIXES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .conversion.safetensors_io import FOREIGN_WEIGHT_SUFFIXES
+from .preflight import ADAPTER_CONFIG_NAME, check_adapter_folder, check_checkpoint_folder
 from .registration import AUTO_CLASSES
 
 logger = logging.get_logger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", ".*", "*/.*", *(f"*{suffix}" for suffix in FOREIGN_WEIGHT_SUFFIXES)]
 
 
@@ -44,26 +43,45 @@ def _check_remote_code(folder: Path, config: dict) -> None:
 
 
 def check_folder(path: str | os.PathLike) -> str:
-    """'model' or 'adapter': what the folder `path` holds, checked for publishing (ValueError naming what is
-    missing otherwise)."""
+    """'model' or 'adapter': what the folder `path` holds, checked for publishing (ValueError naming the file and
+    what is wrong otherwise: `hf_moe.preflight`'s checks, plus our remote code for our model types)."""
     folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"PATH {folder} is not a folder: expected a model or adapter folder")
-    if (folder / ADAPTER_FILES[0]).is_file():
-        if not (folder / ADAPTER_FILES[1]).is_file():
-            raise ValueError(f"{folder} has adapter_config.json but no adapter_model.safetensors (hf-moe publishes "
-                             f"safetensors weights only)")
+    if folder.is_dir() and (folder / ADAPTER_CONFIG_NAME).is_file():
+        check_adapter_folder(folder, "PATH")
         return "adapter"
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has neither config.json (a model) nor adapter_config.json (an adapter)")
-    if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()):
-        pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(FOREIGN_WEIGHT_SUFFIXES))
-        raise ValueError(f"{folder} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"
-                         + (f", only {', '.join(pickled)}: hf-moe publishes safetensors weights only" if pickled else ""))
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has neither config.json (a model) nor {ADAPTER_CONFIG_NAME} (an adapter)")
+    config = check_checkpoint_folder(folder, "PATH", trust_remote_code=True)  # uploaded, never run here
     if config.get("model_type") in OUR_CONFIG_CLASSES:
         _check_remote_code(folder, config)
     return "model"
+
+
+class HubAccessError(ConnectionError):
+    """The Hub cannot be used as asked: no login, a refused token, or no connection. One line saying what to do."""
+
+
+def check_hub_access(api: HfApi) -> str:
+    """The user name the Hub at `api.endpoint` knows the token as; `HubAccessError` saying what to do otherwise."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    endpoint = api.endpoint
+    try:
+        return api.whoami()["name"]
+    except LocalTokenNotFoundError:
+        raise HubAccessError(f"not logged in to the Hub at {endpoint}: run `hf auth login` or set HF_TOKEN to a "
+                             f"write token (from {endpoint}/settings/tokens)") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status == 401:
+            raise HubAccessError(f"the Hub at {endpoint} refused the token (401 Unauthorized): log in again with "
+                                 f"`hf auth login` or set HF_TOKEN to a valid write token") from None
+        raise HubAccessError(f"the Hub at {endpoint} answered {status} to the login check: "
+                             f"{' '.join(str(error).split())[:200]}") from None
+    except Exception as error:  # the transport's errors: no network, DNS, TLS, proxy, timeout
+        raise HubAccessError(f"cannot reach the Hub at {endpoint} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:200]}): check the network connection, or set "
+                             f"HF_ENDPOINT to a Hub you can reach") from None
 
 
 def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
@@ -76,7 +94,8 @@ def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision:
     main if missing; `create_pr`: open a pull request against main instead of committing (the Hub's upload opens
     pull requests against the default branch only, so it does not combine with another `revision`). `token`: as
     huggingface_hub takes it (default: the saved login or HF_TOKEN). Raises ValueError, before anything is uploaded,
-    when the folder is not a publishable model or adapter folder or the options conflict.
+    when the folder is not a publishable model or adapter folder or the options conflict, and `HubAccessError`
+    when the Hub cannot be reached or the login is missing or refused.
     """
     folder = Path(path)
     if create_pr and revision not in (None, "main"):
@@ -87,6 +106,7 @@ def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision:
         logger.warning(f"{folder} has no {CARD_FILE}: the repository will have no model card (write one with "
                        f"`hf-moe card {folder}`)")
     api = HfApi(token=token)
+    check_hub_access(api)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision not in (None, "main"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)

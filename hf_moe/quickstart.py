@@ -16,13 +16,13 @@ the same seed gives the same numbers on the same machine.
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging
+
+from .outputs import check_output_dir, prepare_output_dir
 
 logger = logging.get_logger(__name__)
 
@@ -60,14 +60,7 @@ class QuickstartSettings:
         if self.eval_examples_per_task is not None and self.eval_examples_per_task < 1:
             raise ValueError(f"`eval_examples_per_task`={self.eval_examples_per_task!r} is invalid: must be None "
                              f"(the whole eval split) or an integer >= 1")
-        output = Path(self.output_dir)
-        if output.exists() and not self.overwrite:
-            raise FileExistsError(f"`output_dir` {output} exists: choose another folder or overwrite=True "
-                                  f"(--overwrite)")
-        if output.exists() and not set(os.listdir(output)) <= set(OUTPUTS.values()) | {SUMMARY}:
-            raise FileExistsError(f"`output_dir` {output} holds files a quickstart did not write: overwrite only "
-                                  f"replaces an earlier quickstart's output ({', '.join(OUTPUTS.values())}, "
-                                  f"{SUMMARY})")
+        check_output_dir(self.output_dir, self.overwrite)
 
 
 @dataclass
@@ -194,10 +187,8 @@ def run_quickstart(settings: QuickstartSettings | None = None, **overrides) -> Q
 
     settings = settings or QuickstartSettings(**overrides)
     settings.check()
-    output = Path(settings.output_dir)
-    if output.exists():
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
+    output = prepare_output_dir(settings.output_dir, "quickstart", settings.overwrite,
+                                files=[*OUTPUTS.values(), SUMMARY])
     base = tiny_llama_path()
     folders = {name: output / folder for name, folder in OUTPUTS.items()}
 

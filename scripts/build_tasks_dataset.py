@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from hf_moe.conversion.safetensors_io import atomic_output_dir
+from hf_moe.outputs import atomic_output_dir
 from hf_moe.data.tasks import DEFAULT_EVAL_PER_TASK, DEFAULT_SEED, DEFAULT_TRAIN_PER_TASK, TASKS, generate_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ The same command regenerates these files byte for byte, on any Python version.
 def main(argv=None) -> int:
     args = parse_args(argv)
     splits = generate_tasks(seed=args.seed, train_per_task=args.train_per_task, eval_per_task=args.eval_per_task)
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as folder:
+    with atomic_output_dir(args.output, "build_tasks_dataset", overwrite=args.overwrite) as folder:
         for split, examples in splits.items():
             write_jsonl(folder / f"{split}.jsonl", examples)
         dataset_card(splits, args).save(folder / "README.md")

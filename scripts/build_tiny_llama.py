@@ -30,7 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hf_moe.conversion.safetensors_io import atomic_output_dir
+from hf_moe.outputs import atomic_output_dir
 from hf_moe.data.corpus import DEFAULT_HELDOUT_PERCENT, perplexity, read_source, split_stdlib_sources, token_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    with atomic_output_dir(args.output, overwrite=args.overwrite) as folder:
+    with atomic_output_dir(args.output, "build_tiny_llama", overwrite=args.overwrite) as folder:
         train_files, heldout_files = split_stdlib_sources(args.heldout_percent)
         if args.max_files is not None:
             train_files, heldout_files = train_files[: args.max_files], heldout_files[: args.max_files]

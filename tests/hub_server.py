@@ -13,7 +13,7 @@ Store (under `root`):
 Preupload answers `uploadMode: "regular"` for every file, so clients inline contents in the commit (no LFS, no
 Xet), and returns each path's current git oid, with which huggingface_hub leaves unchanged files out of a commit,
 as on the Hub. A missing file is a 404 with `X-Error-Code: EntryNotFound` (transformers probes optional files).
-Writes need an `Authorization` header; any token is user `testuser`.
+Writes need an `Authorization` header; any token is user `testuser`, except REVOKED_TOKEN, which gets 401.
 
     with HubServer(tmp_path) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test"}   # for a fresh process
@@ -82,6 +82,9 @@ def card_metadata_errors(content: str) -> list[str]:
     if "library_name" in metadata and not isinstance(metadata["library_name"], str):
         errors.append("`library_name` must be a string")
     return errors
+
+
+REVOKED_TOKEN = "hf_revoked"
 
 
 class HubError(Exception):
@@ -251,7 +254,7 @@ class _Handler(BaseHTTPRequestHandler):
         return authorization.removeprefix("Bearer ").strip() or None
 
     def _authorized(self) -> bool:
-        return self._token() is not None
+        return self._token() not in (None, REVOKED_TOKEN)
 
     def _require_token(self) -> None:
         if not self._authorized():

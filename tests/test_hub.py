@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer, card_metadata_errors
+from hub_server import REVOKED_TOKEN, HubServer, card_metadata_errors
 from huggingface_hub import ModelCard
 from test_lora_moe import tiny_llama
 from transformers import AutoModelForCausalLM
@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 import hf_moe
 from hf_moe.conversion import upcycle
 from hf_moe.hub import check_folder
+from hf_moe.outputs import OWNER_FILE
 
 ROOT = Path(hf_moe.__file__).resolve().parents[1]
 IDS = [[5, 17, 42, 7, 99, 3, 11], [1, 2, 3, 4, 5, 6, 7]]
@@ -86,8 +87,8 @@ def test_upcycled_model_loads_from_the_hub_without_hf_moe(hub, upcycled, tmp_pat
     """)
     assert pushed["code"] == 0 and f"pushed {upcycled} to {hub.url}/testuser/tiny-upcycled" in pushed["output"]
     files = stored_files(hub, "testuser/tiny-upcycled")
-    local = {path.name: path.read_bytes() for path in upcycled.iterdir()}
-    assert files == {**local, ".gitattributes": files[".gitattributes"]}  # every file, byte for byte
+    local = {path.name: path.read_bytes() for path in upcycled.iterdir() if path.name != OWNER_FILE}
+    assert files == {**local, ".gitattributes": files[".gitattributes"]}  # every file but our record, byte for byte
 
     loaded = run_client(hub, tmp_path, f"""
         import json, torch
@@ -178,7 +179,7 @@ def test_pushes_update_only_what_changed_on_branches_and_pull_requests(hub, upcy
     main = hub.store.history(repo)
     assert len(main) == 3  # create, first push, card update: the unchanged push made no commit
     assert main[0]["changed"] == ["README.md"]
-    assert set(main[1]["changed"]) == {path.name for path in upcycled.iterdir()}
+    assert set(main[1]["changed"]) == {path.name for path in upcycled.iterdir() if path.name != OWNER_FILE}
     unchanged = {path: entry for path, entry in main[1]["files"].items() if path != "README.md"}
     assert {path: main[0]["files"][path] for path in unchanged} == unchanged  # the same stored files
     assert "training_args.bin" not in main[0]["files"] and not any(p.startswith("checkpoint-") for p in main[0]["files"])
@@ -236,7 +237,7 @@ def test_only_publishable_folders_are_pushed(upcycled, tmp_path):
         check_folder(tmp_path)
     pickled = shutil.copytree(upcycled, tmp_path / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
     (pickled / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(ValueError, match="only pytorch_model.bin: hf-moe publishes safetensors weights only"):
+    with pytest.raises(ValueError, match=r"weights only in non-safetensors files \(pytorch_model.bin\)"):
         check_folder(pickled)
     no_code = shutil.copytree(upcycled, tmp_path / "no_code", ignore=shutil.ignore_patterns("routing.py"))
     with pytest.raises(ValueError, match="lacks the modeling files routing.py"):
@@ -248,7 +249,7 @@ def test_only_publishable_folders_are_pushed(upcycled, tmp_path):
         check_folder(no_code)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(ValueError, match="no adapter_model.safetensors"):
         check_folder(adapter)
 
@@ -259,3 +260,29 @@ def test_push_help_names_every_option(capsys):
     assert main(["push", "--help"]) == 0
     text = capsys.readouterr().out
     assert all(option in text for option in ("PATH", "REPO_ID", "--private", "--revision", "--create-pr"))
+
+
+@pytest.mark.parametrize("case", ["no token", "revoked token", "unreachable Hub"])
+def test_push_without_login_or_network_says_what_to_do_in_one_line(hub, upcycled, tmp_path, case):
+    """Checked before anything is created or uploaded: one line naming the Hub and the remedy, exit code 1."""
+    endpoint = "http://127.0.0.1:9" if case == "unreachable Hub" else hub.url  # port 9: nothing listens
+    token = {"no token": None, "revoked token": REVOKED_TOKEN, "unreachable Hub": "hf_test"}[case]
+    result = run_client(hub, tmp_path, f"""
+        import contextlib, io, json, os
+        os.environ.pop("HF_TOKEN")
+        os.environ["HF_ENDPOINT"] = {endpoint!r}
+        if {token!r} is not None:
+            os.environ["HF_TOKEN"] = {token!r}
+        from hf_moe.cli import main
+        error = io.StringIO()
+        with contextlib.redirect_stderr(error):
+            code = main(["push", {str(upcycled)!r}, "testuser/never-created"])
+        print(json.dumps({{"code": code, "error": error.getvalue()}}))
+    """)
+    expected = {"no token": f"not logged in to the Hub at {endpoint}: run `hf auth login` or set HF_TOKEN",
+                "revoked token": f"the Hub at {endpoint} refused the token (401 Unauthorized): log in again",
+                "unreachable Hub": f"cannot reach the Hub at {endpoint} ("}[case]
+    assert result["code"] == 1
+    assert result["error"].startswith(f"hf-moe push: error: {expected}"), result["error"]
+    assert result["error"].count("\n") == 1 and "Traceback" not in result["error"]
+    assert not (hub.store.root / "repos" / "testuser" / "never-created").exists()

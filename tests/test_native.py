@@ -439,9 +439,16 @@ def test_existing_output_needs_overwrite(deepseek_checkpoint, tmp_path):
     (out / "keep.txt").write_text("previous content")
     with pytest.raises(FileExistsError, match="already exists"):
         import_native(source, out)
+    with pytest.raises(FileExistsError, match=r"did not write \(keep.txt\)"):  # not an earlier output of hf-moe
+        import_native(source, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "previous content"
+    (out / "keep.txt").unlink()
+    import_native(source, out)  # an empty folder is taken
+    with pytest.raises(FileExistsError, match="already exists"):
+        import_native(source, out)
+    (out / "config.json").write_text("{}")  # an earlier output of hf-moe, replaced whole
     import_native(source, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "hf_moe_deepseek"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or moved-aside folder left
 
 

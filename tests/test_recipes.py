@@ -5,17 +5,22 @@ import glob
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
 
 from hf_moe import MixtralMoEConfig, MixtralMoEForCausalLM, MoERouterCallback, cli
+from hf_moe.conversion.safetensors_io import ConversionError
+from hf_moe.data import tasks_path, tiny_llama_path
 from hf_moe.finetune.lora_moe import LoraMoeLossCallback
 from hf_moe.finetune.recipes import DEFAULT_PROMPT_TEMPLATE, load_recipe, run_recipe, tokenize_example, validate_recipe
+from hf_moe.outputs import read_owner_record
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -189,9 +194,10 @@ INVALID = [
 def test_invalid_recipe_is_refused_before_anything_is_loaded_or_written(override, field, allowed, tiny, tmp_path):
     recipe = load_recipe(os.path.join(RECIPES, "mixlora.yaml"), **{"data.train_file": tiny["data"], **override})
     out = tmp_path / "out"
-    with pytest.raises(ValueError) as error:  # the model folder does not exist: loading would raise OSError
+    with pytest.raises(ValueError) as error:  # the model folder does not exist either: reported in the same line
         run_recipe(recipe, model=str(tmp_path / "no-model"), output_dir=str(out))
     assert field in str(error.value) and allowed in str(error.value)
+    assert "`model`=" in str(error.value) and "\n" not in str(error.value)
     assert not out.exists()
 
 
@@ -209,6 +215,22 @@ def test_cli_finetune_runs_a_recipe_with_output_and_max_steps(tiny, tmp_path, ca
     assert (out / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["training"]["max_steps"] == 1
     assert f"wrote the results to {out}" in capsys.readouterr().out
+    record = read_owner_record(out)
+    assert record["command"] == "finetune" and "adapter_model.safetensors" in record["files"]
+
+    # a second run into the same folder: refused, unless --overwrite replaces this earlier output of hf-moe
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    argv = ["finetune", write_cli_recipe(tiny, tmp_path), "--output", str(out), "--max-steps", "1"]
+    assert cli.main(argv) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    (out / "my-notes.txt").write_text("mine")
+    assert cli.main([*argv, "--overwrite"]) == 2
+    assert "did not write (my-notes.txt)" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    (out / "my-notes.txt").unlink()
+    (out / "checkpoint-7").mkdir()  # what an interrupted run leaves: Trainer's, so ours to replace
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert not (out / "checkpoint-7").exists() and (out / "adapter_model.safetensors").is_file()
 
 
 def test_cli_finetune_reports_an_invalid_recipe_in_one_line(tiny, tmp_path, capsys):
@@ -234,3 +256,192 @@ def test_an_eval_file_is_evaluated(tiny, tmp_path):
     result = run_shipped("continued_pretraining.yaml", tiny, tmp_path, **{"data.eval_split": None,
                                                                            "data.eval_file": tiny["data"]})
     assert result.eval_loss is not None and math.isfinite(result.eval_loss)
+
+
+def test_a_resumed_run_refuses_a_checkpoint_whose_weights_are_a_pickle(tiny, tmp_path, monkeypatch):
+    run_shipped("mola.yaml", tiny, tmp_path, **{"training.max_steps": 1, "training.save_steps": 1})
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    torch.save(load_file(checkpoint / "adapter_model.safetensors"), checkpoint / "adapter_model.bin")
+    (checkpoint / "adapter_model.safetensors").unlink()
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("torch.load was called"))
+    with pytest.raises(ConversionError, match=r"training\.resume_from_checkpoint.*\(adapter_model\.bin\); these "
+                                              r"are pickles"):
+        run_shipped("mola.yaml", tiny, tmp_path, **{"training.resume_from_checkpoint": True})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reproducibility: one recipe and one seed give one result, for every method, however the process got there
+
+# Each method's shipped recipe fitted to the shipped tiny Llama (dense, so plain LoRA goes on attention only; no chat
+# template, so prompt/response) and to a short prompt template, so that a tiny max_length keeps the response.
+METHOD_RECIPES = {
+    "full": ("continued_pretraining.yaml", {}),
+    "lora": ("lora_on_moe.yaml", {"peft.target_parameters": None, "data.messages_field": None,
+                                  "data.prompt_field": "instruction", "data.response_field": "output",
+                                  "data.prompt_template": "{prompt}"}),
+    "mixlora": ("mixlora.yaml", {"data.prompt_template": "{prompt}"}),
+    "loramoe": ("loramoe.yaml", {"data.prompt_template": "{prompt}"}),
+    "mola": ("mola.yaml", {"data.prompt_template": "{prompt}"}),
+}
+SHORT_RUN = {"data.max_length": 24, "training.max_steps": 2, "training.per_device_train_batch_size": 2,
+             "training.gradient_accumulation_steps": 1, "training.save_strategy": "no", "training.logging_steps": 1,
+             "training.warmup_steps": 0, "training.bf16": False, "training.use_cpu": True,
+             "training.disable_tqdm": True, "training.dataloader_num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def shipped_tasks(tmp_path_factory) -> str:
+    """Eight examples of the shipped tasks dataset, with the columns the shipped recipes name."""
+    rows = [json.loads(line) for line in (tasks_path() / "train.jsonl").read_text().splitlines()[:8]]
+    path = tmp_path_factory.mktemp("tasks") / "train.jsonl"
+    path.write_text("".join(json.dumps({"instruction": row["prompt"], "output": row["answer"], "text": row["text"],
+                                        "task_type": index % 2}) + "\n" for index, row in enumerate(rows)))
+    return str(path)
+
+
+def run_on_tiny_llama(method: str, data_file: str, output_dir, process_seed: int, **overrides):
+    """A short run of `method` on the shipped tiny Llama, after setting the process's random state to
+    `process_seed` (whatever ran before in a process, or a fresh process, leaves some state: the run must not
+    depend on it)."""
+    set_seed(process_seed)
+    recipe, fitted = METHOD_RECIPES[method]
+    return run_recipe(os.path.join(RECIPES, recipe), model=str(tiny_llama_path()), output_dir=str(output_dir),
+                      **{"data.train_file": data_file, **SHORT_RUN, **fitted, **overrides})
+
+
+def saved_weights(result) -> dict[str, torch.Tensor]:
+    adapter = os.path.join(result.output_dir, "adapter_model.safetensors")
+    return load_file(adapter if os.path.isfile(adapter) else os.path.join(result.output_dir, "model.safetensors"))
+
+
+def differing_tensors(first: dict, second: dict) -> list[str]:
+    """Names of the tensors whose bytes differ (bit for bit: -0.0 is not 0.0, NaN is compared as bytes)."""
+    assert first.keys() == second.keys()
+    return [name for name in first
+            if not torch.equal(first[name].reshape(-1).view(torch.uint8), second[name].reshape(-1).view(torch.uint8))]
+
+
+def logged_losses(result) -> list[float]:
+    return [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("method", METHOD_RECIPES)
+def test_two_runs_of_a_recipe_with_the_same_seed_save_bit_identical_weights(method, shipped_tasks, tmp_path):
+    first = run_on_tiny_llama(method, shipped_tasks, tmp_path / "first", process_seed=1)
+    second = run_on_tiny_llama(method, shipped_tasks, tmp_path / "second", process_seed=2)
+    assert len(logged_losses(first)) == 2 and all(math.isfinite(loss) for loss in logged_losses(first))
+    assert logged_losses(first) == logged_losses(second)
+    weights = saved_weights(first)
+    assert not differing_tensors(weights, saved_weights(second)), f"of {len(weights)} tensors"
+
+
+def test_the_seed_is_the_recipes_training_seed_and_trainings_default_without_one(shipped_tasks, tmp_path):
+    default = run_on_tiny_llama("loramoe", shipped_tasks, tmp_path / "default", 1, **{"training.seed": None})
+    explicit = run_on_tiny_llama("loramoe", shipped_tasks, tmp_path / "42", 2, **{"training.seed": 42})
+    other = run_on_tiny_llama("loramoe", shipped_tasks, tmp_path / "7", 1, **{"training.seed": 7})
+    assert not differing_tensors(saved_weights(default), saved_weights(explicit))
+    assert len(differing_tensors(saved_weights(default), saved_weights(other))) == len(saved_weights(other))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a wrong recipe file or a wrong recipe answers: one line naming the file or every invalid field
+
+MALFORMED_YAML = {  # text -> where PyYAML finds the problem
+    "unclosed bracket": ("model: m\nmethod: [lora, mola\ndata: {}\n", "at line 3, column 5"),
+    "indented key": ("model: m\nmethod: lora\n  data: x\n", "at line 3, column 7"),
+    "tab indentation": ("model: m\ndata:\n\ttrain_file: x\n", "at line 3, column 1"),
+    "unterminated quote": ("model: m\nmethod: 'lora\n", "at line 3, column 1"),
+    "two colons": ("model: m\nmethod: lora: mola\n", "at line 2, column 13"),
+    "two documents": ("model: m\n---\n- a\n", "at line 2, column 1"),
+}
+
+
+@pytest.mark.parametrize("text, place", MALFORMED_YAML.values(), ids=MALFORMED_YAML.keys())
+def test_malformed_yaml_is_reported_with_the_file_and_line(text, place, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        load_recipe(str(path))
+    assert str(error.value).startswith(f"{path} is not valid YAML {place}: ") and "\n" not in str(error.value)
+    assert cli.main(["finetune", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"hf-moe finetune: error: {error.value}"
+
+
+NOT_RECIPES = {  # notes.txt's text -> what the file holds
+    "prose": ("Notes on the run.\nTry more experts next time\n", "a YAML str"),
+    "a list": ("- model\n- method\n", "a YAML list"),
+    "a number": ("42\n", "a YAML int"),
+    "empty": ("", "nothing"),
+    "other fields": ("ideas: more experts\ntodo: [eval]\n", "a mapping without any of those fields"),
+}
+
+
+@pytest.mark.parametrize("text, holds", NOT_RECIPES.values(), ids=NOT_RECIPES.keys())
+def test_a_file_that_is_not_a_recipe_is_named_as_such(text, holds, tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text(text)
+    expected = (f"{path} is not a recipe: expected a YAML mapping with the fields model, method, data, training, "
+                f"output_dir (the file holds {holds})")
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        run_recipe(str(path))
+    assert cli.main(["finetune", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"hf-moe finetune: error: {expected}"
+
+
+@pytest.mark.parametrize("name, answer", [("missing.yaml", ": no such recipe file"),
+                                          ("folder", " is a folder: expected a YAML recipe file")])
+def test_a_recipe_path_that_is_no_file_is_reported_in_one_line(name, answer, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / name
+    assert cli.main(["finetune", str(path)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"hf-moe finetune: error: {path}{answer}")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "*.yaml"))), ids=os.path.basename)
+def test_a_shipped_recipe_run_as_written_names_every_placeholder(path, tmp_path, monkeypatch, capsys):
+    """The README's `hf-moe finetune recipes/<x>.yaml --output ... --max-steps ...` before the CHANGE lines are
+    changed: the placeholder model and the missing data file are reported together, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    with open(path, encoding="utf-8") as file:
+        recipe = yaml.safe_load(file)
+    assert cli.main(["finetune", path, "--output", "runs/out", "--max-steps", "1000"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("hf-moe finetune: error:") and "\n" not in error
+    assert f"`model`={recipe['model']!r} is invalid: neither a local model folder" in error
+    assert f"`data.train_file`={recipe['data']['train_file']!r} is invalid: no such file" in error
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("model", ["path/to/model", "./my-model", "/no/such/model", "org/name--x", "a/b/"])
+def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_named(model, tiny, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"`model`={model!r} is invalid: neither a local model folder")):
+        validate_recipe(load_recipe(os.path.join(RECIPES, "mola.yaml"), model=model,
+                                    **{"data.train_file": tiny["data"]}))
+
+
+@pytest.mark.parametrize("model", ["gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B"])
+def test_a_hub_id_passes_validation_without_a_download(model, tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = validate_recipe(load_recipe(os.path.join(RECIPES, "mola.yaml"), model=model,
+                                         **{"data.train_file": tiny["data"]}))
+    assert recipe["model"] == model
+
+
+def test_every_invalid_field_is_reported_at_once(tiny, tmp_path):
+    recipe = load_recipe(os.path.join(RECIPES, "mixlora.yaml"), model="path/to/model", method="qlora",
+                         **{"data.train_file": "missing.jsonl", "data.eval_split": 2.0,
+                            "training.learning_rat": 1e-4, "training.seed": "x"})
+    with pytest.raises(ValueError) as error:
+        validate_recipe(recipe)
+    message = str(error.value)
+    for field in ("`model`='path/to/model'", "`method`='qlora'", "`data.train_file`='missing.jsonl'",
+                  "`data.eval_split`=2.0", "`training.learning_rat`", "`training.seed`='x'"):
+        assert field in message, field
+    assert message.count("; recipe field") == 5 and "\n" not in message
+
+
+def test_an_override_into_a_section_that_is_not_a_mapping_is_reported(tmp_path):
+    with pytest.raises(ValueError, match=r"`training`='fast' is invalid: a mapping of fields \(the override "
+                                         r"training\.max_steps goes inside it\)"):
+        load_recipe({"model": "m", "training": "fast"}, **{"training.max_steps": 5})
+    assert load_recipe({"model": "m", "training": None}, **{"training.max_steps": 5})["training"] == {"max_steps": 5}

@@ -372,9 +372,13 @@ def test_existing_output_is_refused_unless_overwrite(sources, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
         upcycle(sources["llama"], out, **QUIET, num_experts=2)
+    with pytest.raises(FileExistsError, match=r"did not write \(keep.txt\)"):
+        upcycle(sources["llama"], out, **QUIET, num_experts=2, overwrite=True, verify=False)
     assert (out / "keep.txt").read_text() == "mine"
-    upcycle(sources["llama"], out, **QUIET, num_experts=2, overwrite=True, verify=False)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    upcycle(sources["llama"], out, **QUIET, num_experts=2, verify=False)  # an empty folder is taken
+    upcycle(sources["llama"], out, **QUIET, num_experts=4, overwrite=True, verify=False)  # our own output: replaced
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,11 +423,52 @@ def test_exact_mode_failing_verification_publishes_nothing(sources, tmp_path, mo
 
     monkeypatch.setattr(module, "build_sparse_mlp", broken)
     out = tmp_path / "moe"
-    with pytest.raises(VerificationError, match="relative logit error"):
+    with pytest.raises(VerificationError, match="failed verification: .*ABOVE the tolerance"):
         upcycle(sources["mistral"], out, **QUIET, num_experts=4)
     assert_nothing_written(out)
     assert main(["upcycle", str(sources["mistral"]), str(out), "--num-experts", "4"]) == 1
     assert_nothing_written(out)
+
+
+def poisoned_copy(folder: Path, destination: Path, value: float) -> Path:
+    """A copy of the checkpoint `folder` whose last layer's down projection holds one `value` (NaN or inf)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, destination)
+    for weights in sorted(destination.glob("*.safetensors")):
+        tensors = load_file(weights)
+        name = next((name for name in sorted(tensors) if "layers.1." in name and "down_proj" in name), None)
+        if name is not None:
+            tensors[name].view(-1)[3] = value
+            save_file(tensors, weights, metadata={"format": "pt"})
+            return destination
+    raise AssertionError(f"no down projection of layer 1 in {folder}")
+
+
+def test_non_finite_logits_fail_verification_naming_the_side(sources, tmp_path, capsys):
+    dense = sources["llama"]
+    value = float("nan")
+    bad_dense = poisoned_copy(dense, tmp_path / "bad-dense", value)
+    out = tmp_path / "moe"
+    with pytest.raises(VerificationError, match="non-finite .* logits in DENSE"):  # "exact" on NaN: refused
+        upcycle(bad_dense, out, **QUIET, num_experts=2)
+    assert_nothing_written(out)
+    upcycle(dense, out, **QUIET, num_experts=2)
+    report = verify(bad_dense, out, tolerance=1e-5)
+    assert report["passed"] is False and report["non_finite_logits"]["DENSE"] > 0
+    assert report["non_finite_logits"]["MOE"] == 0
+    assert verify(bad_dense, out)["passed"] is False  # no tolerance given: still a failure
+    infinite = verify(poisoned_copy(dense, tmp_path / "inf-dense", float("inf")), out, tolerance=1e-5)
+    assert infinite["passed"] is False and infinite["non_finite_logits"]["DENSE"] > 0
+    bad_moe = poisoned_copy(out, tmp_path / "bad-moe", value)
+    assert main(["verify", str(dense), str(bad_moe), "--tolerance", "1e-5"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED: non-finite (NaN or inf) logits in MOE" in printed and "DENSE (" not in printed
+    assert main(["export", str(bad_moe), str(tmp_path / "native"), "--format", "mixtral"]) == 1
+    assert "non-finite (NaN or inf) logits in DENSE" in capsys.readouterr().err  # the export's source is the reference
+    assert_nothing_written(tmp_path / "native")
 
 
 RANDOM_EVERYWHERE = dict(arch="deepseek", granularity=4, shared_experts=1, num_experts=6, top_k=3,

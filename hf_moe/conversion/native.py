@@ -48,12 +48,12 @@ from transformers.utils import logging
 
 from ..modeling import modeling_hf_moe
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
+from ..outputs import atomic_output_dir, check_output_dir
 from .safetensors_io import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointReader,
     ConversionError,
     ShardWriter,
-    atomic_output_dir,
     copy_side_files,
     parse_size,
     read_config_dict,
@@ -710,11 +710,10 @@ def _remote_code_files(config_dict: dict) -> set[str]:
     return {f"{reference.split('--')[-1].split('.')[0]}.py" for reference in references if reference}
 
 
-def _check_paths(src: Path, out: Path) -> None:
+def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
     if not src.is_dir():
         raise ConversionError(f"SRC {src} is not a folder: expected a checkpoint folder (config.json + weights)")
-    if out.resolve() == src.resolve():
-        raise ConversionError(f"OUT {out} is SRC: write the converted checkpoint to another folder")
+    check_output_dir(out, overwrite, sources=[src])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -727,15 +726,21 @@ def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, **r
     VerificationError and nothing is published), verification.json, and when both models fit in memory the expert
     load on the verification prompts; then the model card."""
     from ..cards import conversion_heatmap, record_conversion, write_card
-    from .verify import DEFAULT_TOLERANCE, VerificationError, verification_prompts, verify, write_verification
+    from .verify import (
+        DEFAULT_TOLERANCE,
+        VerificationError,
+        format_report,
+        verification_prompts,
+        verify,
+        write_verification,
+    )
 
     record_conversion(folder, command, src=str(src), **record)
     if check:
         report = verify(src, folder, tolerance=DEFAULT_TOLERANCE)
         if not report["passed"]:
-            raise VerificationError(f"the {command}ed checkpoint should compute what {src} computes, but its relative "
-                                    f"logit error is {report['max_rel_error']:.3g} > {DEFAULT_TOLERANCE:g}; nothing "
-                                    f"was written")
+            raise VerificationError(f"the {command}ed checkpoint should compute what {src} computes, but "
+                                    f"{format_report(report)}; nothing was written")
         write_verification(report, folder)
         if report["mode"] == "full":
             prompts, description = verification_prompts(src, read_config_dict(src)["vocab_size"])
@@ -757,7 +762,7 @@ def import_native(
     Returns `out`.
     """
     src, out = Path(src), Path(out)
-    _check_paths(src, out)
+    _check_paths(src, out, overwrite)
     parse_size(max_shard_size)
     source_config = read_config_dict(src)
     fmt = source_format(source_config)
@@ -767,7 +772,7 @@ def import_native(
         check_names([name for mapping in plan for name in mapping.native], reader.keys(), f"the {fmt} checkpoint {src}")
         check_import_shapes(plan, reader, config)
         config.dtype = _dtype_name(reader.dtype("model.embed_tokens.weight"))
-        with atomic_output_dir(out, overwrite=overwrite) as folder:
+        with atomic_output_dir(out, "import", overwrite=overwrite, sources=[src]) as folder:
             writer = ShardWriter(folder, max_shard_size)
             _stream(plan, reader, writer, to_native=False, desc=f"import {fmt}")
             writer.finish()
@@ -807,7 +812,7 @@ def export_native(
     `FileExistsError` when `out` exists and `overwrite` is False. Returns `out`.
     """
     src, out = Path(src), Path(out)
-    _check_paths(src, out)
+    _check_paths(src, out, overwrite)
     parse_size(max_shard_size)
     config = load_our_config(src)
     native_config = ours_to_native_config(config, format)
@@ -816,7 +821,7 @@ def export_native(
         check_names([mapping.ours for mapping in plan], reader.keys(), f"the {config.model_type} checkpoint {src}")
         check_export_shapes(plan, reader, config)
         native_config.dtype = _dtype_name(reader.dtype("model.embed_tokens.weight"))
-        with atomic_output_dir(out, overwrite=overwrite) as folder:
+        with atomic_output_dir(out, "export", overwrite=overwrite, sources=[src]) as folder:
             writer = ShardWriter(folder, max_shard_size)
             _stream(plan, reader, writer, to_native=True, desc=f"export {format}")
             writer.finish()

@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-moe Authors. Licensed under the Apache License, Version 2.0.
-"""Checkpoint-folder I/O shared by every converter: read lazily, write in shards, publish atomically.
+"""Checkpoint-folder I/O shared by every converter: read lazily, write in shards (published by `hf_moe.outputs`).
 
 - `CheckpointReader`: lazy access to the tensors of a folder holding `model.safetensors`, or shards listed in
   `model.safetensors.index.json`. Names, shapes and dtypes come from the file headers; a tensor's data is read
@@ -8,9 +8,6 @@
   push it past `max_shard_size`. `finish()` names the shards `model-0000i-of-0000n.safetensors` and writes
   `model.safetensors.index.json` (or a single `model.safetensors` when everything fits in one shard), with the
   metadata `{"format": "pt"}` that transformers writes.
-- `atomic_output_dir(out)`: everything is written into a temporary sibling folder `.OUT.tmp-xxxx` that is renamed
-  to OUT only when the block succeeds; on any exception (KeyboardInterrupt included) it is deleted and OUT is left
-  as it was.
 - `copy_side_files(src, dst)`: copies the non-weight files of a checkpoint (tokenizer, generation config, ...), not
   its card and the card's record.
 """
@@ -18,10 +15,8 @@
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -87,13 +82,24 @@ def natural_key(name: str) -> list:
 
 def read_config_dict(folder: str | os.PathLike) -> dict:
     """The parsed `config.json` of a checkpoint folder."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{folder} has no config.json: expected a checkpoint folder (config.json + weights)")
+    return read_json_object(Path(folder) / "config.json", "a checkpoint folder (config.json + weights)",
+                            "the JSON object save_pretrained writes next to the weights")
+
+
+def read_json_object(file: Path, folder_expected: str, expected: str) -> dict:
+    """The JSON object in `file`; a one-line `ConversionError` naming the file otherwise: `folder_expected` when the
+    file is missing, `expected` when it does not parse or holds another kind of JSON value."""
+    if not file.is_file():
+        raise ConversionError(f"{file.parent} has no {file.name}: expected {folder_expected}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{file} is not valid JSON ({error}): expected {expected}") from None
+    if not isinstance(value, dict):
+        kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+        raise ConversionError(f"{file} holds a JSON {kinds.get(type(value), type(value).__name__)}: expected "
+                              f"{expected}")
+    return value
 
 
 class CheckpointReader:
@@ -114,8 +120,9 @@ class CheckpointReader:
         index_path = self.folder / SAFE_WEIGHTS_INDEX_NAME
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-            except json.JSONDecodeError as error:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ConversionError(f"{index_path} is not valid JSON: {error}") from None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ConversionError(f"{index_path} has no `weight_map`: expected {{tensor name: shard file}}")
@@ -270,51 +277,6 @@ class ShardWriter:
             "weight_map": dict(sorted(weight_map.items(), key=lambda item: natural_key(item[0]))),
         }
         (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder `.OUT.tmp-xxxx` next to OUT, renamed to OUT when the block succeeds.
-
-    On any exception (KeyboardInterrupt included) the temporary folder is deleted and OUT is untouched. An existing
-    OUT raises `FileExistsError` unless `overwrite=True`; it is then replaced only at the very end, after the new
-    content is complete. Missing parent folders of OUT are created.
-    """
-    out = Path(out).absolute()
-    _check_output_path(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    temporary.mkdir()
-    try:
-        yield temporary
-        _replace_dir(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _check_output_path(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder: choose another output path")
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists: pass overwrite=True (--overwrite) to replace it")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is moved aside first and deleted once `new` is in place."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_weight_file(name: str) -> bool:

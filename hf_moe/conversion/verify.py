@@ -222,13 +222,19 @@ def verify(
     `mode`: `full` (whole models, their own classes), `layerwise` (bounded memory, hf_moe's decoder layer) or
     `auto` (full when it fits in memory). Returns a dict with `max_abs_error`, `max_rel_error`, `top1_agreement`,
     the prompts, the mode, both classes, and, when `tolerance` is given, `passed` (max_rel_error <= tolerance).
-    Raises `ConversionError` when a folder is not a checkpoint or the vocabularies differ, and `VerificationError`
+    Non-finite logits on either side fail it whatever the tolerance: `passed` is False and `non_finite_logits`
+    counts them per side (DENSE, MOE).
+    Raises `ConversionError` when a folder is not a readable safetensors checkpoint (`hf_moe.preflight`) or the
+    vocabularies differ, and `VerificationError`
     when `moe` does not load cleanly.
     """
+    from ..preflight import check_checkpoint_folder
+
     dense, moe = Path(dense), Path(moe)
     if mode not in MODES:
         raise ConversionError(f"`mode`={mode!r} is invalid (allowed: {', '.join(MODES)})")
-    vocab_sizes = {name: read_config_dict(path).get("vocab_size") for name, path in (("DENSE", dense), ("MOE", moe))}
+    configs = {role: check_checkpoint_folder(path, role) for role, path in (("DENSE", dense), ("MOE", moe))}
+    vocab_sizes = {role: config.get("vocab_size") for role, config in configs.items()}
     if vocab_sizes["DENSE"] != vocab_sizes["MOE"] or not vocab_sizes["DENSE"]:
         raise ConversionError(f"DENSE and MOE must share one vocabulary (vocab_size {vocab_sizes['DENSE']} vs "
                               f"{vocab_sizes['MOE']})")
@@ -242,6 +248,7 @@ def verify(
         attn_implementation = "eager"
         reference, dense_class = _layerwise_logits(dense, prompts)
         converted, moe_class = _layerwise_logits(moe, prompts)
+    non_finite = {side: int((~logits.isfinite()).sum()) for side, logits in (("DENSE", reference), ("MOE", converted))}
     max_abs_error = (converted - reference).abs().max().item()
     scale = reference.abs().max().item()
     report = {
@@ -257,9 +264,13 @@ def verify(
         "dense_class": dense_class,
         "moe_class": moe_class,
     }
+    if any(non_finite.values()):  # NaN compares false with everything: no error figure can pass such logits
+        report["non_finite_logits"] = non_finite
+        report["max_rel_error"] = float("nan")
+        report["passed"] = False
     if tolerance is not None:
         report["tolerance"] = tolerance
-        report["passed"] = report["max_rel_error"] <= tolerance
+        report["passed"] = report.get("passed", True) and report["max_rel_error"] <= tolerance
     return report
 
 
@@ -273,6 +284,10 @@ def format_report(report: dict) -> str:
     """One line: errors and agreement (and the verdict when a tolerance was set)."""
     line = (f"max abs logit error {report['max_abs_error']:.3g}, max relative error {report['max_rel_error']:.3g}, "
             f"top-1 agreement {100 * report['top1_agreement']:.1f}% over {report['num_positions']} positions")
-    if "passed" in report:
+    if "non_finite_logits" in report:
+        sides = [f"{side} ({count} of {report['num_positions']} x vocabulary)"
+                 for side, count in report["non_finite_logits"].items() if count]
+        return line + f"; FAILED: non-finite (NaN or inf) logits in {' and '.join(sides)}"
+    if "tolerance" in report:
         line += f" ({'within' if report['passed'] else 'ABOVE'} the tolerance {report['tolerance']:g})"
     return line

@@ -10,11 +10,14 @@
     from hf_moe.finetune.recipes import run_recipe
     result = run_recipe("recipes/mixlora.yaml", model="my/model", **{"training.max_steps": 10})
 
-The whole recipe is checked before anything is loaded or written: a wrong field raises a ValueError that names the
-field, the value and what is allowed. The output folder gets the adapter (adapter_model.safetensors) or the full
-model (model.safetensors), the tokenizer, `recipe.yaml` (the recipe as it ran, overrides applied), Trainer's
-results (all_results.json, trainer_state.json) and the model card (README.md, with loss.png and, for models with
-routers, expert_load.png measured on the eval split).
+The whole recipe is checked before anything is loaded or written: one ValueError names every wrong field, its value
+and what is allowed ('; ' between them), including a `model` that is neither a Hub repo id nor a sound local
+checkpoint folder (`hf_moe.preflight`: weights must be safetensors; pickles are refused, never loaded). A run is
+seeded with `training.seed` (TrainingArguments' 42 when absent) before the model and adapter are created, so one
+recipe and one seed give bit-identical results on one machine. The output folder gets the adapter
+(adapter_model.safetensors) or the full model (model.safetensors), the tokenizer, `recipe.yaml` (the recipe as it ran,
+overrides applied), Trainer's results (all_results.json, trainer_state.json) and the model card (README.md, with
+loss.png and, for models with routers, expert_load.png measured on the eval split).
 """
 
 import copy
@@ -58,17 +61,16 @@ class RecipeResult:
 def load_recipe(path_or_dict, **overrides) -> dict:
     """The recipe as a dict, overrides applied. An override is a top-level field (a dict is merged into that
     section) or a dotted path such as `training.max_steps`; None removes the field."""
-    if isinstance(path_or_dict, dict):
-        recipe = copy.deepcopy(path_or_dict)
-    else:
-        with open(path_or_dict, encoding="utf-8") as file:
-            recipe = yaml.safe_load(file) or {}
-        _require(isinstance(recipe, dict), "recipe", type(recipe).__name__, "a YAML mapping of fields")
+    recipe = copy.deepcopy(path_or_dict) if isinstance(path_or_dict, dict) else read_recipe_file(path_or_dict)
     for key, value in overrides.items():
         *sections, name = key.split(".")
         node = recipe
-        for section in sections:
-            node = node.setdefault(section, {})
+        for depth, section in enumerate(sections):
+            if node.get(section) is None:  # `training:` left empty in the YAML
+                node[section] = {}
+            _require(isinstance(node[section], dict), ".".join(sections[:depth + 1]), node[section],
+                     f"a mapping of fields (the override {key} goes inside it)")
+            node = node[section]
         if value is None:  # an override of None removes the field
             node.pop(name, None)
         elif isinstance(value, dict) and isinstance(node.get(name), dict):
@@ -78,9 +80,61 @@ def load_recipe(path_or_dict, **overrides) -> dict:
     return recipe
 
 
+def read_recipe_file(path) -> dict:
+    """The YAML mapping in the file `path`; a ValueError naming the file (and the line of a YAML error) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            recipe = yaml.safe_load(file)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder: expected a YAML recipe file (examples: recipes/*.yaml)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a recipe: not a UTF-8 text file") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the recipe {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML {_yaml_error_place(error)}") from None
+    if isinstance(recipe, dict) and set(recipe) & set(RECIPE_FIELDS):
+        return recipe
+    got = ("nothing" if recipe is None else "a mapping without any of those fields" if isinstance(recipe, dict)
+           else f"a YAML {type(recipe).__name__}")
+    raise ValueError(f"{path} is not a recipe: expected a YAML mapping with the fields model, method, data, training, "
+                     f"output_dir (the file holds {got})")
+
+
+def _yaml_error_place(error: yaml.YAMLError) -> str:
+    """'at line L, column C: what is wrong (while parsing X from line K)', one line; PyYAML's marks count from 0."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return "(" + " ".join(str(error).split()) + ")"
+    text = f"at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != mark.line:
+        text += f" ({context} from line {context_mark.line + 1})"
+    return " ".join(text.split())
+
+
+def _invalid(name: str, value, allowed: str) -> str:
+    return f"recipe field `{name}`={value!r} is invalid: {allowed}."
+
+
 def _require(condition: bool, name: str, value, allowed: str) -> None:
     if not condition:
-        raise ValueError(f"recipe field `{name}`={value!r} is invalid: {allowed}.")
+        raise ValueError(_invalid(name, value, allowed))
+
+
+class _Problems(list):
+    """The invalid fields of a recipe, collected so that one error names them all."""
+
+    def check(self, condition, name: str, value, allowed: str) -> bool:
+        if not condition:
+            self.append(_invalid(name, value, allowed))
+        return bool(condition)
+
+    def raise_if_any(self) -> None:
+        if self:
+            raise ValueError("; ".join(message.removesuffix(".") for message in self) + ".")
 
 
 def peft_config_class(method: str):
@@ -105,69 +159,106 @@ def build_peft_config(method: str, options: dict):
 
 
 def validate_recipe(recipe: dict) -> dict:
-    """Check every field; returns the recipe with its defaults filled in. Raises ValueError naming the field."""
+    """Check every field; returns the recipe with its defaults filled in. Raises one ValueError naming every invalid
+    field ('; ' between them), so that a fresh copy of a shipped recipe lists all its CHANGE placeholders at once."""
     from transformers import TrainingArguments
 
+    problems = _Problems()
     for key, value in recipe.items():
-        _require(key in RECIPE_FIELDS, key, value, f"allowed fields: {list(RECIPE_FIELDS)}")
+        problems.check(key in RECIPE_FIELDS, key, value, f"allowed fields: {list(RECIPE_FIELDS)}")
     recipe = {"trust_remote_code": False, "peft": {}, "training": {}, **recipe}
-    _require(isinstance(recipe.get("model"), str) and recipe["model"], "model", recipe.get("model"),
-             "a local model folder or a Hub id")
-    _require(isinstance(recipe["trust_remote_code"], bool), "trust_remote_code", recipe["trust_remote_code"],
-             "true or false")
-    _require(recipe.get("method") in METHODS, "method", recipe.get("method"), f"allowed values: {list(METHODS)}")
-    _require(isinstance(recipe.get("output_dir"), str) and recipe["output_dir"], "output_dir",
-             recipe.get("output_dir"), "a folder for the results (or --output on the command line)")
+    trust_remote_code = recipe["trust_remote_code"]
+    problems.check(isinstance(trust_remote_code, bool), "trust_remote_code", trust_remote_code, "true or false")
+    model = recipe.get("model")
+    if problems.check(isinstance(model, str) and model, "model", model, "a local model folder or a Hub id"):
+        problems.extend(_model_problems(model, trust_remote_code is True))
+    method = recipe.get("method")
+    problems.check(method in METHODS, "method", method, f"allowed values: {list(METHODS)}")
+    problems.check(isinstance(recipe.get("output_dir"), str) and recipe["output_dir"], "output_dir",
+                   recipe.get("output_dir"), "a folder for the results (or --output on the command line)")
 
-    method, peft = recipe["method"], recipe["peft"] or {}
-    _require(isinstance(peft, dict), "peft", peft, "a mapping of the method's config fields")
-    _require(method != "full" or not peft, "peft", peft, "must be empty with method 'full' (no adapter)")
-    if method != "full":
-        build_peft_config(method, peft)
+    peft = recipe["peft"] or {}
+    if problems.check(isinstance(peft, dict), "peft", peft, "a mapping of the method's config fields"):
+        problems.check(method != "full" or not peft, "peft", peft, "must be empty with method 'full' (no adapter)")
+        if method in METHODS and method != "full":
+            try:
+                build_peft_config(method, peft)
+            except ValueError as error:
+                problems.append(str(error))
 
     data = recipe.get("data")
-    _require(isinstance(data, dict), "data", data, "a mapping with train_file or dataset, and a text format")
-    data = recipe["data"] = {"split": "train", "max_length": 512, **data}
-    for key in data:
-        _require(key in DATA_FIELDS, f"data.{key}", data[key], f"allowed fields: {list(DATA_FIELDS)}")
-    _require(("train_file" in data) != ("dataset" in data), "data.train_file", data.get("train_file"),
-             "give exactly one of data.train_file (local json/jsonl/csv/parquet) and data.dataset (a Hub name)")
-    for key in ("train_file", "eval_file"):
-        for path in _as_list(data.get(key, [])):
-            _require(isinstance(path, str) and os.path.splitext(path)[1] in DATA_FORMATS, f"data.{key}", path,
-                     f"a file with one of the extensions {sorted(DATA_FORMATS)}")
-            _require(os.path.isfile(path), f"data.{key}", path, "no such file")
-    formats = [name for name in ("text_field", "prompt_field", "messages_field") if name in data]
-    _require(len(formats) == 1, "data", sorted(data), "give exactly one of text_field, prompt_field (with "
-             "response_field), messages_field")
-    _require(("prompt_field" in data) == ("response_field" in data), "data.response_field",
-             data.get("response_field"), "prompt_field and response_field go together")
-    template = data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    _require("prompt_template" not in data or "prompt_field" in data, "data.prompt_template", template,
-             "only used with prompt_field/response_field")
-    _require(isinstance(template, str) and "{prompt}" in template, "data.prompt_template", template,
-             "a string containing {prompt}")
-    _require("type_field" not in data or method == "loramoe", "data.type_field", data.get("type_field"),
-             "LoRAMoE's sample types: only with method 'loramoe'")
-    _require(isinstance(data["max_length"], int) and data["max_length"] > 1, "data.max_length", data["max_length"],
-             "an integer > 1")
-    _require("eval_split" not in data or "eval_file" not in data, "data.eval_split", data.get("eval_split"),
-             "give eval_split or eval_file, not both")
-    if "eval_split" in data:
-        _require(isinstance(data["eval_split"], float) and 0 < data["eval_split"] < 1, "data.eval_split",
-                 data["eval_split"], "a fraction strictly between 0 and 1")
+    if problems.check(isinstance(data, dict), "data", data, "a mapping with train_file or dataset, and a text format"):
+        data = recipe["data"] = {"split": "train", "max_length": 512, **data}
+        _check_data(data, method, problems)
 
     training = recipe["training"] or {}
-    _require(isinstance(training, dict), "training", training, "a mapping of TrainingArguments fields")
-    names = {field.name for field in dataclasses.fields(TrainingArguments)}
-    for key in training:
-        _require(key in names and key != "output_dir", f"training.{key}", training[key],
-                 "not a TrainingArguments field (the output folder is the top-level `output_dir`)")
-    checkpoint = training.get("resume_from_checkpoint")
-    _require(checkpoint is None or isinstance(checkpoint, bool) or os.path.isdir(checkpoint),
-             "training.resume_from_checkpoint", checkpoint, "true (the last checkpoint in output_dir) or a folder")
-    recipe["training"] = training
+    if problems.check(isinstance(training, dict), "training", training, "a mapping of TrainingArguments fields"):
+        names = {field.name for field in dataclasses.fields(TrainingArguments)}
+        for key in training:
+            problems.check(key in names and key != "output_dir", f"training.{key}", training[key],
+                           "not a TrainingArguments field (the output folder is the top-level `output_dir`)")
+        for key in ("seed", "data_seed"):
+            value = training.get(key)
+            problems.check(value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                           f"training.{key}", value, "an integer")
+        checkpoint = training.get("resume_from_checkpoint")
+        problems.check(checkpoint is None or isinstance(checkpoint, bool)
+                       or (isinstance(checkpoint, str) and os.path.isdir(checkpoint)),
+                       "training.resume_from_checkpoint", checkpoint,
+                       "true (the last checkpoint in output_dir) or a folder")
+        recipe["training"] = training
+    problems.raise_if_any()
     return recipe
+
+
+def _model_problems(model: str, trust_remote_code: bool) -> list[str]:
+    """What is wrong with the recipe's `model`: nothing for a Hub repo id (checked when it downloads) or a sound
+    local checkpoint folder (`preflight.check_checkpoint_folder`)."""
+    from ..conversion.safetensors_io import ConversionError
+    from ..preflight import check_checkpoint_folder, is_hub_repo_id
+
+    if is_hub_repo_id(model):
+        return []
+    if not os.path.exists(model):
+        return [_invalid("model", model, "neither a local model folder (it does not exist) nor a Hub repo id "
+                                         "(`name` or `namespace/name`)")]
+    try:
+        check_checkpoint_folder(model, "recipe field `model`", trust_remote_code)
+    except ConversionError as error:
+        return [str(error)]
+    return []
+
+
+def _check_data(data: dict, method, problems: _Problems) -> None:
+    for key, value in data.items():
+        problems.check(key in DATA_FIELDS, f"data.{key}", value, f"allowed fields: {list(DATA_FIELDS)}")
+    problems.check(("train_file" in data) != ("dataset" in data), "data.train_file", data.get("train_file"),
+                   "give exactly one of data.train_file (local json/jsonl/csv/parquet) and data.dataset (a Hub name)")
+    for key in ("train_file", "eval_file"):
+        for path in _as_list(data.get(key, [])):
+            if problems.check(isinstance(path, str) and os.path.splitext(path)[1] in DATA_FORMATS, f"data.{key}",
+                              path, f"a file with one of the extensions {sorted(DATA_FORMATS)}"):
+                problems.check(os.path.isfile(path), f"data.{key}", path, "no such file")
+    formats = [name for name in ("text_field", "prompt_field", "messages_field") if name in data]
+    problems.check(len(formats) == 1, "data", sorted(data), "give exactly one of text_field, prompt_field (with "
+                   "response_field), messages_field")
+    problems.check(("prompt_field" in data) == ("response_field" in data), "data.response_field",
+                   data.get("response_field"), "prompt_field and response_field go together")
+    template = data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+    problems.check("prompt_template" not in data or "prompt_field" in data, "data.prompt_template", template,
+                   "only used with prompt_field/response_field")
+    problems.check(isinstance(template, str) and "{prompt}" in template, "data.prompt_template", template,
+                   "a string containing {prompt}")
+    problems.check("type_field" not in data or method == "loramoe", "data.type_field", data.get("type_field"),
+                   "LoRAMoE's sample types: only with method 'loramoe'")
+    max_length = data["max_length"]
+    problems.check(isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 1,
+                   "data.max_length", max_length, "an integer > 1")
+    problems.check("eval_split" not in data or "eval_file" not in data, "data.eval_split", data.get("eval_split"),
+                   "give eval_split or eval_file, not both")
+    if "eval_split" in data:
+        problems.check(isinstance(data["eval_split"], float) and 0 < data["eval_split"] < 1, "data.eval_split",
+                       data["eval_split"], "a fraction strictly between 0 and 1")
 
 
 def _as_list(value) -> list:
@@ -270,9 +361,50 @@ def describe_run(trainer, output_dir: str, method: str, routed: bool):
     return write_card(output_dir, "finetuned" if method == "full" else "adapter")
 
 
-def run_recipe(path_or_dict, **overrides) -> RecipeResult:
-    """Validate, load the model and data, train, save. Overrides as in `load_recipe`."""
+def seed_run(training: dict) -> None:
+    """Seed python, numpy and torch with the recipe's `training.seed` (TrainingArguments' default when absent), as
+    Trainer does, with `full_determinism` too."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    seed = training.get("seed", TrainingArguments.seed)
+    if training.get("full_determinism"):
+        enable_full_determinism(seed)
+    else:
+        set_seed(seed)
+
+
+def check_resume_checkpoint(checkpoint, output_dir: str, method: str, trust_remote_code: bool) -> None:
+    """The checkpoint a resumed run loads (True: the last one in output_dir) holds safetensors weights Trainer can
+    read: a pickle-only checkpoint is refused rather than unpickled."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..preflight import check_adapter_folder, check_checkpoint_folder
+
+    if checkpoint is True:
+        checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if not checkpoint:
+        return  # nothing to resume from: Trainer says so
+    role = "recipe field `training.resume_from_checkpoint`"
+    if method == "full":
+        check_checkpoint_folder(checkpoint, role, trust_remote_code)
+    else:
+        check_adapter_folder(checkpoint, role)
+
+
+def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResult:
+    """Validate, load the model and data, train, save. Overrides as in `load_recipe`.
+
+    A non-empty output folder is refused (before anything is loaded) unless the recipe resumes from its checkpoints
+    (`training.resume_from_checkpoint`), or `overwrite` is set and the folder holds an earlier output of hf-moe,
+    which is then removed once the model and data have loaded."""
+    from ..outputs import check_output_dir, prepare_output_dir, write_owner_record
+
     recipe = validate_recipe(load_recipe(path_or_dict, **overrides))
+    resuming = bool(recipe["training"].get("resume_from_checkpoint"))
+    data_files = [*_as_list(recipe["data"].get("train_file", [])), *_as_list(recipe["data"].get("eval_file", []))]
+    output_sources = [recipe["model"], *data_files]
+    check_output_dir(recipe["output_dir"], overwrite, output_sources, resuming)
 
     import torch
     from peft import get_peft_model
@@ -292,6 +424,7 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     method, data, output_dir = recipe["method"], recipe["data"], recipe["output_dir"]
     training = {**TRAINING_DEFAULTS, **recipe["training"]}
     resume = training.pop("resume_from_checkpoint", None)
+    check_resume_checkpoint(resume, output_dir, method, recipe["trust_remote_code"])
     if training.get("bf16") and not has_native_bf16():
         logger.warning("hf-moe finetune: this hardware has no native bf16; training in fp32 instead")
         training["bf16"] = False
@@ -307,18 +440,23 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
     if "type_field" in data:
         collator = TypeIdsCollator(collator, column=data["type_field"])
 
-    # model: hf-moe bases return router logits so that their load-balancing loss reaches the training loss
+    # model: hf-moe bases return router logits so that their load-balancing loss reaches the training loss.
+    # Seeded first: the adapter's (and any newly initialised weight's) values come from this seed; Trainer seeds
+    # again with it before training (data order, dropout). Weights load from safetensors only, never from pickles.
+    seed_run(training)
     config = AutoConfig.from_pretrained(recipe["model"], trust_remote_code=recipe["trust_remote_code"])
     is_moe = config.model_type in MOE_MODEL_TYPES
     if is_moe:
         config.output_router_logits = True
     model = AutoModelForCausalLM.from_pretrained(recipe["model"], config=config, dtype=torch.float32,
-                                                 trust_remote_code=recipe["trust_remote_code"])
+                                                 trust_remote_code=recipe["trust_remote_code"], use_safetensors=True)
     if method != "full":
         model = get_peft_model(model, build_peft_config(method, recipe["peft"]))
         model.print_trainable_parameters()
 
     # trainer
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output_dir(output_dir, "finetune", overwrite, output_sources, resuming)
     args = TrainingArguments(output_dir=output_dir, **training)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=collator)
@@ -343,6 +481,8 @@ def run_recipe(path_or_dict, **overrides) -> RecipeResult:
         with open(recipe_path, "w", encoding="utf-8") as file:
             yaml.safe_dump(recipe, file, sort_keys=False)
     card = describe_run(trainer, output_dir, method, routed=is_moe or method in LORA_MOE_METHODS)
+    if trainer.is_world_process_zero():
+        write_owner_record(output_dir, "finetune")
     result = RecipeResult(output_dir=output_dir, train_loss=train_output.training_loss, eval_loss=eval_loss,
                           trainer=trainer)
     if not trainer.is_world_process_zero():

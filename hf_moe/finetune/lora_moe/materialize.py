@@ -40,19 +40,25 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
 
     `dtype`: of the written weights; default the base config's dtype (float32 if it names none). The merge itself
     runs in float32. Raises `ConversionError` (a ValueError) for an adapter that is not MixLoRA or a base hf_moe
-    cannot express, and FileExistsError if OUT exists and `overwrite` is False. Nothing is left at OUT on failure.
+    cannot express, and for a broken BASE or ADAPTER folder (`hf_moe.preflight`: missing config, pickle-only or
+    truncated weights), checked before anything is loaded; FileExistsError if OUT exists and `overwrite` is False.
+    Nothing is left at OUT on failure.
     """
     from ...conversion.dense import dense_fields
     from ...conversion.native import our_tensor_shapes, save_our_config
-    from ...conversion.safetensors_io import ConversionError, ShardWriter, atomic_output_dir, copy_side_files
+    from ...conversion.safetensors_io import ConversionError, ShardWriter, copy_side_files
+    from ...outputs import atomic_output_dir, check_output_dir
+    from ...preflight import check_adapter_folder, check_checkpoint_folder, is_hub_repo_id
 
-    if Path(out).resolve() in (Path(base).resolve(), Path(adapter).resolve()):
-        raise ConversionError(f"OUT {out} is BASE or ADAPTER: write the MoE checkpoint to another folder")
+    check_output_dir(out, overwrite, sources=[base, adapter])
+    check_adapter_folder(adapter, "ADAPTER")
+    if not is_hub_repo_id(base):  # a local folder (a Hub id is checked as it downloads: safetensors only)
+        check_checkpoint_folder(base, "BASE")
     adapter_config = PeftConfig.from_pretrained(str(adapter))
     if adapter_config.peft_type != MIXLORA:
         raise ConversionError(f"materialize turns MIXLORA adapters into MoE checkpoints; {adapter} is a "
                               f"{adapter_config.peft_type} adapter (allowed: MIXLORA).")
-    base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
     fields = dense_fields(base_model.config.to_dict())
     out_dtype = dtype or AutoConfig.from_pretrained(str(base)).dtype or torch.float32
     if isinstance(out_dtype, str):
@@ -67,7 +73,7 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     names = list(our_tensor_shapes(config))
     if config.tie_word_embeddings:
         names.remove("lm_head.weight")
-    with atomic_output_dir(out, overwrite=overwrite) as folder:
+    with atomic_output_dir(out, "materialize", overwrite=overwrite, sources=[base, adapter]) as folder:
         writer = ShardWriter(folder, max_shard_size)
         for name, tensor in our_tensors(model, names, adapter_name):
             writer.add(name, tensor.to(out_dtype))
