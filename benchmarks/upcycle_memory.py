@@ -4,8 +4,9 @@
    embeddings: 1.24B parameters) is written shard by shard with hf-moe's ShardWriter, one layer in memory at a time.
 2. `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2` (Mixtral copies, random normal router; no verification, as
    mergekit, unless --verify: then layer by layer) runs in its own process under `/usr/bin/time -v`, for each
-   requested depth: peak RSS should stay near one output MoE layer (8 x 3 x FFN x H x 2 bytes = 805 MB here) plus
-   one shard buffer (--max-shard-size) above the import baseline, whatever the number of layers.
+   requested depth: peak RSS should stay near one output MoE layer (8 x 3 x FFN x H x 2 bytes = 805 MB here) above
+   the import baseline, whatever the number of layers and the shard size (ShardWriter writes each tensor to disk as
+   it is added).
 3. The output (~14 GB for 16 layers) is deleted afterwards unless --keep.
 
     python benchmarks/upcycle_memory.py                       # 16 layers (1.24B), prints a table
@@ -154,8 +155,7 @@ def run_mergekit(args, source: Path, out: Path, parameters: int, ours: dict) -> 
 
 def table(rows: list[dict], args) -> str:
     header = ["tool", "dense model", "layers", "MoE (8 experts)", "verification", "output", "wall time", "peak RSS",
-              "import baseline", "one MoE layer + one shard"]
-    shard_mb = _parse_mb(args.max_shard_size)
+              "import baseline", "one MoE layer"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         moe = f"{row['moe_parameters'] / 1e9:.2f}B params" if row["moe_parameters"] else "-"
@@ -163,7 +163,7 @@ def table(rows: list[dict], args) -> str:
             f"| {row['tool']} | random Llama {row['dense_parameters'] / 1e9:.2f}B bf16 | {row['layers']} | {moe} | "
             f"{'layer by layer' if row['verified'] else 'off'} | "
             f"{row['output_gb']:.1f} GB | {row['wall_s']:.0f} s | {row['peak_rss_mb'] / 1024:.2f} GB | "
-            f"{row['baseline_rss_mb'] / 1024:.2f} GB | {row['moe_layer_mb'] / 1024:.2f} + {shard_mb / 1024:.2f} GB |"
+            f"{row['baseline_rss_mb'] / 1024:.2f} GB | {row['moe_layer_mb'] / 1024:.2f} GB |"
         )
     return "\n".join(lines)
 

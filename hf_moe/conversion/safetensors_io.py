@@ -4,24 +4,26 @@
 - `CheckpointReader`: lazy access to the tensors of a folder holding `model.safetensors`, or shards listed in
   `model.safetensors.index.json`. Names, shapes and dtypes come from the file headers; a tensor's data is read
   only when `get(name)` is called. Pickle-based weights (`.bin`, `.pt`, ...) are never opened.
-- `ShardWriter`: `add(name, tensor)` one tensor at a time; a shard is flushed to disk when the next tensor would
-  push it past `max_shard_size`. `finish()` names the shards `model-0000i-of-0000n.safetensors` and writes
-  `model.safetensors.index.json` (or a single `model.safetensors` when everything fits in one shard), with the
-  metadata `{"format": "pt"}` that transformers writes.
+- `ShardWriter`: `add(name, tensor)` one tensor at a time, written to disk at once (memory does not grow with the
+  shard size); a new shard starts when the next tensor would push the current one past `max_shard_size`. `finish()`
+  names the shards `model-0000i-of-0000n.safetensors` and writes `model.safetensors.index.json` (or a single
+  `model.safetensors` when everything fits in one shard), with the metadata `{"format": "pt"}` that transformers
+  writes. Given the plan's shapes up front, its files are byte for byte those of safetensors' `save_file`.
 - `copy_side_files(src, dst)`: copies the non-weight files of a checkpoint (tokenizer, generation config, ...), not
   its card and the card's record.
 """
 
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -197,80 +199,264 @@ class CheckpointReader:
         self.close()
 
 
-def _owned_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` as a contiguous tensor that owns its whole storage (safetensors refuses views of shared storage)."""
-    tensor = tensor.detach()
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
+# torch dtype -> safetensors header dtype, in the order safetensors' own serializer lays tensors out in a file (then by
+# name): widest first, so that every tensor starts at a multiple of its element size.
+_HEADER_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64",
+    torch.float32: "F32", torch.uint32: "U32", torch.int32: "I32",
+    torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_HEADER_DTYPES)}
+_MOVE_CHUNK = 64 * 2**20  # bytes read at a time when a shard's data must move to make room for its header
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _header_dtype(name: str, dtype: torch.dtype) -> str:
+    if dtype not in _HEADER_DTYPES:
+        raise ValueError(f"tensor {name!r} has the dtype {dtype}, which safetensors cannot store "
+                         f"(allowed: {', '.join(str(d).removeprefix('torch.') for d in _HEADER_DTYPES)})")
+    return _HEADER_DTYPES[dtype]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of `tensor` in row-major order: a view of its memory when it is a contiguous CPU tensor (any view,
+    sharing storage or not), else of a contiguous copy."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (one pwrite call writes at most ~2 GiB on Linux)."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _move(fd: int, start: int, end: int, distance: int) -> None:
+    """Move the bytes [start, end) of a file `distance` bytes further, last chunk first, in bounded memory."""
+    position = end
+    while position > start:
+        size = min(_MOVE_CHUNK, position - start)
+        position -= size
+        _pwrite(fd, memoryview(os.pread(fd, size, position)), position + distance)
+
+
+def _header(entries: list[tuple[str, str, tuple, int, int]], length: int | None = None) -> bytes:
+    """The 8-byte header length and the JSON header of a safetensors file, as safetensors writes them: compact JSON
+    with the metadata {"format": "pt"} first and the tensors in data order, padded with spaces so that the data starts
+    at a multiple of 8 bytes, or at `length` (the format allows any trailing whitespace in the header)."""
+    header = {"__metadata__": {"format": "pt"}}
+    for name, dtype, shape, start, end in sorted(entries, key=lambda entry: entry[3:]):
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    padded = len(text) + -len(text) % 8 if length is None else length - 8
+    if len(text) > padded:
+        raise ValueError(f"a header of {len(text)} bytes does not fit in {padded}")
+    return struct.pack("<Q", padded) + text.ljust(padded, b" ")
+
+
+def _safetensors_order(item: tuple) -> tuple:
+    """Sort key of (name, dtype, ...) items in safetensors' layout order: widest dtype first, then by name."""
+    return _DTYPE_RANK[item[1]], item[0]
+
+
+class _Shard:
+    """One shard file being written, `shard-0000i.safetensors.partial` until `finish()` renames it."""
+
+    def __init__(self, path: Path, data_start: int, header: bytes = b""):
+        self.path, self.data_start, self.header = path, data_start, header  # header: when planned
+        self.names: list[str] = []  # in the order they were added
+        self.nbytes = 0  # bytes of its tensors
+        self.file = None  # opened at the first write
+
+    def fileno(self) -> int:
+        if self.file is None:
+            self.file = open(self.path, "w+b", buffering=0)  # noqa: SIM115 (closed by close())
+        return self.file.fileno()
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write `data` at `offset` from the start of the tensor data (negative: into the header)."""
+        _pwrite(self.fileno(), data, self.data_start + offset)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_size` bytes, in the order they are added.
+    """Writes tensors into safetensors shards of at most `max_shard_size` bytes, splitting them in the order they are
+    added (a tensor bigger than `max_shard_size` gets a shard of its own). Call `finish()` once, after the last `add`:
+    it gives the shards their final names and writes the index; until then the folder holds only `.partial` files.
 
-    A tensor bigger than `max_shard_size` gets a shard of its own. Call `finish()` once, after the last `add`: it
-    gives the shards their final names and writes the index. Only the tensors of the shard being filled are held
-    in memory.
+    Each tensor's bytes go to disk inside `add`, and the writer keeps no reference to the tensor: memory does not grow
+    with the shard size. Two ways to lay a shard out:
+
+    - `plan` given (`{name: tensor with the shape and dtype to be written}`, in the order they will be added; meta
+      tensors are enough): every shard's header is known up front, so it is written first and each tensor straight at its
+      offset, in safetensors' own layout (widest dtype first, then by name). The files are byte for byte those of
+      `safetensors.torch.save_file(..., metadata={"format": "pt"})`, whatever the order of the `add` calls.
+    - No plan: the tensors are written in the order they come, after room left for the header. At the shard's end
+      the header goes into that room, padded with spaces (which the format allows), or, when it does not fit, the
+      data moves to make room (one copy of that shard, after which the room for the next shards doubles). The few
+      tensors whose size is not a multiple of 8 bytes are held (copied) until the shard's end and written last, widest
+      dtype first, so that every tensor starts at a multiple of its element size, as safetensors' readers require.
     """
 
-    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                 plan: Mapping[str, torch.Tensor] | None = None):
         self.folder = Path(folder)
         self.max_shard_size = parse_size(max_shard_size)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self._shards: list[_Shard] = []
         self._names: set[str] = set()
         self._total_bytes = 0
         self._total_parameters = 0
         self._finished = False
+        # without a plan: room left for a shard's header, and the shard being filled with its tensors' places
+        self._header_room = min(max(self.max_shard_size // 8192, 4096), 2**18) // 8 * 8
+        self._entries: list[tuple[str, str, tuple, int, int]] = []  # (name, dtype, shape, start, end), written
+        self._held: list[tuple[str, torch.dtype, tuple, memoryview]] = []  # sizes not a multiple of 8, written last
+        self._data_end = 0
+        self._open: _Shard | None = None
+        # with a plan: each planned name's shard and place
+        self._plan: dict[str, tuple[_Shard, str, tuple, int, int]] | None = None
+        self._unwritten: dict[_Shard, int] = {}  # planned tensors not added yet, per open shard
+        if plan is not None:
+            self._lay_out(plan)
+
+    # -- with a plan --------------------------------------------------------------------------------------------
+
+    def _lay_out(self, plan: Mapping[str, torch.Tensor]) -> None:
+        groups: list[list[tuple[str, torch.dtype, tuple]]] = []
+        group_bytes = 0
+        for name, meta in plan.items():
+            _header_dtype(name, meta.dtype)
+            if not groups or group_bytes + _nbytes(meta) > self.max_shard_size:
+                groups.append([])
+                group_bytes = 0
+            groups[-1].append((name, meta.dtype, tuple(meta.shape)))
+            group_bytes += _nbytes(meta)
+        self._plan = {}
+        for group in groups:
+            entries, position = [], 0
+            for name, dtype, shape in sorted(group, key=_safetensors_order):
+                size = math.prod(shape) * dtype.itemsize
+                entries.append((name, _HEADER_DTYPES[dtype], shape, position, position + size))
+                position += size
+            header = _header(entries)
+            shard = _Shard(self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.partial", len(header), header)
+            shard.nbytes = position
+            self._shards.append(shard)
+            self._unwritten[shard] = len(group)
+            for entry in entries:
+                self._plan[entry[0]] = (shard, *entry[1:])
+
+    def _add_planned(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._plan:
+            raise ValueError(f"tensor {name!r} is not in the ShardWriter's plan")
+        shard, dtype, shape, start, _ = self._plan[name]
+        if (_HEADER_DTYPES.get(tensor.dtype), tuple(tensor.shape)) != (dtype, shape):
+            raise ValueError(f"tensor {name!r} has the shape {tuple(tensor.shape)} and dtype {tensor.dtype}, but the "
+                             f"ShardWriter's plan says {shape} and {SAFETENSORS_DTYPES.get(dtype, dtype)}")
+        if not shard.names:
+            shard.write(-shard.data_start, memoryview(shard.header))
+        shard.write(start, _tensor_bytes(tensor))
+        shard.names.append(name)
+        self._unwritten[shard] -= 1
+        if not self._unwritten[shard]:
+            del self._unwritten[shard]
+            shard.close()
+
+    # -- without a plan -----------------------------------------------------------------------------------------
+
+    def _add_streamed(self, name: str, tensor: torch.Tensor) -> None:
+        size = _nbytes(tensor)
+        if self._open is not None and self._open.nbytes + size > self.max_shard_size:
+            self._close_streamed()
+        if self._open is None:
+            self._open = _Shard(self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.partial",
+                                self._header_room)
+            self._shards.append(self._open)
+        if size % 8:
+            self._held.append((name, tensor.dtype, tuple(tensor.shape), memoryview(bytes(_tensor_bytes(tensor)))))
+        else:
+            self._open.write(self._data_end, _tensor_bytes(tensor))
+            self._entries.append((name, _HEADER_DTYPES[tensor.dtype], tuple(tensor.shape), self._data_end,
+                                  self._data_end + size))
+            self._data_end += size
+        self._open.names.append(name)
+        self._open.nbytes += size
+
+    def _close_streamed(self) -> None:
+        shard, written = self._open, self._data_end
+        held = []  # (start, bytes), placed after the data written, widest dtype first
+        for name, dtype, shape, data in sorted(self._held, key=_safetensors_order):
+            self._entries.append((name, _HEADER_DTYPES[dtype], shape, self._data_end, self._data_end + len(data)))
+            held.append((self._data_end, data))
+            self._data_end += len(data)
+        header = _header(self._entries)
+        if len(header) > shard.data_start:  # no room left for it: move the data written so far
+            _move(shard.fileno(), shard.data_start, shard.data_start + written, len(header) - shard.data_start)
+            shard.data_start = len(header)
+            self._header_room = max(self._header_room, 2 * len(header))
+        for start, data in held:
+            shard.write(start, data)
+        shard.write(-shard.data_start, memoryview(_header(self._entries, shard.data_start)))
+        shard.close()
+        self._open, self._entries, self._held, self._data_end = None, [], [], 0
+
+    # -- both ---------------------------------------------------------------------------------------------------
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; flushes the current shard first when `tensor` would not fit in it."""
+        """Write one tensor into the current shard, after closing it when `tensor` would not fit in it."""
         if self._finished:
             raise RuntimeError("ShardWriter.add() called after finish()")
         if name in self._names:
             raise ValueError(f"tensor {name!r} was added twice")
+        _header_dtype(name, tensor.dtype)
+        if self._plan is not None:
+            self._add_planned(name, tensor)
+        else:
+            self._add_streamed(name, tensor)
         self._names.add(name)
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_size:
-            self._flush()
-        self._pending[name] = _owned_contiguous(tensor)
-        self._pending_bytes += size
-        self._total_bytes += size
+        self._total_bytes += _nbytes(tensor)
         self._total_parameters += tensor.numel()
 
-    def _flush(self) -> None:
-        temporary_name = f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
-        save_file(self._pending, self.folder / temporary_name, metadata={"format": "pt"})
-        self._shards.append((temporary_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
     def finish(self) -> list[str]:
-        """Flush the last shard, rename the shards to their final names and write the index (when sharded).
+        """Close the last shard, rename the shards to their final names and write the index (when sharded).
 
         Returns the weight file names, in order.
         """
         if self._finished:
             raise RuntimeError("ShardWriter.finish() called twice")
-        if self._pending:
-            self._flush()
-        if not self._shards:
+        if not self._names:
             raise ValueError("no tensor was added: refusing to write an empty checkpoint")
+        if self._plan is not None:
+            missing = [name for name in self._plan if name not in self._names]
+            if missing:
+                raise ValueError(f"{len(missing)} tensors of the ShardWriter's plan were not added: "
+                                 f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        elif self._open is not None:
+            self._close_streamed()
         self._finished = True
         count = len(self._shards)
         final_names = (
             [SAFE_WEIGHTS_NAME] if count == 1
             else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         )
-        for (temporary_name, _), final_name in zip(self._shards, final_names, strict=True):
-            os.replace(self.folder / temporary_name, self.folder / final_name)
+        for shard, final_name in zip(self._shards, final_names, strict=True):
+            os.replace(shard.path, self.folder / final_name)
         if count > 1:
             self._write_index(final_names)
         return final_names
 
     def _write_index(self, final_names: list[str]) -> None:
         weight_map = {
-            name: final_name for (_, names), final_name in zip(self._shards, final_names, strict=True) for name in names
+            name: final_name for shard, final_name in zip(self._shards, final_names, strict=True) for name in shard.names
         }
         index = {
             "metadata": {"total_parameters": self._total_parameters, "total_size": self._total_bytes},
