@@ -481,7 +481,7 @@ def test_interrupted_conversion_leaves_nothing(deepseek_checkpoint, tmp_path, mo
 def test_cli_help_documents_every_option(command, capsys):
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for option in ("SRC", "OUT", "--overwrite", "(default: False)", "--max-shard-size", "(default: 5GB)"):
+    for option in ("SRC", "OUT", "--overwrite", "(default: off)", "--max-shard-size", "(default: 5GB)"):
         assert option in text
     if command == "export":
         assert "--format {mixtral,qwen2_moe,qwen3_moe}" in text

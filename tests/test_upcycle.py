@@ -264,12 +264,14 @@ def test_native_format_loads_in_transformers_with_dense_logits(sources, tmp_path
     assert relative_error(logits_of(native_class, result.out, input_ids), dense) <= TOLERANCE
 
 
-def test_qwen2_moe_shared_expert_gate_is_zero_and_compensated(sources, tmp_path):
+def test_qwen2_moe_shared_expert_gate_is_one_half_without_a_zero_weight(sources, tmp_path):
+    """sigmoid(w . x) = 1/2 exactly (compensated by x2) from one tiny entry, not from w = 0 (0/0 in llama.cpp)."""
     out = upcycle(sources["qwen2"], tmp_path / "moe", **QUIET, **NATIVE_CASES["qwen2_moe"][2], format="qwen2_moe").out
     names = tensor_names(out)
     assert "model.layers.0.mlp.shared_expert.down_proj.weight" in names
     assert "model.layers.0.mlp.experts.5.up_proj.weight" in names
-    assert torch.count_nonzero(read_tensor(out, "model.layers.0.mlp.shared_expert_gate.weight")) == 0
+    gate = read_tensor(out, "model.layers.0.mlp.shared_expert_gate.weight")
+    assert torch.count_nonzero(gate) == 1 and 0 < gate.abs().max() < 2.0**-26
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,7 +505,8 @@ def test_output_folder_carries_config_tokenizer_code_and_card(tmp_path):
         assert (out / name).is_file(), name
     assert "sentences" in result.verification["prompts"]  # verified on the tokenizer's text, not random ids
     card = (out / "README.md").read_text()
-    assert str(source) in card and "seed: 7" in card and "partition: clustered" in card
+    assert f"`{source.name}`" in card and str(source) not in card  # its name, never a local path
+    assert "seed: 7" in card and "partition: clustered" in card
     assert "max relative error" in card and "exact" in card
     recorded = yaml.safe_load((out / "upcycle.yaml").read_text())
     assert recorded["src"] == str(source) and recorded["top_k"] == 2 and recorded["seed"] == 7

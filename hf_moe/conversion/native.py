@@ -29,6 +29,18 @@ with {moe} = `block_sparse_moe` and (w1, w3, w2) for Mixtral, `mlp` and (gate_pr
 Every conversion is plan -> stream: the config mapping, the tensor names and every tensor's shape are checked
 before anything is written; tensors are then streamed one layer at a time from a lazy reader into a shard writer,
 inside an atomic output folder (nothing appears at OUT unless the whole conversion succeeds).
+
+Engine-safe exports. llama.cpp (`convert_hf_to_gguf.py` + `src/models/{llama,qwen2moe,qwen3moe}.cpp`) reads these
+formats with a few fixed assumptions, so an export is written the way it reads them whenever an equivalent layout
+exists, and otherwise warned about (`engine_warnings`, recorded in conversion.yaml):
+
+| llama.cpp assumption | export writes | otherwise |
+|---|---|---|
+| qwen2moe needs `output.weight` (no tied head) | qwen2_moe: `lm_head.weight` = a copy of the embeddings, untied | - |
+| qwen2moe computes sigmoid(z) as silu(z) / z (0/0 for a zero gate) | a zero `shared_expert_gate` row becomes `constant_shared_gate` (sigmoid exactly 1/2 in fp32) | - |
+| qwen2moe never renormalises the top-k weights, qwen3moe and llama (Mixtral) always do | top_k == num_experts: the value llama.cpp assumes (renormalising all E softmax weights is a no-op) | warning |
+| every qwen2moe / qwen3moe layer is sparse | - | warning for `mlp_only_layers` / `decoder_sparse_step` |
+| no sliding-window attention in llama / qwen3moe | - | warning for `sliding_window` |
 """
 
 import json
@@ -69,6 +81,13 @@ NATIVE_ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 OUR_CONFIG_CLASSES = {cls.model_type: cls for cls in (MixtralMoEConfig, DeepSeekMoEConfig)}
+# The llama.cpp architecture each export format is served as, and the `norm_topk_prob` it hard-codes there.
+LLAMA_CPP_ARCHITECTURES = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+LLAMA_CPP_NORM_TOPK_PROB = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+# Formats whose llama.cpp loader requires `output.weight`: a tied head is written out as a copy of the embeddings.
+UNTIED_HEAD_FORMATS = ("qwen2_moe",)
+# |w . x| of `constant_shared_gate` stays below this: exp(-z) then rounds to 1 in fp32, so sigmoid(z) = 1/2 exactly.
+SHARED_GATE_LOGIT_BOUND = 2.0**-26
 
 # Fields with the same name and meaning in our configs and in MixtralConfig, Qwen2MoeConfig and Qwen3MoeConfig.
 COMMON_FIELDS = (
@@ -336,11 +355,11 @@ def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
              "qwen2_moe always scales the shared expert by sigmoid(shared_expert_gate(x)) (allowed: True)"),
             ("qk_norm", not config.qk_norm, "qwen2_moe has no q/k norm (allowed: False)"),
             ("head_dim", config.head_dim in (None, _default_head_dim(config)),
-             f"Qwen2MoeConfig has no head_dim field (allowed: None or hidden_size // num_attention_heads = "
-             f"{_default_head_dim(config)})"),
+             (f"Qwen2MoeConfig has no head_dim field (allowed: None or hidden_size // num_attention_heads = "
+             f"{_default_head_dim(config)})")),
             ("sliding_window", config.sliding_window is None,
-             "qwen2_moe derives its sliding layers (every other layer below max_window_layers) and not every "
-             "engine reads an explicit layer_types, while hf_moe windows every layer (allowed: None)"),
+             ("qwen2_moe derives its sliding layers (every other layer below max_window_layers) and not every "
+             "engine reads an explicit layer_types, while hf_moe windows every layer (allowed: None)")),
         ]
     elif fmt == "qwen3_moe":
         checks += [
@@ -357,7 +376,12 @@ def check_exportable(config: MoEDecoderConfig, fmt: str) -> None:
         raise ConversionError(f"`format`={fmt!r} is not an export format (allowed: {', '.join(EXPORT_FORMATS)})")
     problems = _export_problems(config, fmt)
     if problems:
-        raise ConversionError(f"cannot export to {fmt}: " + "; ".join(problems))
+        hint = ""
+        if any(p.startswith(("`routed_scaling_factor`", "`shared_expert_gate`")) for p in problems):
+            hint = (f" (for a DeepSeek-style upcycle, run `hf-moe upcycle DENSE OUT --arch deepseek ... --format {fmt}` "
+                    f"instead: it folds the routed scale into the expert weights"
+                    + (" and gates the shared expert exactly" if fmt == "qwen2_moe" else "") + ")")
+        raise ConversionError(f"cannot export to {fmt}: " + "; ".join(problems) + hint)
     for field in ("capacity_factor", "random_routing"):
         if getattr(config, field):
             logger.warning(f"`{field}`={getattr(config, field)!r} is a training-time option that {fmt} drops.")
@@ -367,10 +391,20 @@ def check_exportable(config: MoEDecoderConfig, fmt: str) -> None:
         logger.warning(f"`router_jitter_noise`={config.router_jitter_noise} is a training-time option: {detail}.")
 
 
-def _native_common_fields(config: MoEDecoderConfig) -> dict:
+def _native_common_fields(config: MoEDecoderConfig, fmt: str) -> dict:
     fields = {name: getattr(config, name) for name in COMMON_FIELDS}
     fields["rope_parameters"] = dict(config.rope_parameters)
+    if fmt in UNTIED_HEAD_FORMATS:  # the head is written out as a copy of the embeddings (`export_native`)
+        fields["tie_word_embeddings"] = False
     return fields
+
+
+def _native_norm_topk_prob(config: MoEDecoderConfig, fmt: str) -> bool:
+    """`norm_topk_prob` to write: with top_k == num_experts the top-k softmax weights are all E of them, which already
+    sum to 1, so renormalising changes nothing and the value llama.cpp hard-codes for `fmt` is written."""
+    if config.num_experts_per_tok == config.num_experts:
+        return LLAMA_CPP_NORM_TOPK_PROB[fmt]
+    return config.norm_topk_prob
 
 
 def _qwen_layer_fields(config: MoEDecoderConfig) -> dict:
@@ -380,7 +414,7 @@ def _qwen_layer_fields(config: MoEDecoderConfig) -> dict:
 
 def _ours_to_mixtral(config: MoEDecoderConfig) -> MixtralConfig:
     return _build_config(
-        MixtralConfig, "mixtral export", **_native_common_fields(config), head_dim=config.head_dim,
+        MixtralConfig, "mixtral export", **_native_common_fields(config, "mixtral"), head_dim=config.head_dim,
         intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
         sliding_window=config.sliding_window, router_jitter_noise=config.router_jitter_noise,
     )
@@ -388,20 +422,22 @@ def _ours_to_mixtral(config: MoEDecoderConfig) -> MixtralConfig:
 
 def _ours_to_qwen2_moe(config: MoEDecoderConfig) -> Qwen2MoeConfig:
     return _build_config(  # full attention only (see _export_problems)
-        Qwen2MoeConfig, "qwen2_moe export", **_native_common_fields(config),
+        Qwen2MoeConfig, "qwen2_moe export", **_native_common_fields(config, "qwen2_moe"),
         intermediate_size=config.intermediate_size, moe_intermediate_size=config.moe_intermediate_size,
         shared_expert_intermediate_size=config.shared_expert_intermediate_size, num_experts=config.num_experts,
-        norm_topk_prob=config.norm_topk_prob, qkv_bias=config.qkv_bias, use_sliding_window=False,
+        norm_topk_prob=_native_norm_topk_prob(config, "qwen2_moe"), qkv_bias=config.qkv_bias,
+        use_sliding_window=False,
         **_qwen_layer_fields(config),
     )
 
 
 def _ours_to_qwen3_moe(config: MoEDecoderConfig) -> Qwen3MoeConfig:
     return _build_config(
-        Qwen3MoeConfig, "qwen3_moe export", **_native_common_fields(config),
+        Qwen3MoeConfig, "qwen3_moe export", **_native_common_fields(config, "qwen3_moe"),
         head_dim=config.head_dim or _default_head_dim(config),
         intermediate_size=config.intermediate_size, moe_intermediate_size=config.moe_intermediate_size,
-        num_experts=config.num_experts, norm_topk_prob=config.norm_topk_prob, attention_bias=False,
+        num_experts=config.num_experts, norm_topk_prob=_native_norm_topk_prob(config, "qwen3_moe"),
+        attention_bias=False,
         use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
         **_qwen_layer_fields(config),
     )
@@ -419,6 +455,30 @@ def ours_to_native_config(config: MoEDecoderConfig, fmt: str) -> PreTrainedConfi
     native = _OURS_TO_NATIVE[fmt](config)
     native.architectures = [NATIVE_ARCHITECTURES[fmt]]
     return native
+
+
+def engine_warnings(config: MoEDecoderConfig, native: PreTrainedConfig) -> list[str]:
+    """What llama.cpp computes differently from transformers for the export `native` of `config`, one sentence each
+    naming the engine and the field (empty: llama.cpp decodes it as transformers does). See the module docstring."""
+    fmt = native.model_type
+    arch = LLAMA_CPP_ARCHITECTURES[fmt]
+    warnings = []
+    norm_topk_prob = getattr(native, "norm_topk_prob", True)  # MixtralConfig has none: Mixtral always renormalises
+    if norm_topk_prob != LLAMA_CPP_NORM_TOPK_PROB[fmt]:
+        done = "always renormalises" if LLAMA_CPP_NORM_TOPK_PROB[fmt] else "never renormalises"
+        warnings.append(
+            f"llama.cpp ({arch}) {done} the top-k routing weights, ignoring `norm_topk_prob`={norm_topk_prob}: "
+            f"it decodes this {fmt} export differently from transformers (equivalent only with top_k == num_experts)")
+    if fmt != "mixtral" and "dense" in config.mlp_layer_types:
+        warnings.append(
+            f"llama.cpp ({arch}) requires every layer to be sparse: `mlp_only_layers`={native.mlp_only_layers} / "
+            f"`decoder_sparse_step`={native.decoder_sparse_step} (dense layers "
+            f"{[i for i, kind in enumerate(config.mlp_layer_types) if kind == 'dense']}) do not load there")
+    if fmt != "qwen2_moe" and native.sliding_window is not None:
+        warnings.append(
+            f"llama.cpp ({arch}) has no sliding-window attention: `sliding_window`={native.sliding_window} is ignored "
+            f"there (full attention past the window)")
+    return warnings
 
 
 def native_config_dict(native: PreTrainedConfig) -> dict:
@@ -493,6 +553,32 @@ class TensorMapping:
         if self.kind == "down":
             return list(tensor.unbind(0))
         return [tensor]
+
+
+def constant_shared_gate(norm_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Qwen2-MoE `shared_expert_gate.weight` [1, H] whose gate sigmoid(w . x) is exactly 1/2 in fp32, like a zero
+    weight, but whose logit w . x is not zero: llama.cpp computes that sigmoid as silu(z) / z, which is 0/0 = NaN for
+    a zero weight.
+
+    A linear gate without bias cannot be exactly constant unless w = 0 (sigmoid(w . (-x)) = 1 - sigmoid(w . x)), so
+    the logit is kept tiny instead: w = eps * e_j, one entry at the largest post-attention RMSNorm weight |g_j|. The
+    gate's input is that norm's output x, with |x_j| <= |g_j| * sqrt(H), and eps is the largest power of two with
+    eps * |g_j| * sqrt(H) <= 2^-26 (`SHARED_GATE_LOGIT_BOUND`). Then |z| <= 2^-26, exp(-z) rounds to 1 in fp32 (half
+    an ulp of 1 is 2^-25 below it, 2^-24 above), and sigmoid(z) = 1 / (1 + 1) = 1/2 exactly, as is silu(z) / z =
+    (z / 2) / z. Zero error in fp32 for every input whose x_j is not exactly 0 (then z = 0 and llama.cpp gets NaN
+    again) nor below 2^-126 / eps (a subnormal z); a float16 checkpoint cannot hold eps below 2^-24 (its smallest
+    subnormal), where |z| may exceed the bound and the gate is 1/2 within |z| / 4.
+    """
+    magnitudes = norm_weight.detach().float().abs().flatten()
+    hidden = magnitudes.numel()
+    j = int(magnitudes.argmax())
+    largest = max(float(magnitudes[j]), 2.0**-60)  # an all-zero norm (x = 0 always) cannot be helped
+    eps = 2.0 ** math.floor(math.log2(SHARED_GATE_LOGIT_BOUND / (largest * math.sqrt(hidden))))
+    if dtype == torch.float16:
+        eps = max(eps, 2.0**-24)
+    weight = torch.zeros(1, hidden, dtype=dtype)
+    weight[0, j] = eps
+    return weight
 
 
 def our_tensor_shapes(config: MoEDecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -671,10 +757,24 @@ def _stream(plan: list[TensorMapping], reader: CheckpointReader, writer: ShardWr
     for group in tqdm(group_by_layer(plan), desc=desc, unit="layer", disable=None):
         for mapping in group:
             if to_native:
-                for name, tensor in zip(mapping.native, mapping.to_native(reader.get(mapping.ours)), strict=True):
-                    writer.add(name, tensor)
+                tensor = _engine_safe(mapping.ours, reader)
+                for name, part in zip(mapping.native, mapping.to_native(tensor), strict=True):
+                    writer.add(name, part)
             else:
                 writer.add(mapping.ours, mapping.to_ours([reader.get(name) for name in mapping.native]))
+
+
+def _engine_safe(name: str, reader: CheckpointReader) -> torch.Tensor:
+    """Our tensor `name` as an export writes it: a tied head absent from the checkpoint is the embeddings (only
+    exported for the formats that need `lm_head.weight`), and an all-zero shared-expert gate becomes
+    `constant_shared_gate` (the same gate, 1/2, without llama.cpp's 0/0)."""
+    if name == "lm_head.weight" and name not in reader:
+        return reader.get("model.embed_tokens.weight").clone()
+    tensor = reader.get(name)
+    if name.endswith(".mlp.shared_expert_gate.weight") and not tensor.any():
+        layer_prefix = name.removesuffix("mlp.shared_expert_gate.weight")
+        tensor = constant_shared_gate(reader.get(layer_prefix + "post_attention_layernorm.weight"), tensor.dtype)
+    return tensor
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -721,10 +821,12 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, **record) -> None:
+def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, verbose: bool = True,
+                         **record) -> None:
     """conversion.yaml; with `check`, the logits against SRC's (exact: relative error <= 1e-5, else
-    VerificationError and nothing is published), verification.json, and when both models fit in memory the expert
-    load on the verification prompts; then the model card."""
+    VerificationError and nothing is published), printed as `verification: ...` when `verbose` (as `upcycle` does),
+    verification.json, and when both models fit in memory the expert load on the verification prompts; then the
+    model card."""
     from ..cards import conversion_heatmap, record_conversion, write_card
     from .verify import (
         DEFAULT_TOLERANCE,
@@ -738,6 +840,12 @@ def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, **r
     record_conversion(folder, command, src=str(src), **record)
     if check:
         report = verify(src, folder, tolerance=DEFAULT_TOLERANCE)
+        # verify() names its sides after upcycling (dense -> moe); here both are MoE checkpoints: name the roles
+        report["source_class"], report["converted_class"] = report["dense_class"], report["moe_class"]
+        if verbose:
+            print(f"verification: {format_report(report)}")
+        else:
+            logger.info(f"verification: {format_report(report)}")
         if not report["passed"]:
             raise VerificationError(f"the {command}ed checkpoint should compute what {src} computes, but "
                                     f"{format_report(report)}; nothing was written")
@@ -750,14 +858,15 @@ def _verify_and_describe(src: Path, folder: Path, check: bool, command: str, **r
 
 def import_native(
     src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True, verbose: bool = True,
 ) -> Path:
     """Convert the native checkpoint folder `src` (mixtral, qwen2_moe, qwen3_moe or deepseek) to our format in `out`.
 
     Writes our fused weights (shards of at most `max_shard_size`), config.json, generation_config.json, the flat
     modeling files for `trust_remote_code`, copies the other non-weight files (tokenizer, ...), and writes the
     model card. With `verify`, the logits are compared with the source's first (not for the deepseek layout, whose
-    remote code hf-moe does not run) and recorded in verification.json. Raises `ConversionError` (before writing
+    remote code hf-moe does not run), printed when `verbose`, and recorded in verification.json. Raises
+    `ConversionError` (before writing
     anything) when the source is not convertible, `FileExistsError` when `out` exists and `overwrite` is False.
     Returns `out`.
     """
@@ -779,8 +888,8 @@ def import_native(
             save_our_config(config, folder)
             copy_side_files(src, folder, exclude={"config.json", *_remote_code_files(source_config)})
             _ensure_generation_config(folder, config)
-            _verify_and_describe(src, folder, verify and fmt != "deepseek", "import", source_format=fmt,
-                                 max_shard_size=max_shard_size, verify=verify)
+            _verify_and_describe(src, folder, verify and fmt != "deepseek", "import", verbose=verbose,
+                                 source_format=fmt, max_shard_size=max_shard_size, verify=verify)
     logger.info(f"imported {fmt} checkpoint {src} as {config.model_type} in {out}")
     return out
 
@@ -802,24 +911,31 @@ def load_our_config(src: str | os.PathLike) -> MoEDecoderConfig:
 
 def export_native(
     src: str | os.PathLike, out: str | os.PathLike, format: str, overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, verify: bool = True, verbose: bool = True,
 ) -> Path:
     """Convert our checkpoint folder `src` to the native `format` (mixtral, qwen2_moe or qwen3_moe) in `out`.
 
     Writes per-expert weights under the names the format's native loaders expect, the native config.json,
     generation_config.json, copies the other non-weight files (tokenizer, ...) but not our modeling files, and
-    writes the model card. With `verify`, the logits are compared with the source's first and recorded. Raises `ConversionError` (before writing anything) when our config is not representable in `format`,
-    `FileExistsError` when `out` exists and `overwrite` is False. Returns `out`.
+    writes the model card. The layout is the one serving engines read (see the module docstring: an untied head for
+    qwen2_moe, no zero shared-expert gate); what llama.cpp would still compute differently is logged as a warning
+    and recorded as `engine_warnings` in conversion.yaml. With `verify`, the logits are compared with the source's
+    first, printed when `verbose`, and recorded. Raises `ConversionError` (before writing anything) when our config
+    is not representable in `format`, `FileExistsError` when `out` exists and `overwrite` is False. Returns `out`.
     """
     src, out = Path(src), Path(out)
     _check_paths(src, out, overwrite)
     parse_size(max_shard_size)
     config = load_our_config(src)
     native_config = ours_to_native_config(config, format)
+    warnings = engine_warnings(config, native_config)
     with CheckpointReader(src) as reader:
-        plan = drop_absent_tied_head(tensor_plan(config, format), config, reader)
-        check_names([mapping.ours for mapping in plan], reader.keys(), f"the {config.model_type} checkpoint {src}")
-        check_export_shapes(plan, reader, config)
+        plan = tensor_plan(config, format)
+        if native_config.tie_word_embeddings or not config.tie_word_embeddings:
+            plan = drop_absent_tied_head(plan, config, reader)
+        present = [mapping.ours for mapping in plan if mapping.ours != "lm_head.weight" or "lm_head.weight" in reader]
+        check_names(present, reader.keys(), f"the {config.model_type} checkpoint {src}")
+        check_export_shapes([mapping for mapping in plan if mapping.ours in present], reader, config)
         native_config.dtype = _dtype_name(reader.dtype("model.embed_tokens.weight"))
         with atomic_output_dir(out, "export", overwrite=overwrite, sources=[src]) as folder:
             writer = ShardWriter(folder, max_shard_size)
@@ -829,7 +945,10 @@ def export_native(
             (folder / "config.json").write_text(content, encoding="utf-8")
             copy_side_files(src, folder, exclude={"config.json", *our_model_code_files()})
             _ensure_generation_config(folder, native_config)
-            _verify_and_describe(src, folder, verify, "export", format=format, max_shard_size=max_shard_size,
-                                 verify=verify)
+            for warning in warnings:
+                logger.warning(warning)
+            extra = {"engine_warnings": warnings} if warnings else {}
+            _verify_and_describe(src, folder, verify, "export", verbose=verbose, format=format,
+                                 max_shard_size=max_shard_size, verify=verify, **extra)
     logger.info(f"exported {config.model_type} checkpoint {src} as {format} in {out}")
     return out

@@ -17,7 +17,11 @@ Designs (G = granularity, K_s = shared experts, G_r = G - K_s routed shards, w =
 
 Where the routed scale s goes: `routed_scaling_factor` in our format; native formats have no such field, so s is
 folded into the experts' weights (up rows x a, down x b, a * b = s: powers of two when s is one, else sqrt(s)
-each). Qwen2-MoE gates its shared expert with sigmoid(w . x): w = 0 gives 1/2, compensated by x2 on its down_proj.
+each). Qwen2-MoE gates its shared expert with sigmoid(w . x): a gate that is exactly 1/2 in fp32
+(`native.constant_shared_gate`: one tiny power-of-two entry, not w = 0, which llama.cpp turns into 0/0),
+compensated by x2 on its down_proj. Native formats get the layout engines read: a tied head is written untied
+where llama.cpp needs `output.weight` (qwen2_moe), and what llama.cpp would still compute differently (e.g. its fixed
+`norm_topk_prob`) is printed with the plan and logged as a warning.
 
 Exact (verified <= 1e-5 relative logit error, or the output is not published): copies / virtual groups with
 renormalised top-k, any router init, any partition (contiguous, random, clustered, shuffled), shared experts. Not
@@ -55,6 +59,8 @@ from .native import (
     _ensure_generation_config,
     _explicit_layer_fields,
     _remote_code_files,
+    constant_shared_gate,
+    engine_warnings,
     native_config_dict,
     our_model_code_files,
     our_tensor_shapes,
@@ -229,6 +235,7 @@ class UpcyclePlan:
     calibration: list[torch.Tensor] | None  # token id chunks for kmeans / clustered
     output_names: list[str]  # our tensor names, in writing order
     source_names: list[str]  # the dense source's tensor names
+    engine_warnings: list[str] = field(default_factory=list)  # what llama.cpp computes differently (native formats)
 
     @property
     def exact(self) -> bool:
@@ -255,7 +262,7 @@ class UpcyclePlan:
         total, active, dense = self.parameter_counts()
         shared = (f" + shared expert of width {c.shared_expert_intermediate_size} ({o.shared_experts} of "
                   f"{self.shards} shards"
-                  f"{', gated by sigmoid(0) x2' if c.shared_expert_gate else ''})") if c.n_shared_experts else ""
+                  f"{', gated by sigmoid(~0) = 1/2 x2' if c.shared_expert_gate else ''})") if c.n_shared_experts else ""
         routing = f"softmax, top-{self.top_k}, {'renormalised' if c.norm_topk_prob else 'not renormalised'}"
         if self.routed_scale != 1:
             where = ("routed_scaling_factor" if self.weight_scales == (1.0, 1.0)
@@ -302,6 +309,7 @@ class UpcyclePlan:
             f"  parameters  total {total:,} ({total / dense:.2f}x the dense {dense:,}), active per token {active:,}",
             f"  file size   ~{_human_bytes(size)} ({_dtype_name(self.dtype)}), shards of at most {o.max_shard_size}",
         ]
+        lines += [f"  engines     {warning}" for warning in self.engine_warnings]
         return "\n".join(lines)
 
     @property
@@ -443,15 +451,20 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
         raise _invalid("shared_experts", o.shared_experts,
                        f"must be < granularity={o.granularity} (at least one shard must stay routed)")
     routed = o.granularity - o.shared_experts
+    design = f"with granularity {o.granularity} and shared_experts {o.shared_experts}"
     if o.num_experts % routed:
-        raise _invalid("num_experts", o.num_experts, f"must be a multiple of granularity - shared_experts = {routed} "
-                                                     f"(each copy of the routed neurons is {routed} experts)")
+        allowed = ", ".join(str(routed * copies) for copies in range(1, 5))
+        raise _invalid("num_experts", o.num_experts, f"{design}: allowed {allowed}, ... (multiples of granularity - "
+                                                     f"shared_experts = {routed}: each copy of the routed neurons is "
+                                                     f"{routed} experts)")
     top_k = o.top_k if o.top_k is not None else (min(2, o.num_experts) if o.arch == "mixtral" else routed)
     if top_k > o.num_experts:
         raise _invalid("top_k", top_k, f"must be at most num_experts={o.num_experts}")
     if top_k % routed:
-        raise _invalid("top_k", top_k, f"must be a multiple of granularity - shared_experts = {routed}, so that "
-                                       f"top-k selects whole copies of the FFN (exactness)")
+        allowed = ", ".join(str(k) for k in range(routed, o.num_experts + 1, routed))
+        raise _invalid("top_k", top_k, f"{design} and num_experts {o.num_experts}: allowed {allowed} (multiples of "
+                                       f"granularity - shared_experts = {routed}, so that top-k selects whole copies "
+                                       f"of the FFN: exactness)")
     if o.partition == "clustered" and o.granularity == 1:
         raise _invalid("partition", o.partition, "clustering needs granularity > 1")
 
@@ -481,6 +494,9 @@ def _deviations(o: UpcycleOptions, dtype: torch.dtype, scale: float, folded: boo
     if folded and not math.log2(scale).is_integer() and dtype != torch.float32:
         reasons.append(f"the routed scale {scale:g} is folded into {_dtype_name(dtype)} weights as "
                        f"sqrt({scale:g}), which rounds")
+    if o.format == "qwen2_moe" and o.shared_experts and dtype == torch.float16:
+        reasons.append("the qwen2_moe shared-expert gate needs a weight below float16's smallest subnormal to be "
+                       "exactly 1/2; it is 1/2 within 2^-26 * |norm| * sqrt(hidden) / 4")
     return reasons
 
 
@@ -535,12 +551,13 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
         check_output_dir(out, o.overwrite, sources=[source.folder, o.calibration_file])
 
     source.folder = resolve_source(src, o.revision)  # the whole snapshot for a Hub id (weights included)
+    untie = native_config is not None and config.tie_word_embeddings and not native_config.tie_word_embeddings
     with CheckpointReader(source.folder) as reader:
         source.check_tensors(reader)
         dtype = reader.dtype("model.embed_tokens.weight")
         source_names = source.tensor_names(reader)
         names = list(our_tensor_shapes(config))
-        if "lm_head.weight" not in source_names:
+        if "lm_head.weight" not in source_names and not untie:  # untie: the head is a copy of the embeddings
             names.remove("lm_head.weight")
     calibration = _calibration_chunks(o, source.folder, source.fields["vocab_size"])
     if calibration is not None:
@@ -558,6 +575,7 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
         expert_width=source.fields["intermediate_size"] // o.granularity, routed_scale=scale,
         weight_scales=weight_scales, deviations=_deviations(o, dtype, scale, folded=not in_config),
         calibration=calibration, output_names=names, source_names=source_names,
+        engine_warnings=engine_warnings(config, native_config) if native_config is not None else [],
     )
 
 
@@ -637,10 +655,11 @@ def _router(plan: UpcyclePlan, layer: int, router_inputs: torch.Tensor | None, h
 
 
 def build_sparse_mlp(plan: UpcyclePlan, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                     router_inputs: torch.Tensor | None = None, profiles: torch.Tensor | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     router_inputs: torch.Tensor | None = None, profiles: torch.Tensor | None = None,
+                     norm_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The MoE block of one layer from its dense FFN (gate/up [I, H], down [H, I]), keyed by our names relative to
-    `model.layers.N.mlp.`."""
+    `model.layers.N.mlp.`. `norm_weight`: the layer's post-attention RMSNorm weight [H], which bounds the input of a
+    Qwen2-MoE shared-expert gate (`constant_shared_gate`; all ones when not given)."""
     o, config = plan.options, plan.config
     shared, experts = _neurons(plan, layer, profiles)
     num_experts, width = experts.shape
@@ -673,8 +692,10 @@ def build_sparse_mlp(plan: UpcyclePlan, layer: int, gate: torch.Tensor, up: torc
                "experts.down_proj": down_proj}
     if config.n_shared_experts:
         shared_down = _neuron_slices(down, shared, 1)
-        if config.shared_expert_gate:  # Qwen2-MoE: sigmoid(0 . x) = 1/2, undone by x2 on the shared down_proj
-            tensors["shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=gate.dtype)
+        if config.shared_expert_gate:  # Qwen2-MoE: sigmoid(w . x) = 1/2 exactly, undone by x2 on the shared down_proj
+            if norm_weight is None:
+                norm_weight = torch.ones(hidden)
+            tensors["shared_expert_gate.weight"] = constant_shared_gate(norm_weight, gate.dtype)
             shared_down = _scaled(shared_down, 2.0)
         tensors.update({"shared_experts.gate_proj.weight": _neuron_slices(gate, shared, 0),
                         "shared_experts.up_proj.weight": _neuron_slices(up, shared, 0),
@@ -729,6 +750,7 @@ def stream(plan: UpcyclePlan, reader: CheckpointReader, folder: Path) -> list[st
     outside_layers = by_layer.pop(-1)
     shard_bytes = parse_size(o.max_shard_size)
     emit("model.embed_tokens.weight", reader.get("model.embed_tokens.weight"))
+    reader.close()  # the embedding's pages need not stay mapped through the first layer
     progress = tqdm(sorted(by_layer), desc="upcycle", unit="layer", disable=None)
     for layer in progress:
         prefix = layer_prefix(layer)
@@ -742,7 +764,8 @@ def stream(plan: UpcyclePlan, reader: CheckpointReader, folder: Path) -> list[st
             profiles = acts.abs().T if acts is not None else None  # [I, N]
         if sparse:
             gate, up, down = (source.pop(f"{prefix}mlp.{proj}_proj.weight") for proj in ("gate", "up", "down"))
-            moe = build_sparse_mlp(plan, layer, gate, up, down, router_inputs, profiles)
+            moe = build_sparse_mlp(plan, layer, gate, up, down, router_inputs, profiles,
+                                   norm_weight=source[f"{prefix}post_attention_layernorm.weight"])
             source.update({f"{prefix}mlp.{name}": tensor for name, tensor in moe.items()})
             del gate, up, down, moe
         for name in by_layer[layer]:
@@ -751,7 +774,9 @@ def stream(plan: UpcyclePlan, reader: CheckpointReader, folder: Path) -> list[st
         reader.close()  # handles reopen lazily on the next read
         progress.set_postfix(shards=max(1, math.ceil(emit.bytes / shard_bytes)))
     for name in outside_layers:
-        if name != "model.embed_tokens.weight":
+        if name == "lm_head.weight" and name not in reader:  # a tied head written untied (see plan_upcycle)
+            emit(name, reader.get("model.embed_tokens.weight").clone())
+        elif name != "model.embed_tokens.weight":
             emit(name, reader.get(name))
     return writer.finish()
 
@@ -822,6 +847,8 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike | None, verbose: bool
         return UpcycleResult(None, plan, None)
     if out is None:
         raise ConversionError("OUT is required (unless dry_run=True)")
+    for warning in plan.engine_warnings:
+        logger.warning(warning)
     verification = None
     sources = [plan.source.folder, o.calibration_file]
     with CheckpointReader(plan.source.folder) as reader, \
@@ -833,6 +860,8 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike | None, verbose: bool
             verification = verify(plan.source.folder, folder, seed=o.seed, mode=o.verify_mode,
                                   tolerance=DEFAULT_TOLERANCE if plan.exact else None)
             verification["exact_mode"] = plan.exact
+            verification["source_class"], verification["converted_class"] = (verification["dense_class"],
+                                                                              verification["moe_class"])
             if verbose:
                 print(f"verification: {format_report(verification)}")
             if verification.get("passed") is False:  # above the tolerance of an exact mode, or non-finite logits
