@@ -7,6 +7,7 @@
 | `native` | `hf-moe import`, `hf-moe export` | config.json, conversion.yaml, verification.json |
 | `finetuned` | `hf-moe finetune` (full), `hf-moe materialize` | config.json, recipe.yaml, all_results.json, conversion.yaml |
 | `adapter` | `hf-moe finetune` (PEFT methods) | adapter_config.json, adapter weights, recipe.yaml, all_results.json |
+| `model` | `save_pretrained` (any other model folder; `hf-moe push` renders it when a folder has no card) | config.json, weights |
 
 A card is YAML metadata (huggingface_hub's `ModelCardData`: the kind's defaults from `model_cards/metadata.yaml`,
 what the folder records, and the keys of the folder's existing card that we do not set, such as PEFT's) and a
@@ -14,6 +15,14 @@ Markdown body rendered by Jinja from `model_cards/<kind>.md`. Since everything i
 `render_card` (`hf-moe card PATH`) re-renders what the conversion or fine-tune wrote; keyword facts given to
 `write_card` take precedence. Pictures are embedded when present: `expert_load.png` (share of routed tokens per
 layer and expert, numbers in `expert_load.json`) and `loss.png` (training and evaluation loss).
+
+A card never shows a local path: sources, commands, options and records name a local folder or file by its base
+name (a folder of the Hub cache by its repository id), since the card is published with the weights.
+
+Metric names: `eval_loss` is Trainer's evaluation loss (the mean over eval batches of the mean cross-entropy of the
+label tokens, plus the auxiliary router losses of a LoRA-expert adapter); the card adds `eval perplexity (exp of
+eval_loss)`. `hf-moe quickstart` reports another number, `answer perplexity`: exp of the mean cross-entropy of every
+answer token of the eval split, without auxiliary losses.
 """
 
 import json
@@ -34,7 +43,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 CARD_FILE = "README.md"
-KINDS = ("upcycled", "native", "finetuned", "adapter")
+KINDS = ("upcycled", "native", "finetuned", "adapter", "model")
+EVAL_PERPLEXITY = "eval perplexity (exp of eval_loss)"
 EXPERT_LOAD_IMAGE, EXPERT_LOAD_DATA = "expert_load.png", "expert_load.json"
 LOSS_IMAGE = "loss.png"
 CONVERSION_FILE = "conversion.yaml"  # how `import`, `export` and `materialize` made a folder
@@ -48,7 +58,7 @@ TRAINING_RECORD = (RECIPE_FILE, "all_results.json", "train_results.json", "eval_
 PROVENANCE_FILES = (CARD_FILE, VERIFICATION_FILE, UPCYCLE_FILE, CONVERSION_FILE, *TRAINING_RECORD)
 # `write_card` keyword facts (each overrides what the folder records)
 FACTS = ("title", "description", "base_model", "base_model_revision", "license", "datasets", "command", "options",
-         "seed", "training", "metrics", "verification")
+         "seed", "training", "metrics", "verification", "repo_id")
 _CACHED_SNAPSHOT = re.compile(r"models--(?P<repo>.+)/snapshots/(?P<revision>[0-9a-f]{40})")
 
 
@@ -437,7 +447,8 @@ def _conversion_facts(folder: Path) -> dict:
     if record is None:
         return {}
     inputs = [name for name in ("src", "base", "adapter") if name in record]
-    options = {name: value for name, value in record.items() if name not in ("command", "source_format", *inputs)}
+    not_options = ("command", "source_format", "engine_warnings", *inputs)
+    options = {name: value for name, value in record.items() if name not in not_options}
     return {"conversion": record, "base_model": record.get("src", record.get("base")),
             "command": _command_line(record["command"], [str(record[name]) for name in inputs] + ["OUT"], options,
                                      {}),
@@ -476,8 +487,13 @@ def _finetuned_facts(folder: Path) -> dict:
     return {**training, **{key: value for key, value in conversion.items() if value is not None}}
 
 
+def _model_facts(folder: Path) -> dict:
+    """A folder written by `save_pretrained` records nothing but its config and weights."""
+    return {}
+
+
 RECORDS = {"upcycled": _upcycled_facts, "native": _conversion_facts, "finetuned": _finetuned_facts,
-           "adapter": _adapter_facts}
+           "adapter": _adapter_facts, "model": _model_facts}
 
 
 def card_kind(folder: str | os.PathLike) -> str:
@@ -492,15 +508,43 @@ def card_kind(folder: str | os.PathLike) -> str:
         return "finetuned"
     if conversion in ("import", "export"):
         return "native"
+    if (folder / "config.json").is_file():
+        return "model"
     raise ValueError(f"cannot tell what {folder} holds: a card needs one of adapter_config.json (adapter), "
                      f"upcycle.yaml (upcycled), recipe.yaml or a materialize {CONVERSION_FILE} (finetuned), an "
-                     f"import/export {CONVERSION_FILE} (native); for another folder call "
+                     f"import/export {CONVERSION_FILE} (native), config.json (model); for another folder call "
                      f"hf_moe.cards.write_card(folder, kind, ...) with kind one of {', '.join(KINDS)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# An absolute path inside a text (POSIX: `/` after a space, quote or line start, not inside a URL or a fraction).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~%-])/[^\s`'\",;()\[\]{}<>|*]+")
+
+
+def public_name(path: str) -> str:
+    """How a card names a local path: a folder of the Hub cache by its repository id, anything else by its base
+    name. Hub ids and other non-paths are returned as they are."""
+    if not Path(path).is_absolute() and not Path(path).exists():
+        return path
+    reference = hub_reference(path)
+    if reference is not None:
+        return reference[0]
+    return Path(path).name or path
+
+
+def _public(value):
+    """`value` (a string, or lists and dicts of them) with every absolute local path replaced by `public_name`."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda match: public_name(match.group()), value)
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_public(item) for item in value)
+    return value
 
 
 def _format_metric(value) -> str:
@@ -537,15 +581,18 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
     given = {**recorded, **facts}
     name, revision = given.get("base_model"), given.get("base_model_revision")
     metrics = given.get("metrics")
-    if metrics and "eval_loss" in metrics and "perplexity" not in metrics:
-        metrics = {**metrics, "perplexity": math.exp(metrics["eval_loss"])}
+    if metrics and "eval_loss" in metrics and EVAL_PERPLEXITY not in metrics:
+        metrics = {**metrics, EVAL_PERPLEXITY: math.exp(metrics["eval_loss"])}
     arch = architecture(folder) if kind != "adapter" else None
     adapter = adapter_table(folder, _read_json(folder / "adapter_config.json")) if kind == "adapter" else None
     model_type = arch["model_type"] if arch else None
     conversion = given.get("conversion") or {}
     hub = hub_reference(name, revision)
+    local_source = (name, revision)  # where the source's license is read from
     if hub is not None:  # a Hub id, or a folder of the Hub cache: named by its repository and revision
         name, revision = hub
+    elif name:
+        name = public_name(str(name))
     short_name = Path(str(name)).name if name else "model"
     title = given.get("title") or {
         "upcycled": f"{short_name} upcycled to a mixture of experts",
@@ -553,9 +600,10 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
         "finetuned": f"{short_name} with merged MixLoRA experts" if conversion.get("command") == "materialize"
         else f"{short_name} fine-tuned",
         "adapter": f"{adapter['method']} adapter for {short_name}" if adapter else "",
+        "model": str(given.get("repo_id") or folder.resolve().name).split("/")[-1],
     }[kind]
     training = given.get("training")
-    return {
+    context = {
         "title": title, "description": given.get("description"),
         "source": {"name": name, "revision": revision} if name else None,
         "architecture": arch, "adapter": adapter, "conversion": conversion,
@@ -574,15 +622,17 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
         "loss_image": LOSS_IMAGE if (folder / LOSS_IMAGE).is_file() else None,
         "expert_load": _expert_load_context(folder, kind),
         "loading": {
-            "repo": "REPO_ID", "model_type": model_type, "custom_code": bool(arch and arch.get("custom_code")),
+            "repo": given.get("repo_id") or "REPO_ID", "model_type": model_type, "custom_code": bool(arch and arch.get("custom_code")),
             "importable": model_type in EXPORT_FORMATS, "base_model": name,
             "adapter": adapter["method"] if adapter else None, "plain_peft": bool(adapter and not adapter["moe"]),
             "materializable": bool(adapter and adapter["peft_type"] == "MIXLORA"),
         },
+        "kind": kind,
         # metadata only
         "_hub": hub, "_license": given.get("license"), "_datasets": given.get("datasets"),
-        "_moe": bool((arch and arch.get("experts")) or (adapter and adapter["moe"])),
+        "_moe": bool((arch and arch.get("experts")) or (adapter and adapter["moe"])), "_source": local_source,
     }
+    return {key: value if key.startswith("_") else _public(value) for key, value in context.items()}
 
 
 def _is_hub_id(value) -> bool:
@@ -611,8 +661,8 @@ def _metadata(folder: Path, kind: str, context: dict) -> ModelCardData:
     data["tags"] = list(dict.fromkeys([*defaults.get("tags", []), *derived, *kept]))
     if context["_license"]:
         data["license"] = context["_license"]
-    elif not existing.get("license") and context["source"]:
-        data.update(source_license(context["source"]["name"], context["source"]["revision"]))
+    elif not existing.get("license") and context["_source"][0]:
+        data.update(source_license(*context["_source"]))
     # Hub datasets only (owner/name, or a canonical name such as `wikitext`), not local files
     datasets = [name for name in context["_datasets"] or [] if _is_hub_id(name) or re.fullmatch(r"[\w-]+", name)]
     if datasets:
@@ -631,8 +681,22 @@ def write_card(folder: str | os.PathLike, kind: str, **facts) -> Path:
     `facts` override or complete what the folder records: title, description (a paragraph after the summary),
     base_model (Hub id or path) and base_model_revision, license, datasets (Hub ids go into the metadata), command
     and options (how it was made), training (settings dict) and metrics (final values), verification (a report of
-    `hf_moe.conversion.verify.verify`). Raises ValueError for an unknown kind or fact.
+    `hf_moe.conversion.verify.verify`), repo_id (the Hub repository the card is for, shown in the loading code).
+    Raises ValueError for an unknown kind or fact.
     """
+    folder = Path(folder)
+    path = folder / CARD_FILE
+    text = card_text(folder, kind, **facts)
+    temporary = folder / f".{CARD_FILE}.tmp"
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)  # atomic: a reader sees the old card or the new one
+    logger.info(f"wrote the {kind} model card {path}")
+    return path
+
+
+def card_text(folder: str | os.PathLike, kind: str, **facts) -> str:
+    """The text `write_card` saves (see there), without writing anything: `hf_moe.hub.push` uploads it as the
+    README.md of a folder that has none."""
     folder = Path(folder)
     if kind not in KINDS:
         raise ValueError(f"`kind`={kind!r} is invalid: allowed values are {', '.join(KINDS)}")
@@ -644,13 +708,7 @@ def write_card(folder: str | os.PathLike, kind: str, **facts) -> Path:
     card_data = _metadata(folder, kind, context)
     body = _environment().get_template(f"{kind}.md").render(card_data=card_data.to_yaml(), **{
         key: value for key, value in context.items() if not key.startswith("_")})
-    card = ModelCard(re.sub(r"\n{3,}", "\n\n", body))
-    path = folder / CARD_FILE
-    temporary = folder / f".{CARD_FILE}.tmp"
-    temporary.write_text(str(card), encoding="utf-8")
-    os.replace(temporary, path)  # atomic: a reader sees the old card or the new one
-    logger.info(f"wrote the {kind} model card {path}")
-    return path
+    return str(ModelCard(re.sub(r"\n{3,}", "\n\n", body)))
 
 
 def render_card(folder: str | os.PathLike, overwrite: bool = False) -> Path:

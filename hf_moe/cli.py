@@ -22,6 +22,7 @@ from .conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, ConversionError
 from .conversion.upcycle import UpcycleOptions, load_options_file, upcycle
 from .conversion.verify import DEFAULT_TOLERANCE, VerificationError, format_report, verify
 from .conversion.verify import MODES as VERIFY_MODES
+from . import __version__
 from .hub import HubAccessError
 from .modeling.configuration_hf_moe import list_presets
 
@@ -36,8 +37,20 @@ INTERRUPTED = {"finetune": "the checkpoints saved so far stay in OUT (resume wit
                "quickstart": "DIR holds the steps that finished; rerun with --overwrite"}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default and keeps the descriptions' line breaks."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and shows each option's default once, in one style: `(default: on)` /
+    `(default: off)` for flags, `(default: VALUE)` for values; none for options without a default (None) and for
+    help texts that already say theirs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +83,9 @@ def add_import_command(subparsers) -> None:
 
 def _add_no_verify_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false", default=argparse.SUPPRESS,
-                        help="turn off: compare the logits of OUT with those of SRC in fp32 (relative error <= "
-                             f"{DEFAULT_TOLERANCE:g}, else nothing is written) and record them in the card "
-                             "(default: on)")
+                        help="turn off verification: by default the logits of OUT are compared with those of SRC "
+                             f"in fp32 (relative error <= {DEFAULT_TOLERANCE:g}, else nothing is written) and "
+                             "recorded in the card (default: on)")
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -134,7 +147,7 @@ def _add_option(parser: argparse.ArgumentParser, option) -> None:
     if option.type in (bool, "bool"):
         if default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + flag[2:], dest=option.name, action="store_false", default=argparse.SUPPRESS,
-                                help=f"turn off: {option.metadata['help']} (default: on)".replace("%", "%%"))
+                                help=f"turn off {option.metadata['help']} (default: on)".replace("%", "%%"))
         else:
             parser.add_argument(flag, dest=option.name, action="store_true", default=argparse.SUPPRESS,
                                 help=f"{option.metadata['help']} (default: off)".replace("%", "%%"))
@@ -143,12 +156,13 @@ def _add_option(parser: argparse.ArgumentParser, option) -> None:
     shown = "auto" if option.name == "top_k" else default
     parser.add_argument(flag, dest=option.name, type=value_type, choices=option.metadata.get("choices"),
                         default=argparse.SUPPRESS,
-                        help=f"{option.metadata['help']} (default: {shown})".replace("%", "%%"))
+                        help=(option.metadata["help"] + ("" if shown is None else f" (default: {shown})")).replace(
+                            "%", "%%"))
 
 
 def add_upcycle_command(subparsers) -> None:
     parser = subparsers.add_parser(
-        "upcycle", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "upcycle", formatter_class=_HelpFormatter,
         help="turn a dense Llama, Mistral, Qwen2 or Qwen3 checkpoint into a mixture of experts",
         description=(
             "Upcycle a dense checkpoint (folder or Hub id; Llama, Mistral, Qwen2, Qwen3 in safetensors) into a\n"
@@ -226,7 +240,8 @@ def add_verify_command(subparsers) -> None:
     parser.add_argument("--prompt-length", type=int, default=32, help="tokens per random prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help=f"largest accepted relative logit error, e.g. {DEFAULT_TOLERANCE:g} for exact modes")
+                        help=f"largest accepted relative logit error, e.g. {DEFAULT_TOLERANCE:g} for exact modes "
+                             "(default: none, the report has no verdict)")
     parser.add_argument("--attn-implementation", default="eager", choices=("eager", "sdpa"),
                         help="attention kernel used by both models (full mode)")
     parser.add_argument("--mode", default="auto", choices=VERIFY_MODES,
@@ -272,9 +287,11 @@ def run_materialize(args: argparse.Namespace) -> int:
     import torch
 
     from .finetune.lora_moe.materialize import materialize
+    from .finetune.recipes import quiet_peft_deprecations
 
-    out = materialize(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                      overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    with quiet_peft_deprecations():
+        out = materialize(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                          overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(f"hf-moe materialize: wrote the hf_moe checkpoint to {out}")
     return 0
 
@@ -346,7 +363,9 @@ def add_push_command(subparsers) -> None:
         description=(
             "Upload PATH to the Hub repository REPO_ID (created if needed) in one commit: weights (safetensors),\n"
             "config with auto_map and the modeling files, tokenizer, card and pictures; for an adapter, the card\n"
-            "keeps PEFT's metadata plus hf-moe's. checkpoint-*/, runs/, hidden files and pickles stay behind.\n"
+            "keeps PEFT's metadata plus hf-moe's. A folder without README.md (e.g. from save_pretrained) gets a\n"
+            "rendered card (architecture, parameters, loading code) uploaded as README.md; the folder is not changed.\n"
+            "checkpoint-*/, runs/, hidden files and pickles stay behind.\n"
             "Log in first (`hf auth login`) or set HF_TOKEN; HF_ENDPOINT selects another Hub."
         ),
     )
@@ -354,7 +373,7 @@ def add_push_command(subparsers) -> None:
     parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repository id, e.g. your-name/your-model")
     parser.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
     parser.add_argument("--revision", metavar="BRANCH", default=None,
-                        help="branch to commit to, created from main if missing; none: main")
+                        help="branch to commit to, created from main if missing (default: main)")
     parser.add_argument("--create-pr", action="store_true",
                         help="open a pull request against main with the files instead of committing to main")
     parser.set_defaults(run=run_push)
@@ -380,11 +399,15 @@ def add_quickstart_command(subparsers) -> None:
             "1. upcycle the dense model to a Mixtral-style MoE (exact, verified); 2. evaluate the dense model (exact match,\n"
             "answer perplexity); 3. fine-tune it with MixLoRA; 4. evaluate again; 5. materialize the MixLoRA model as a\n"
             "Mixtral-style checkpoint (checked against the adapter model); 6. print a summary. Every folder gets a\n"
-            "card with its expert-load heatmap; the same seed gives the same numbers."
+            "card with its expert-load heatmap. The same seed gives the same numbers on the same kind of CPU with the\n"
+            "same torch version; another CPU (e.g. Intel vs AMD) or torch version runs other matrix kernels, so the\n"
+            "numbers differ slightly there. It takes a few minutes on 2 CPU cores (more on slower machines)."
         ),
     )
     parser.add_argument("--output", metavar="DIR", default=defaults.output_dir, help="folder for everything it writes")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the router init and the fine-tune")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the router init and the fine-tune (same seed, CPU kind and torch version: same "
+                             "numbers)")
     parser.add_argument("--max-steps", type=int, metavar="N", default=defaults.max_steps,
                         help="MixLoRA optimizer steps")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an earlier quickstart")
@@ -404,8 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-moe", formatter_class=_HelpFormatter,
         description="Mixture-of-experts decoders for the Hugging Face stack: conversion, fine-tuning, publishing.",
     )
+    parser.add_argument("--version", action="version", version=f"hf-moe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                                       description="`hf-moe COMMAND --help` describes each one")
     for add_command in (add_quickstart_command, add_import_command, add_export_command, add_presets_command,
                         add_upcycle_command, add_verify_command, add_materialize_command, add_finetune_command,
                         add_card_command, add_push_command):
@@ -423,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:  # --help (0) or a usage error (2, already printed by argparse)
         return exit_request.code if isinstance(exit_request.code, int) else 0
+    if args.command is None:  # no command: what there is to run
+        parser.print_help(sys.stderr)
+        return 2
     try:
         with _terminate_as_interrupt():
             return args.run(args)

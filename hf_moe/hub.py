@@ -6,6 +6,9 @@ Auto class, next to the flat modeling files, so that `trust_remote_code=True` lo
 config, tokenizer, the card (README.md) and its pictures. An adapter folder carries adapter_config.json, the adapter
 weights and the card `hf_moe.cards.write_card` made from PEFT's card metadata plus ours: it is uploaded with
 `HfApi.upload_folder`, because `PeftModel.push_to_hub` would replace that card with transformers' generic one.
+A folder without a card (e.g. written by `save_pretrained`) gets one rendered by `hf_moe.cards.card_text` (its kind
+from `card_kind`: architecture table, parameters, loading code with the repository id), uploaded as README.md in the
+same commit; the folder itself is left as it is.
 
 Left behind: checkpoint-* and runs/ sub-folders, hidden files, and pickles (Trainer's training_args.bin; pickled
 weights are refused outright). Files are uploaded by huggingface_hub, with its progress bars for large files and
@@ -15,10 +18,11 @@ the Hub's deduplication: a second push of an unchanged file uploads and commits 
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers.utils import logging
 
-from .cards import CARD_FILE
+from .cards import CARD_FILE, card_kind, card_text
 from .conversion.native import OUR_CONFIG_CLASSES, our_model_code_files
 from .conversion.safetensors_io import FOREIGN_WEIGHT_SUFFIXES
 from .preflight import ADAPTER_CONFIG_NAME, check_adapter_folder, check_checkpoint_folder
@@ -102,9 +106,10 @@ def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision:
         raise ValueError(f"`revision`={revision!r} is invalid with create_pr: pull requests are opened against main "
                          f"(allowed: no revision, or 'main')")
     kind = check_folder(folder)
-    if not (folder / CARD_FILE).is_file():
-        logger.warning(f"{folder} has no {CARD_FILE}: the repository will have no model card (write one with "
-                       f"`hf-moe card {folder}`)")
+    has_card = (folder / CARD_FILE).is_file()
+    if not has_card:
+        card_type = card_kind(folder)
+        card = card_text(folder, card_type, repo_id=repo_id)  # rendered before anything is created
     api = HfApi(token=token)
     check_hub_access(api)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -113,10 +118,23 @@ def push(path: str | os.PathLike, repo_id: str, private: bool = False, revision:
     files = [p for p in folder.rglob("*") if p.is_file()]
     logger.info(f"pushing the {kind} folder {folder} ({len(files)} files, "
                 f"{sum(p.stat().st_size for p in files) / 1e6:.1f} MB before exclusions) to {repo_id}")
-    return api.upload_folder(
-        folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
-        commit_message=f"Upload {kind} with hf-moe", ignore_patterns=IGNORE_PATTERNS,
-    )
+    message = f"Upload {kind} with hf-moe"
+    if has_card:
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
+                                 commit_message=message, ignore_patterns=IGNORE_PATTERNS)
+    logger.info(f"{folder} has no {CARD_FILE}: uploading a rendered {card_type} card as {CARD_FILE} (the folder "
+                f"is left as it is; `hf-moe card {folder}` writes one there)")
+    card = card_text(folder, card_type, repo_id=repo_id)  # with the repository id the Hub gave (namespace)
+    operations = [*_folder_operations(folder), CommitOperationAdd(CARD_FILE, card.encode("utf-8"))]
+    return api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
+                             create_pr=create_pr)
+
+
+def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
+    """What `HfApi.upload_folder(folder, ignore_patterns=IGNORE_PATTERNS)` uploads, as commit operations."""
+    paths = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
+    kept = filter_repo_objects(paths, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *IGNORE_PATTERNS])
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=paths[name]) for name in kept]
 
 
 def pushed_url(info: CommitInfo, revision: str | None = None) -> str:

@@ -9,8 +9,17 @@
     6. summary   summary.json and a printed table; every folder has its card (expert-load heatmap, loss plot)
 
 Steps 1 and 3-5 are the two ways to an MoE from a dense model: full-rank experts that continued pretraining will
-specialise (1), and low-rank experts trained on a task mix (3-5), served in the same format. Everything is seeded:
-the same seed gives the same numbers on the same machine.
+specialise (1), and low-rank experts trained on a task mix (3-5), served in the same format.
+
+Everything is seeded: the same seed gives the same numbers on the same kind of CPU with the same torch version.
+Another CPU (e.g. Intel Xeon vs AMD EPYC) or torch version runs other matrix kernels (MKL, oneDNN, vectorisation),
+whose rounding differs; 300 training steps amplify it, so exact match and perplexity differ by a few points there.
+
+Two perplexities, not to be compared with each other:
+- `answer perplexity` (printed here, summary.json): exp of the mean cross-entropy over every answer token (and the
+  closing eos) of the eval split, the prompt given; computed by `answer_perplexity`.
+- `eval perplexity (exp of eval_loss)` (the adapter's card): exp of Trainer's eval_loss, i.e. the mean over eval
+  batches of each batch's mean label-token cross-entropy, plus MixLoRA's router auxiliary loss.
 """
 
 import json
@@ -35,7 +44,7 @@ SUMMARY = "summary.json"
 
 @dataclass
 class QuickstartSettings:
-    """The knobs of the run; the defaults finish in a few minutes on 2 CPU cores."""
+    """The knobs of the run; the defaults take about 2-10 minutes on 2 CPU cores, depending on the CPU."""
 
     output_dir: str = "hf-moe-quickstart"
     seed: int = 0
@@ -183,7 +192,7 @@ def run_quickstart(settings: QuickstartSettings | None = None, **overrides) -> Q
     from .conversion import upcycle
     from .data import tiny_llama_path
     from .finetune.lora_moe.materialize import materialize
-    from .finetune.recipes import run_recipe
+    from .finetune.recipes import quiet_peft_deprecations, run_recipe
 
     settings = settings or QuickstartSettings(**overrides)
     settings.check()
@@ -211,11 +220,13 @@ def run_quickstart(settings: QuickstartSettings | None = None, **overrides) -> Q
                                   settings.max_steps, settings.batch_size, settings.learning_rate, settings.seed))
 
     print("hf-moe quickstart [4/6]: the MixLoRA model after fine-tuning")
-    adapter_model = PeftModel.from_pretrained(dense_model, folders["adapter"]).eval()
+    with quiet_peft_deprecations():
+        adapter_model = PeftModel.from_pretrained(dense_model, folders["adapter"]).eval()
     mixlora = evaluate(adapter_model, tokenizer, examples, batches, "MixLoRA")
 
     print("hf-moe quickstart [5/6]: materializing the MixLoRA model as a Mixtral-style checkpoint")
-    materialize(base, folders["adapter"], folders["materialized"])
+    with quiet_peft_deprecations():
+        materialize(base, folders["adapter"], folders["materialized"])
     materialized_model = AutoModelForCausalLM.from_pretrained(folders["materialized"], dtype=torch.float32).eval()
     materialize_error = max_rel_logit_error(adapter_model, materialized_model, batches[:2])
     if materialize_error > MATERIALIZE_TOLERANCE:
@@ -243,6 +254,8 @@ def format_summary(result: QuickstartResult) -> str:
         *(f"{'  ' + task:<22}{result.dense.exact_match_per_task[task]:>10.1%}"
           f"{result.mixlora.exact_match_per_task[task]:>10.1%}" for task in tasks),
         f"{'answer perplexity':<22}{result.dense.answer_perplexity:>10.2f}{result.mixlora.answer_perplexity:>10.2f}",
+        "(answer perplexity: exp of the mean cross-entropy of the answer tokens; the adapter card's eval perplexity is",
+        " exp of Trainer's eval_loss, which averages per batch and includes the router aux loss)",
         "",
         f"upcycled MoE (exact: max relative logit error {result.upcycle_max_rel_error:.1e}): {result.upcycled}",
         f"MixLoRA adapter (train loss {result.train_loss:.3f}): {result.adapter}",

@@ -5,6 +5,8 @@ is parsed by huggingface_hub's ModelCard and validated by the test Hub's metadat
 """
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from transformers import LlamaForCausalLM
 import hf_moe
 from hf_moe.cards import (
     card_kind,
+    card_text,
     expert_load,
     expert_load_heatmap,
     loss_curves,
@@ -176,13 +179,13 @@ def test_export_and_import_cards_describe_the_native_round_trip(upcycled, tmp_pa
     card = read_card(exported)
     assert card.data.license == "mit"  # the source's card is not copied, but its license is
     assert {"moe", "hf-moe", "mixtral"} <= set(card.data.tags) and "custom_code" not in card.data.tags
-    assert f"hf-moe export {upcycled} OUT --format mixtral" in card.text and "exact" not in card.data.tags
+    assert "hf-moe export moe OUT --format mixtral" in card.text and "exact" not in card.data.tags
     assert "within the tolerance" in card.text and "vLLM" in card.text and "trust_remote_code" not in card.text
     assert card_kind(exported) == "native" and (exported / "expert_load.png").is_file()
     imported = import_native(exported, tmp_path / "ours", verify=False)
     card = read_card(imported)
     assert "`mixtral` checkpoint" in card.text and "Not run: check it with `hf-moe verify" in card.text
-    assert f"hf-moe import {exported} OUT --max-shard-size 5GB --no-verify" in card.text
+    assert "hf-moe import mixtral OUT --max-shard-size 5GB --no-verify" in card.text
     assert "hf_moe_mixtral" in card.data.tags and not (imported / "expert_load.png").exists()
 
 
@@ -193,8 +196,9 @@ def test_materialized_checkpoint_gets_a_finetuned_card_with_its_adapters_record(
     card = read_card(out)
     assert card_kind(out) == "finetuned" and (out / "all_results.json").is_file()
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()  # local base
-    assert f"hf-moe materialize {tmp_path / 'base'} {tmp_path / 'adapter'} OUT --dtype float32" in card.text
-    assert "| eval_loss | 1.5 |" in card.text and "| perplexity | 4.482 |" in card.text
+    assert "hf-moe materialize base adapter OUT --dtype float32" in card.text  # local paths by their names
+    assert "| eval_loss | 1.5 |" in card.text and "| eval perplexity (exp of eval_loss) | 4.482 |" in card.text
+    assert "| perplexity |" not in card.text  # one name per definition: quickstart's is "answer perplexity"
     assert "merging the MixLoRA adapter" in card.text and "hf_moe_mixtral" in card.data.tags
 
 
@@ -226,7 +230,8 @@ def test_local_base_paths_stay_out_of_the_metadata(tmp_path):
     card = read_card(write_card(tmp_path / "adapter", "adapter").parent)
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     assert not any(tag.startswith("base_model:") for tag in card.data.tags)
-    assert f"`{tmp_path / 'base'}`" in card.text  # named in the text instead
+    assert "`base`" in card.text and str(tmp_path) not in card.text  # named in the text by its base name
+    assert 'from_pretrained("base")' in card.text
 
 
 def test_a_mixlora_fine_tune_and_its_materialized_model_get_their_cards(tiny, tmp_path):  # noqa: F811
@@ -248,10 +253,22 @@ def test_a_mixlora_fine_tune_and_its_materialized_model_get_their_cards(tiny, tm
     assert (moe / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
 
 
+def test_a_plain_saved_model_gets_a_model_card(tmp_path):
+    FAMILIES["mixtral"].causal_lm(seed=1).save_pretrained(tmp_path / "saved")
+    assert card_kind(tmp_path / "saved") == "model"
+    card = read_card(render_card(tmp_path / "saved").parent)
+    assert card.data.library_name == "transformers" and {"hf-moe", "moe", "custom_code"} <= set(card.data.tags)
+    for text in ("# saved", "| routed experts per MoE layer |", "active per token", "## How to load",
+                 'AutoModelForCausalLM.from_pretrained("REPO_ID")'):
+        assert text in card.text, text
+    text = card_text(tmp_path / "saved", "model", repo_id="org/saved")
+    assert 'from_pretrained("org/saved")' in text and "REPO_ID" not in text
+    with pytest.raises(ValueError, match="cannot tell what"):
+        card_kind(tmp_path)  # no config.json
+
+
 def test_given_facts_describe_a_plain_saved_model(tmp_path):
     FAMILIES["deepseek"].causal_lm(seed=1).save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="cannot tell what"):
-        render_card(tmp_path / "model")
     write_card(tmp_path / "model", "finetuned", base_model="org/dense", license="apache-2.0",
                datasets=["org/instructions", "./local.jsonl"], command="python train.py --steps 10",
                training={"learning_rate": 1e-3, "max_steps": 10}, metrics={"eval_loss": 2.0}, seed=3,
@@ -273,6 +290,35 @@ def test_invalid_kind_or_fact_is_refused(tmp_path):
     assert main(["card", str(tmp_path)]) == 2
 
 
+def absolute_paths(text: str) -> list[str]:
+    """Absolute local paths in a card's text: rooted at os.sep after a space, quote, backtick or line start."""
+    return re.findall(rf"(?:^|[\s`'\"(=])({re.escape(os.sep)}[\w.-]+{re.escape(os.sep)}[^\s`'\")]*)", text,
+                      flags=re.MULTILINE)
+
+
+def test_no_card_kind_shows_a_local_path(upcycled, tmp_path):
+    """Cards are published with the weights: local folders and files appear by their base names."""
+    save_base_and_adapter(tmp_path, tiny_llama(num_layers=2), hf_moe.MixLoraConfig(**MIXLORA))
+    (tmp_path / "adapter" / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": str(tmp_path / "base"), "method": "mixlora", "output_dir": str(tmp_path / "adapter"),
+        "data": {"train_file": str(tmp_path / "train.jsonl")}, "training": {"seed": 1}}))
+    exported = export_native(upcycled, tmp_path / "mixtral", "mixtral")
+    FAMILIES["deepseek"].causal_lm(seed=1).save_pretrained(tmp_path / "saved")
+    folders = {"upcycled": upcycled, "native (export)": exported,
+               "native (import)": import_native(exported, tmp_path / "ours", verify=False),
+               "finetuned (materialize)": materialize(tmp_path / "base", tmp_path / "adapter", tmp_path / "moe"),
+               "adapter": tmp_path / "adapter", "model": tmp_path / "saved"}
+    kinds = set()
+    for name, folder in folders.items():
+        kinds.add(card_kind(folder))
+        text = card_text(folder, card_kind(folder))
+        for local in (str(tmp_path), str(upcycled.parent), "/tmp"):
+            assert local not in text, (name, local)
+        assert absolute_paths(text) == [], name
+    assert kinds == set(yaml.safe_load((ROOT / "model_cards" / "metadata.yaml").read_text()))
+    assert "model: base" in card_text(tmp_path / "adapter", "adapter")  # the recipe, its paths by their names
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packaging
 
@@ -284,7 +330,7 @@ def test_templates_ship_with_the_package():
     assert set(setuptools["packages"]) == packages | {"hf_moe.model_cards"}, "list new packages in pyproject.toml"
     assert setuptools["package-dir"]["hf_moe.model_cards"] == "model_cards"
     shipped = {path.name for path in (ROOT / "model_cards").iterdir()}
-    assert {"upcycled.md", "native.md", "finetuned.md", "adapter.md", "metadata.yaml"} <= shipped
+    assert {"upcycled.md", "native.md", "finetuned.md", "adapter.md", "model.md", "metadata.yaml"} <= shipped
     assert templates_folder() == ROOT / "model_cards"
     assert set(yaml.safe_load((ROOT / "model_cards" / "metadata.yaml").read_text())) == {
-        "upcycled", "native", "finetuned", "adapter"}
+        "upcycled", "native", "finetuned", "adapter", "model"}

@@ -194,8 +194,9 @@ def test_pushes_update_only_what_changed_on_branches_and_pull_requests(hub, upcy
 
 
 def test_transformers_push_to_hub_uploads_what_hf_moe_push_uploads(hub, tmp_path):
-    run_client(hub, tmp_path, """
-        import json, torch
+    """A folder from save_pretrained has no card: push uploads a rendered one and leaves the folder as it is."""
+    result = run_client(hub, tmp_path, """
+        import json, os, torch
         import hf_moe
         from hf_moe.hub import push
         torch.manual_seed(0)
@@ -203,14 +204,25 @@ def test_transformers_push_to_hub_uploads_what_hf_moe_push_uploads(hub, tmp_path
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
         model = hf_moe.MixtralMoEForCausalLM(config)
         model.save_pretrained("saved")
+        before = sorted(os.listdir("saved"))
         push("saved", "via-hf-moe")
         model.push_to_hub("via-transformers")
-        print(json.dumps({}))
+        print(json.dumps({"unchanged": sorted(os.listdir("saved")) == before, "cwd": os.getcwd(),
+                          "parameters": model.num_parameters()}))
     """)
     ours, theirs = stored_files(hub, "testuser/via-hf-moe"), stored_files(hub, "testuser/via-transformers")
-    assert "README.md" not in ours and card_metadata_errors(theirs.pop("README.md").decode()) == []
+    assert result["unchanged"]  # no README.md written into the user's folder
+    card, generic = ours.pop("README.md").decode(), theirs.pop("README.md").decode()
+    assert card_metadata_errors(card) == [] and card_metadata_errors(generic) == []
     assert ours.keys() == theirs.keys() >= {"config.json", "model.safetensors", "modeling_hf_moe.py", "routing.py"}
     assert ours == theirs  # the same bytes: weights, config with auto_map, modeling files
+    parsed = ModelCard(card)
+    assert parsed.data.library_name == "transformers" and {"hf-moe", "moe", "hf_moe_mixtral"} <= set(parsed.data.tags)
+    for text in ("| routed experts per MoE layer | 4, each of width 64 |", f"{result['parameters']:,} total",
+                 'AutoModelForCausalLM.from_pretrained("testuser/via-hf-moe")',
+                 'from_pretrained("testuser/via-hf-moe", trust_remote_code=True'):
+        assert text in card, text
+    assert result["cwd"] not in card and "/tmp" not in card
 
 
 def test_invalid_card_metadata_is_refused_before_any_commit(hub, upcycled, tmp_path):

@@ -4,6 +4,9 @@ and the same seed gives the same bytes."""
 
 import json
 import math
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +29,45 @@ SHORT = dict(max_steps=3, batch_size=8, eval_examples_per_task=3, seed=0)
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart_and_warnings(tmp_path_factory):
     output = tmp_path_factory.mktemp("quickstart") / "out"
-    return run_quickstart(QuickstartSettings(output_dir=str(output), **SHORT))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_quickstart(QuickstartSettings(output_dir=str(output), **SHORT))
+    return result, [str(warning.message) for warning in caught]
+
+
+@pytest.fixture(scope="module")
+def quickstart(quickstart_and_warnings):
+    return quickstart_and_warnings[0]
+
+
+def test_no_library_noise(quickstart_and_warnings):
+    """peft's deprecated `is_gradient_checkpointing` read and torch's pin_memory without an accelerator say nothing
+    to a quickstart user."""
+    messages = quickstart_and_warnings[1]
+    assert not [m for m in messages if "is_gradient_checkpointing" in m or "pin_memory" in m], messages
+
+
+def test_perplexities_are_named_for_what_they_are(quickstart):
+    from hf_moe.quickstart import format_summary
+
+    summary = format_summary(quickstart)
+    assert "answer perplexity" in summary and "eval_loss" in summary
+    card = Path(quickstart.adapter, "README.md").read_text()
+    assert "| eval perplexity (exp of eval_loss) |" in card and "| perplexity |" not in card
+
+
+def test_cards_name_no_local_path(quickstart):
+    for folder in OUTPUTS.values():
+        card = Path(quickstart.output_dir, folder, "README.md").read_text()
+        assert quickstart.output_dir not in card and "/tmp/" not in card, folder
+        assert not re.search(r"(?:^|[\s`'\"(])/[\w.-]+/", card, flags=re.MULTILINE), folder
+
+
+def test_default_output_is_git_ignored():
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert f"{QuickstartSettings().output_dir}/" in ignored
 
 
 def test_every_artefact_is_written_with_its_card(quickstart):

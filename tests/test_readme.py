@@ -79,3 +79,12 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"```bash\n(.*?)\n```", test_section, re.DOTALL).group(1)
     assert command == "python -m pytest"
     assert "python3 -m pytest\n" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_reproducibility_promise_names_what_the_numbers_depend_on():
+    """Numbers repeat with the same seed on the same kind of CPU and torch version only: the README says so, and
+    gives the quickstart's time as a range."""
+    text = " ".join(README.split())
+    assert "the same seed gives the same numbers;" not in text and "the same seed gives the same numbers." not in text
+    assert "same kind of CPU with the same torch version" in text
+    assert re.search(r"about \d+ to \d+ minutes", text)

@@ -25,6 +25,8 @@ import dataclasses
 import itertools
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import yaml
@@ -44,6 +46,15 @@ DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 # our preprocessing keeps are exactly the ones the model (and LoRAMoE's type collator) needs.
 TRAINING_DEFAULTS = {"report_to": "none", "remove_unused_columns": False}
 HEATMAP_BATCHES = 50  # eval batches the card's expert-load picture is measured on
+
+
+@contextmanager
+def quiet_peft_deprecations():
+    """peft 0.21 reads `model.is_gradient_checkpointing` whenever it wraps a model (get_peft_model,
+    PeftModel.from_pretrained), which transformers 5 deprecated with a FutureWarning that says nothing to our users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @dataclass
@@ -425,6 +436,8 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     training = {**TRAINING_DEFAULTS, **recipe["training"]}
     resume = training.pop("resume_from_checkpoint", None)
     check_resume_checkpoint(resume, output_dir, method, recipe["trust_remote_code"])
+    if "dataloader_pin_memory" not in training and (training.get("use_cpu") or not torch.cuda.is_available()):
+        training["dataloader_pin_memory"] = False  # pinned memory needs an accelerator; torch warns otherwise
     if training.get("bf16") and not has_native_bf16():
         logger.warning("hf-moe finetune: this hardware has no native bf16; training in fp32 instead")
         training["bf16"] = False
@@ -451,7 +464,8 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     model = AutoModelForCausalLM.from_pretrained(recipe["model"], config=config, dtype=torch.float32,
                                                  trust_remote_code=recipe["trust_remote_code"], use_safetensors=True)
     if method != "full":
-        model = get_peft_model(model, build_peft_config(method, recipe["peft"]))
+        with quiet_peft_deprecations():
+            model = get_peft_model(model, build_peft_config(method, recipe["peft"]))
         model.print_trainable_parameters()
 
     # trainer
