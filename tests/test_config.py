@@ -1,14 +1,20 @@
 """Configs: validation, aliases, the DeepSeek layer schedule, serialisation through AutoConfig."""
 
+import dataclasses
+import inspect
 import json
+import logging
+import math
 import re
 
 import pytest
 from conftest import make_deepseek_config, make_mixtral_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_moe import DeepSeekMoEConfig, MixtralMoEConfig
+from hf_moe.modeling.configuration_hf_moe import FixedField, check_unknown_fields, config_field_names
 
 FACTORIES = {"mixtral": make_mixtral_config, "deepseek": make_deepseek_config}
 
@@ -210,3 +216,282 @@ def test_rope_scaling_parameters_round_trip(factory, rope_parameters, tmp_path):
     factory(rope_parameters=rope_parameters).save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.rope_parameters == rope_parameters
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every float field: inf and nan are refused at construction, in one line naming the field
+# --------------------------------------------------------------------------------------------------------------
+
+CONFIG_CLASSES = {"mixtral": MixtralMoEConfig, "deepseek": DeepSeekMoEConfig}
+
+
+def float_fields(config_class) -> list[str]:
+    """The dataclass fields whose type admits a float."""
+    return [f.name for f in dataclasses.fields(config_class) if "float" in str(f.type)]
+
+
+def test_float_fields_are_found():
+    expected = {"rms_norm_eps", "initializer_range", "attention_dropout", "routed_scaling_factor",
+                "router_jitter_noise", "capacity_factor", "eval_capacity_factor", "router_aux_loss_coef",
+                "router_z_loss_coef", "router_importance_loss_coef", "router_load_loss_coef",
+                "expert_balance_loss_coef", "device_balance_loss_coef", "sequence_balance_loss_coef",
+                "router_bias_update_rate"}
+    for config_class in CONFIG_CLASSES.values():
+        assert expected <= set(float_fields(config_class))
+
+
+def _one_line_error_naming(error, field: str, value) -> None:
+    """The house format of `_check`: "`field`=value is invalid: what is allowed.", on one line."""
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"`{field}`={value!r} is invalid: "), message
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize(
+    ("family", "field"),
+    [(family, field) for family, config_class in CONFIG_CLASSES.items() for field in float_fields(config_class)],
+)
+def test_non_finite_float_field_raises_one_line_value_error_naming_it(family, field, value):
+    with pytest.raises(ValueError) as error:
+        FACTORIES[family](**{field: value})
+    assert not isinstance(error.value, StrictDataclassClassValidationError)  # raised by the field checks, at once
+    message = str(error.value)
+    assert "\n" not in message and f"`{field}`=" in message and "finite" in message, message
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_rms_norm_eps_below_the_float32_floor_is_refused_and_tiny_usual_values_build(family):
+    assert FACTORIES[family](rms_norm_eps=1e-12).rms_norm_eps == 1e-12
+    with pytest.raises(ValueError, match="`rms_norm_eps`=1e-30 .*overflows float32"):
+        FACTORIES[family](rms_norm_eps=1e-30)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pad_token_id, head_dim, RoPE
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad_token_id", [-1, 128, 1000])  # the tiny vocabulary has 128 ids
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_pad_token_id_outside_the_vocabulary_is_refused(family, pad_token_id):
+    with pytest.raises(ValueError) as error:
+        FACTORIES[family](pad_token_id=pad_token_id)
+    _one_line_error_naming(error, "pad_token_id", pad_token_id)
+
+
+@pytest.mark.parametrize("pad_token_id", [None, 0, 127])
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_pad_token_id_none_or_inside_the_vocabulary_builds(family, pad_token_id):
+    assert FACTORIES[family](pad_token_id=pad_token_id).pad_token_id == pad_token_id
+
+
+@pytest.mark.parametrize("overrides", [{"head_dim": 5}, {"hidden_size": 36, "num_attention_heads": 4}],
+                         ids=["explicit", "derived"])
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_odd_head_dim_is_refused_because_rope_rotates_pairs(family, overrides):
+    with pytest.raises(ValueError, match="`head_dim`=.*must be even"):
+        FACTORIES[family](num_key_value_heads=overrides.get("num_attention_heads", 2), **overrides)
+
+
+INVALID_ROPE = [
+    ({"rope_type": "not_a_rope", "rope_theta": 10000.0}, "rope_parameters['rope_type']", "not_a_rope"),
+    ({"rope_type": "default", "rope_theta": 0.0}, "rope_parameters['rope_theta']", 0.0),
+    ({"rope_type": "default", "rope_theta": -10000.0}, "rope_parameters['rope_theta']", -10000.0),
+    ({"rope_type": "default", "rope_theta": math.inf}, "rope_parameters['rope_theta']", math.inf),
+    ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 0.0}, "rope_parameters['factor']", 0.0),
+    ({"rope_type": "linear", "rope_theta": 10000.0, "factor": -2.0}, "rope_parameters['factor']", -2.0),
+    ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": math.inf}, "rope_parameters['factor']", math.inf),
+    ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": -4.0, "original_max_position_embeddings": 64},
+     "rope_parameters['factor']", -4.0),
+    ({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+     "rope_parameters['partial_rotary_factor']", 0.5),
+]
+
+
+@pytest.mark.parametrize(("rope_parameters", "field", "value"), INVALID_ROPE,
+                         ids=[f"{field}={value}" for _, field, value in INVALID_ROPE])
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_invalid_rope_parameters_raise_one_line_value_error_naming_the_key(family, rope_parameters, field, value):
+    with pytest.raises(ValueError) as error:
+        FACTORIES[family](rope_parameters=rope_parameters)
+    _one_line_error_naming(error, field, value)
+
+
+def test_unknown_rope_type_error_lists_transformers_rope_types_and_default():
+    with pytest.raises(ValueError) as error:
+        make_mixtral_config(rope_parameters={"rope_type": "not_a_rope", "rope_theta": 10000.0})
+    for rope_type in ("default", *ROPE_INIT_FUNCTIONS):
+        assert repr(rope_type) in str(error.value)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_rope_type_without_its_factor_is_a_value_error_naming_it_not_a_key_error(family, rope_type):
+    with pytest.raises(ValueError) as error:
+        FACTORIES[family](rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0})
+    message = str(error.value)
+    assert "\n" not in message and "`rope_parameters`=" in message and "'factor'" in message, message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Misspelt field names: warned at construction, refused by from_preset, silent for unrelated keys
+# --------------------------------------------------------------------------------------------------------------
+
+CONFIG_LOGGER = "hf_moe.modeling.configuration_hf_moe"
+
+
+def misspelt(name: str) -> str:
+    """The name with one letter dropped (the last one that leaves a name no config field has)."""
+    for i in reversed(range(1, len(name))):
+        typo = name[:i] + name[i + 1 :]
+        if typo not in config_field_names(MixtralMoEConfig) | config_field_names(DeepSeekMoEConfig):
+            return typo
+    raise AssertionError(name)
+
+
+def _typo_cases():
+    return [(family, name) for family, config_class in CONFIG_CLASSES.items()
+            for name in sorted(config_field_names(config_class))]
+
+
+def test_the_reported_typo_warns_and_names_both_fields(caplog):
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        config = make_mixtral_config(num_expert_per_tok=4)
+    assert config.num_experts_per_tok == 2  # ignored: the warning is what tells the user
+    assert "`num_expert_per_tok`=4" in caplog.text and "`num_experts_per_tok`" in caplog.text
+
+
+@pytest.mark.parametrize(("family", "name"), _typo_cases())
+def test_misspelt_field_warns_naming_the_field_it_is_close_to(family, name, caplog):
+    typo = misspelt(name)
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        FACTORIES[family](**{typo: 1})
+    assert f"`{typo}`=1" in caplog.text and f"did you mean `{name}`" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(("family", "name"), _typo_cases())
+def test_misspelt_field_is_refused_by_from_preset(family, name):
+    config_class = CONFIG_CLASSES[family]
+    preset = {"mixtral": "switch", "deepseek": "deepseek_moe"}[family]
+    typo = misspelt(name)
+    with pytest.raises(ValueError) as error:
+        config_class.from_preset(preset, **{typo: 1})
+    message = str(error.value)
+    assert "\n" not in message and f"`{typo}`=1" in message and f"`{name}`" in message, message
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_check_unknown_fields_passes_fields_and_aliases_and_catches_typos(strict, caplog):
+    check_unknown_fields(MixtralMoEConfig, {"num_experts": 4, "num_local_experts": 4, "qk_norm": False}, strict)
+    check_unknown_fields(DeepSeekMoEConfig, {"num_experts": 4, "num_local_experts": 4}, strict)
+    assert not caplog.text
+    if strict:
+        with pytest.raises(ValueError, match=r"`hiden_size`=8 is invalid: not a field of DeepSeekMoEConfig \(did "
+                                             r"you mean `hidden_size`\?\)"):
+            check_unknown_fields(DeepSeekMoEConfig, {"hiden_size": 8}, strict=True)
+    else:
+        with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+            check_unknown_fields(DeepSeekMoEConfig, {"hiden_size": 8}, strict=False)
+        assert "`hiden_size`=8" in caplog.text and "`hidden_size`" in caplog.text
+
+
+# Keys found in config.json files saved by transformers and other tools: none is a typo of one of our fields.
+FOREIGN_KEYS = {"torch_dtype": "float32", "quantization_config": {"bits": 4}, "_name_or_path": "x",
+                "max_window_layers": 28, "decoder_sparse_step": 1, "topk_method": "greedy", "sep_token_id": 5,
+                "mask_token_id": 6, "custom_tool_metadata": {"a": 1}, "rope_theta": 10000.0, "num_labels": 2}
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_keys_of_other_tools_that_are_not_close_to_a_field_load_silently(family, caplog):
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        config = FACTORIES[family](**FOREIGN_KEYS)
+    assert not caplog.text
+    assert config.max_window_layers == 28
+
+
+@pytest.mark.parametrize("family", list(FACTORIES))
+def test_saved_config_json_with_extra_keys_loads_with_from_pretrained_and_from_dict(family, tmp_path, caplog):
+    config = FACTORIES[family]()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.update({"max_window_layers": 28, "custom_tool_metadata": {"a": 1}, "num_expert_per_tok": 4})
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger=CONFIG_LOGGER):
+        loaded = AutoConfig.from_pretrained(tmp_path)
+        from_dict = type(config).from_dict(saved)
+    for result in (loaded, from_dict):
+        assert type(result) is type(config)
+        assert result.max_window_layers == 28 and result.custom_tool_metadata == {"a": 1}
+        assert result.num_experts_per_tok == config.num_experts_per_tok
+    assert "max_window_layers" not in caplog.text and "custom_tool_metadata" not in caplog.text
+    assert "did you mean `num_experts_per_tok`" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fields a family fixes: a clear error (what to set instead), by constructor keyword and by assignment
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fixed_fields(config_class) -> list[str]:
+    return sorted(name for name in config_field_names(config_class)
+                  if isinstance(inspect.getattr_static(config_class, name, None), FixedField))
+
+
+def test_mixtral_fixes_the_fields_that_deepseek_exposes():
+    assert {"moe_intermediate_size", "mlp_layer_types", "shared_expert_intermediate_size", "n_shared_experts",
+            "shared_expert_gate", "qk_norm", "qkv_bias", "num_sparse_layers"} <= set(fixed_fields(MixtralMoEConfig))
+
+
+def test_no_config_attribute_is_a_property_without_setter():
+    """A read-only attribute is a FixedField (whose error says what to set instead), not a bare property (whose
+    error is "property ... has no setter"). `base_model_tp_plan` is transformers' plan, not a field."""
+    for config_class in CONFIG_CLASSES.values():
+        for klass in config_class.__mro__[: config_class.__mro__.index(PreTrainedConfig)]:
+            for name, value in vars(klass).items():
+                if isinstance(value, property) and name != "base_model_tp_plan":
+                    assert value.fset is not None, f"{klass.__name__}.{name}"
+
+
+def _another_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return ["dense"] * len(value)
+
+
+FIXED_CASES = [(family, name) for family, config_class in CONFIG_CLASSES.items() for name in fixed_fields(config_class)]
+
+
+@pytest.mark.parametrize(("family", "name"), FIXED_CASES)
+def test_setting_a_fixed_field_by_constructor_keyword_says_what_to_set_instead(family, name):
+    value = _another_value(getattr(FACTORIES[family](), name))
+    with pytest.raises(ValueError) as error:
+        FACTORIES[family](**{name: value})
+    _one_line_error_naming(error, name, value)
+    assert f"{CONFIG_CLASSES[family].__name__} fixes {name} to" in str(error.value)
+    assert "set " in str(error.value) or "use DeepSeekMoEConfig" in str(error.value)
+
+
+@pytest.mark.parametrize(("family", "name"), FIXED_CASES)
+def test_setting_a_fixed_field_by_assignment_says_what_to_set_instead(family, name):
+    config = FACTORIES[family]()
+    value = _another_value(getattr(config, name))
+    with pytest.raises(ValueError) as error:
+        setattr(config, name, value)
+    _one_line_error_naming(error, name, value)
+
+
+@pytest.mark.parametrize(("family", "name"), FIXED_CASES)
+def test_setting_a_fixed_field_to_its_fixed_value_is_accepted(family, name):
+    config = FACTORIES[family]()
+    fixed = getattr(config, name)
+    setattr(config, name, fixed)
+    assert getattr(FACTORIES[family](**{name: fixed}), name) == fixed
+
+
+def test_mixtral_moe_intermediate_size_error_names_intermediate_size_and_deepseek():
+    with pytest.raises(ValueError, match=r"fixes moe_intermediate_size to intermediate_size \(=64\); set "
+                                         r"intermediate_size.*DeepSeekMoEConfig"):
+        make_mixtral_config(moe_intermediate_size=16)

@@ -5,12 +5,13 @@ Most tests drive a bare `TopKRouter` with hand-made logits: the router weight is
 dimensions, so `router(hidden)` sees exactly the logits written in the test.
 """
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
-from conftest import make_mixtral_config, random_input_ids, randomize_weights_
+from conftest import FAMILIES, make_mixtral_config, random_input_ids, randomize_weights_
 from torch.testing import assert_close
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -341,6 +342,103 @@ def test_noisy_gating_is_off_in_eval():
     _, index, decision = route(router, clean)
     assert decision.load_probs is None
     assert index[0].tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Degenerate batches: zero real tokens, one expert
+# --------------------------------------------------------------------------------------------------------------
+
+# Every balancing loss, by its coefficient's name (the keys of `router_losses`).
+LOSS_COEFS = [f.name for f in dataclasses.fields(MixtralMoEConfig) if f.name.endswith("_loss_coef")]
+CV_SQUARED_LOSSES = ("router_importance_loss_coef", "router_load_loss_coef")
+
+
+def every_loss_on(num_experts: int, top_k: int, **overrides):
+    """A config with every balancing loss on (noisy gating for the load loss)."""
+    return make_mixtral_config(num_local_experts=num_experts, num_experts_per_tok=top_k, noisy_gating=True,
+                               num_device_groups=num_experts // 2 or 1, **{name: 0.1 for name in LOSS_COEFS},
+                               **overrides)
+
+
+def losses_of_a_training_forward(config, attention_mask):
+    """-> (router_losses of two sparse layers, the hidden states [B*S, H] they were routed from, with grad)."""
+    torch.manual_seed(0)
+    router = TopKRouter(config).train()
+    with torch.no_grad():
+        for param in router.parameters():
+            param.copy_(0.5 * torch.randn_like(param))
+    hidden = torch.randn(attention_mask.numel(), HIDDEN, requires_grad=True)
+    decisions = [router(hidden)[3], router(2 * hidden)[3]]
+    return router_losses(decisions, config, attention_mask, batch_size=attention_mask.shape[0]), hidden
+
+
+def backward_if_differentiable(loss):
+    """A loss can be a constant (e.g. the load loss when every expert is always chosen)."""
+    if loss.requires_grad:
+        loss.backward()
+
+
+def test_every_balancing_loss_is_covered():
+    losses, _ = losses_of_a_training_forward(every_loss_on(4, 2), torch.ones(2, 3))
+    assert set(losses) == set(LOSS_COEFS)
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["pooled", "per_layer"])
+@pytest.mark.parametrize("name", LOSS_COEFS)
+def test_loss_over_zero_real_tokens_is_zero_with_a_zero_gradient(name, per_layer):
+    """An all-padding batch: a mean over no tokens is 0 (not 0 / 0 = NaN, which would poison every gradient)."""
+    config = every_loss_on(4, 2, aux_loss_per_layer=per_layer)
+    losses, hidden = losses_of_a_training_forward(config, torch.zeros(2, 3))
+    assert losses[name].item() == 0.0
+    backward_if_differentiable(losses[name])
+    assert hidden.grad is None or torch.equal(hidden.grad, torch.zeros_like(hidden.grad))
+
+
+@pytest.mark.parametrize("name", LOSS_COEFS)
+def test_loss_over_one_expert_is_finite_with_finite_gradients(name):
+    """One expert is always balanced: CV^2 is 0 (the unbiased variance of one value would be 0 / 0), the
+    Switch and DeepSeek losses take their balanced value k = 1, and no balancing loss has a gradient."""
+    losses, hidden = losses_of_a_training_forward(every_loss_on(1, 1), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    balanced = {**{loss: 1.0 for loss in LOSS_COEFS}, **{loss: 0.0 for loss in CV_SQUARED_LOSSES}}
+    backward_if_differentiable(losses[name])
+    assert hidden.grad is None or torch.isfinite(hidden.grad).all()
+    if name != "router_z_loss_coef":  # the z-loss pushes the logit itself towards 0, with one expert too
+        assert losses[name].item() == pytest.approx(balanced[name], abs=1e-6)
+        assert hidden.grad is None or torch.equal(hidden.grad, torch.zeros_like(hidden.grad))
+
+
+def test_noisy_gating_that_chooses_every_expert_has_load_probability_one_and_finite_gradients():
+    """num_experts == num_experts_per_tok: no k-th competitor exists, P(t -> e) = 1 (the normal CDF at +inf, whose
+    gradient is NaN)."""
+    losses, hidden = losses_of_a_training_forward(every_loss_on(2, 2), torch.ones(2, 3))
+    assert losses["router_load_loss_coef"].item() == 0.0
+    sum(losses.values()).backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+def test_sequence_balance_loss_ignores_all_padding_sequences():
+    """The mean is over sequences with real tokens: an all-padding row does not dilute it."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    decision = make_decision(logits, logits.topk(2, dim=-1).indices)
+    padded = make_decision(torch.cat([logits, torch.randn(3, 4)]), torch.cat([logits, torch.randn(3, 4)]).topk(
+        2, dim=-1).indices)
+    alone = sequence_balance_loss([decision], batch_size=2)
+    with_padding_row = sequence_balance_loss([padded], batch_size=3, token_mask=torch.tensor([1] * 6 + [0] * 3))
+    assert with_padding_row.item() == pytest.approx(alone.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("family_name", ["mixtral", "deepseek"])
+def test_all_padding_batch_gives_zero_aux_loss_and_finite_gradients(family_name):
+    model = FAMILIES[family_name].causal_lm(router_z_loss_coef=0.1, router_importance_loss_coef=0.1,
+                                            expert_balance_loss_coef=0.1, sequence_balance_loss_coef=0.1).train()
+    input_ids = random_input_ids(2, 5)
+    out = model(input_ids, attention_mask=torch.zeros_like(input_ids), labels=input_ids, output_router_logits=True)
+    assert out.aux_loss.item() == 0.0
+    assert all(value.item() == 0.0 for value in out.router_losses.values())
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,24 +9,31 @@ implementation (`modeling_hf_moe.py`). They differ in defaults and in the fields
   experts (optionally gated, as Qwen2-MoE), dense layers chosen by `first_k_dense_replace` / `moe_layer_freq`
   (or an explicit `mlp_layer_types`), optional q/k RMSNorm and q/k/v biases.
 
-The fields that one family does not expose are class constants (or properties) on that family, so the modeling
-code reads the same attribute names from both.
+The fields that one family does not expose are `FixedField`s of that family (read-only attributes whose error says
+what to set instead), so the modeling code reads the same attribute names from both.
 
 This file is copied next to every saved checkpoint (remote code): it imports public transformers helpers and, with a
 single-dot import, the routing constants of `routing.py`; nothing from hf_moe outside this folder.
 """
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+import difflib
+import math
+from dataclasses import dataclass, field, fields
 
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+from transformers.utils import logging
 
 from .routing import ROUTER_TYPES, SCORING_FUNCS
 
+logger = logging.get_logger(__name__)
+
 MLP_LAYER_TYPES = ("sparse", "dense")
+MIN_RMS_NORM_EPS = 1e-20  # see check_fields; usual values are 1e-5 to 1e-6, BERT's LayerNorm uses 1e-12
+_USE_DEEPSEEK_FOR_SHARED_EXPERTS = ("use DeepSeekMoEConfig for shared experts (n_shared_experts, "
+                                    "shared_expert_intermediate_size, shared_expert_gate)")
 
 # Tensor-parallel rules, grouped by the modules they shard; keys are relative to the base model. The router
 # (`mlp.gate`) has no rule: it stays replicated, so every rank routes every token the same way.
@@ -85,6 +92,81 @@ def _check(condition: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"`{field}`={value!r} is invalid: {allowed}.")
 
 
+def _check_number(field: str, value, *, above=None, at_least=None, below=None, none_means: str | None = None,
+                  why: str | None = None):
+    """`_check` that `value` is a finite real number (inf and nan are not) with value > `above`, >= `at_least` and
+    < `below` (each bound optional); None is allowed too when `none_means` says what None stands for. `why` explains
+    a bound in the error."""
+    if value is None and none_means is not None:
+        return
+    bounds = " and ".join(f"{op} {bound}" for op, bound in ((">", above), (">=", at_least), ("<", below))
+                          if bound is not None)
+    or_none = f"None ({none_means}) or " if none_means is not None else ""
+    allowed = f"must be {or_none}a finite number {bounds}".strip() + (f" ({why})" if why is not None else "")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _check(
+        is_number and (above is None or value > above) and (at_least is None or value >= at_least)
+        and (below is None or value < below),
+        field, value, allowed,
+    )
+
+
+class FixedField:
+    """A field of the shared design space that a family fixes (a read-only attribute). Setting it to its fixed
+    value is a no-op, so configs that spell it out still load; any other value raises a ValueError saying what to
+    set instead, by constructor keyword and by attribute assignment alike.
+
+    `value` is a constant or a function of the config; `fixed_to` describes it when it is derived."""
+
+    def __init__(self, value, instead: str, fixed_to: str | None = None):
+        self.value, self.instead, self.fixed_to = value, instead, fixed_to
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        return self.value(config) if callable(self.value) else self.value
+
+    def __set__(self, config, value):
+        fixed = self.__get__(config)
+        fixed_to = f"{self.fixed_to} (={fixed!r})" if self.fixed_to else repr(fixed)
+        _check(value == fixed, self.name, value, f"{type(config).__name__} fixes {self.name} to {fixed_to}; "
+                                                 f"{self.instead}")
+
+
+# Keys that transformers' PreTrainedConfig reads from the constructor's keyword arguments, besides the fields.
+_TRANSFORMERS_KWARGS = {"torch_dtype", "rope_scaling", "rope_theta", "partial_rotary_factor",
+                        "original_max_position_embeddings", "num_labels", "name_or_path", "attn_implementation",
+                        "experts_implementation", "output_attentions", "per_layer_config"}
+
+
+def check_unknown_fields(config_class: type, kwargs, strict: bool = False) -> None:
+    """Catch misspelt field names: for each key of `kwargs` that is not a field of `config_class` (nor an alias of
+    `attribute_map`) but is close to one (`difflib.get_close_matches`, a typo), warn naming both, or raise a
+    ValueError when `strict`. Other unknown keys pass silently, so configs saved by other tools still load (their
+    extra keys, private `_...` keys and special-token ids `*_token_id` of other models included)."""
+    known = config_field_names(config_class)
+    for key in kwargs:
+        if key in known or key in _TRANSFORMERS_KWARGS or key.startswith("_") or key.endswith("_token_id"):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if not close:
+            continue
+        problem = f"not a field of {config_class.__name__} (did you mean `{close[0]}`?)"
+        _check(not strict, key, kwargs[key], problem)
+        logger.warning(f"`{key}`={kwargs[key]!r} has no effect: {problem}.")
+
+
+def config_field_names(config_class: type) -> set[str]:
+    """Every name a config of `config_class` accepts as a field: dataclass fields, `attribute_map` aliases and the
+    fields the family fixes (`FixedField`)."""
+    fixed = {name for klass in config_class.__mro__ for name, value in vars(klass).items()
+             if isinstance(value, FixedField)}
+    return {f.name for f in fields(config_class)} | set(config_class.attribute_map) | fixed
+
+
 class MoEDecoderConfig(PreTrainedConfig):
     """Fields and validation shared by both families (not registered as a model type of its own)."""
 
@@ -139,6 +221,8 @@ class MoEDecoderConfig(PreTrainedConfig):
     router_bias_update_rate: float = 0.0
 
     def __post_init__(self, **kwargs):
+        # `kwargs` holds every keyword that is not a dataclass field; transformers keeps them as attributes
+        check_unknown_fields(type(self), kwargs, strict=False)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -155,29 +239,39 @@ class MoEDecoderConfig(PreTrainedConfig):
                      "num_key_value_heads", "max_position_embeddings", "num_experts", "moe_intermediate_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, name, value, "must be a positive integer")
+        _check(self.pad_token_id is None or (isinstance(self.pad_token_id, int) and
+                                             0 <= self.pad_token_id < self.vocab_size),
+               "pad_token_id", self.pad_token_id, f"must be None or a token id in [0, vocab_size={self.vocab_size})")
         _check(self.head_dim is None or self.head_dim > 0, "head_dim", self.head_dim, "must be None or > 0")
         if self.head_dim is None:
             _check(
                 self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", self.num_attention_heads,
                 f"must divide hidden_size={self.hidden_size} (or set head_dim explicitly)",
             )
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        _check(head_dim % 2 == 0, "head_dim", self.head_dim,
+               f"RoPE rotates pairs of dimensions, so the head dimension ({head_dim}, hidden_size // "
+               f"num_attention_heads when head_dim is None) must be even")
         _check(
             self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
             self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
         )
         _check(self.hidden_act in ACT2FN, "hidden_act", self.hidden_act, f"allowed: {sorted(ACT2FN)}")
-        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
-        _check(self.initializer_range >= 0, "initializer_range", self.initializer_range, "must be >= 0")
-        _check(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        _check_number("rms_norm_eps", self.rms_norm_eps, at_least=MIN_RMS_NORM_EPS,
+                      why="the RMSNorm gradient at an all-zero hidden state, e.g. at padding (the padding embedding "
+                          "is zero), grows as eps^-1.5 and overflows float32 to NaN below about 2e-26")
+        _check_number("initializer_range", self.initializer_range, at_least=0)
+        _check_number("attention_dropout", self.attention_dropout, at_least=0, below=1)
         _check(
             self.sliding_window is None or self.sliding_window > 0, "sliding_window", self.sliding_window,
             "must be None (full attention) or a positive number of tokens",
         )
+        self.check_rope_parameters()
         _check(
             1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
             f"must be between 1 and num_experts={self.num_experts}",
         )
-        _check(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        _check_number("routed_scaling_factor", self.routed_scaling_factor, above=0)
         self.check_routing_fields()
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.n_shared_experts > 0:
@@ -198,6 +292,28 @@ class MoEDecoderConfig(PreTrainedConfig):
             _check(layer_type in MLP_LAYER_TYPES, "mlp_layer_types", self.mlp_layer_types,
                    f"entries must be one of {MLP_LAYER_TYPES}")
 
+    def check_rope_parameters(self) -> None:
+        """RoPE: a known `rope_type`, finite positive `rope_theta` and scaling `factor`, finite numbers elsewhere,
+        and every key the type needs (transformers' checks, whose bare KeyError becomes a ValueError here)."""
+        rope = self.rope_parameters
+        _check(isinstance(rope, dict), "rope_parameters", rope, "must be a dict with `rope_type` and `rope_theta`")
+        rope_types = ("default", *ROPE_INIT_FUNCTIONS)
+        _check(rope.get("rope_type") in rope_types, "rope_parameters['rope_type']", rope.get("rope_type"),
+               f"allowed: {rope_types}")
+        _check_number("rope_parameters['rope_theta']", rope.get("rope_theta"), above=0)
+        _check(rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters['partial_rotary_factor']",
+               rope.get("partial_rotary_factor"), "hf_moe rotates the whole head (allowed: 1.0 or no key)")
+        for key, value in rope.items():
+            if key in ("factor", "attention_factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings"):
+                _check_number(f"rope_parameters[{key!r}]", value, above=0, none_means="the type's default")
+            elif key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                _check_number(f"rope_parameters[{key!r}]", value, none_means="the type's default")
+        try:
+            self.validate_rope()
+        except KeyError as error:
+            raise ValueError(f"`rope_parameters`={rope!r} is invalid: {error.args[0]}.") from None
+
     def check_routing_fields(self) -> None:
         num_experts, top_k = self.num_experts, self.num_experts_per_tok
         _check(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"allowed: {ROUTER_TYPES}")
@@ -208,12 +324,11 @@ class MoEDecoderConfig(PreTrainedConfig):
                f"must be between 1 and n_group={self.n_group}")
         _check(top_k <= self.topk_group * (num_experts // self.n_group), "num_experts_per_tok", top_k,
                f"must be at most topk_group * num_experts / n_group = {self.topk_group * (num_experts // self.n_group)}")
-        _check(0 <= self.router_jitter_noise < 1, "router_jitter_noise", self.router_jitter_noise, "must be in [0, 1)")
+        _check_number("router_jitter_noise", self.router_jitter_noise, at_least=0, below=1)
         _check(not self.random_routing or top_k == 2, "random_routing", self.random_routing,
                f"GShard random routing needs num_experts_per_tok=2 (got {top_k})")
         for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, name, value, "must be None (no token dropping) or > 0")
+            _check_number(name, getattr(self, name), above=0, none_means="no token dropping")
         _check(isinstance(self.dispatch_groups, int) and self.dispatch_groups >= 1, "dispatch_groups",
                self.dispatch_groups, "must be an integer >= 1")
         if self.router_type == "expert_choice":
@@ -227,7 +342,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_importance_loss_coef",
                      "router_load_loss_coef", "expert_balance_loss_coef", "device_balance_loss_coef",
                      "sequence_balance_loss_coef", "router_bias_update_rate"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+            _check_number(name, getattr(self, name), at_least=0)
         _check(self.router_load_loss_coef == 0 or self.noisy_gating, "router_load_loss_coef",
                self.router_load_loss_coef, "the smooth load estimator needs noisy_gating=True")
         _check(isinstance(self.num_device_groups, int) and self.num_device_groups >= 1
@@ -246,15 +361,18 @@ class MoEDecoderConfig(PreTrainedConfig):
             hint = f" (it is a preset of {owner})" if owner else ""
             raise ValueError(f"`name`={name!r} is not a preset of {cls.__name__}{hint}: allowed: "
                              f"{sorted(family_presets)}.")
+        check_unknown_fields(cls, overrides, strict=True)
         return cls(**{**family_presets[name].settings, **overrides})
 
     def validate_moe_fields(self):
         """`@strict` class validator: re-checks the fields at save time, after any mutation."""
         self.check_fields()
 
-    @property
-    def num_sparse_layers(self) -> int:
-        return sum(layer_type == "sparse" for layer_type in self.mlp_layer_types)
+    num_sparse_layers = FixedField(
+        lambda config: config.mlp_layer_types.count("sparse"),
+        "set mlp_layer_types (or first_k_dense_replace and moe_layer_freq) of DeepSeekMoEConfig instead",
+        fixed_to="the number of 'sparse' entries of mlp_layer_types",
+    )
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
@@ -311,23 +429,26 @@ class MixtralMoEConfig(MoEDecoderConfig):
     max_position_embeddings: int = 4096 * 32
     num_local_experts: int = 8
 
-    # Fields of the shared design space that the Mixtral family fixes.
-    n_shared_experts: ClassVar[int] = 0
-    shared_expert_gate: ClassVar[bool] = False
-    qk_norm: ClassVar[bool] = False
-    qkv_bias: ClassVar[bool] = False
-
-    @property
-    def moe_intermediate_size(self) -> int:
-        return self.intermediate_size
-
-    @property
-    def shared_expert_intermediate_size(self) -> int:
-        return 0
-
-    @property
-    def mlp_layer_types(self) -> list[str]:
-        return ["sparse"] * self.num_hidden_layers
+    # Fields of the shared design space that the Mixtral family fixes: the modeling code reads them from both families.
+    moe_intermediate_size = FixedField(
+        lambda config: config.intermediate_size,
+        "set intermediate_size (the width of every expert), or use DeepSeekMoEConfig for experts of their own width",
+        fixed_to="intermediate_size",
+    )
+    mlp_layer_types = FixedField(
+        lambda config: ["sparse"] * config.num_hidden_layers,
+        "use DeepSeekMoEConfig (first_k_dense_replace, moe_layer_freq or mlp_layer_types) for dense layers",
+        fixed_to="'sparse' for each of num_hidden_layers",
+    )
+    num_sparse_layers = FixedField(
+        lambda config: config.num_hidden_layers, "set num_hidden_layers, or use DeepSeekMoEConfig for dense layers",
+        fixed_to="num_hidden_layers",
+    )
+    n_shared_experts = FixedField(0, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
+    shared_expert_intermediate_size = FixedField(0, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
+    shared_expert_gate = FixedField(False, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
+    qk_norm = FixedField(False, "use DeepSeekMoEConfig(qk_norm=True) for per-head q/k RMSNorm")
+    qkv_bias = FixedField(False, "use DeepSeekMoEConfig(qkv_bias=True) for q/k/v biases")
 
 
 @strict

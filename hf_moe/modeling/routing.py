@@ -138,8 +138,11 @@ class TopKRouter(nn.Module):
         noise_std = F.softplus(F.linear(hidden_states, self.noise_weight)) + 1e-2  # [T, E]
         noisy = clean_logits + torch.randn_like(clean_logits) * noise_std
         k = self.top_k
-        top = torch.topk(noisy, min(k + 1, self.num_experts), dim=-1).values  # [T, k+1]
-        kth_if_in = top[:, -1:] if self.num_experts > k else torch.full_like(top[:, :1], float("-inf"))
+        if k == self.num_experts:
+            # every expert is always chosen: P = 1, a constant (an infinite z would give NaN gradients)
+            return noisy, torch.ones_like(clean_logits, dtype=torch.float32)
+        top = torch.topk(noisy, k + 1, dim=-1).values  # [T, k+1]
+        kth_if_in = top[:, -1:]
         kth_if_out = top[:, k - 1 : k]
         in_top_k = noisy >= kth_if_out
         threshold = torch.where(in_top_k, kth_if_in, kth_if_out)
@@ -237,6 +240,8 @@ def expert_choice(probs: torch.Tensor, capacity_factor: float, groups: int):
 # ----------------------------------------------------------------------------------------------------------------
 # Balancing losses. Each takes the decisions of every sparse layer and a [B*S] mask of real tokens (or None).
 # Per-layer losses are averaged over the sparse layers, so a coefficient does not depend on depth.
+# Degenerate batches stay finite: a mean over zero real tokens (an all-padding batch) is 0, with a zero gradient,
+# and a loss over one expert takes its balanced value (CV^2 = 0; the Switch and DeepSeek losses are then constant).
 
 
 def _token_weights(decision: RouterDecision, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -244,6 +249,12 @@ def _token_weights(decision: RouterDecision, token_mask: torch.Tensor | None) ->
     if token_mask is None:
         return decision.probs.new_ones(rows)
     return token_mask.to(decision.probs.device, torch.float32)
+
+
+def _divisor(count: torch.Tensor) -> torch.Tensor:
+    """A count of real tokens (or sequences) as the divisor of a mean: a sum over none is 0, and 0 / 1 keeps the
+    mean 0 (0 / 0 would be NaN, and a NaN loss term makes every gradient NaN)."""
+    return count.clamp(min=1)
 
 
 def _expert_counts(decision: RouterDecision, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -279,15 +290,20 @@ def load_balancing_loss(decisions, token_mask=None, per_layer: bool = False) -> 
         prob_sums.append((decision.probs * weights[:, None]).sum(dim=0))
         totals.append(weights.sum())
     if per_layer:
-        losses = [c.numel() * torch.sum((c / n) * (p / n)) for c, p, n in zip(counts, prob_sums, totals)]
+        losses = [c.numel() * torch.sum((c / n) * (p / n))
+                  for c, p, n in zip(counts, prob_sums, map(_divisor, totals))]
         return torch.stack(losses).mean()
-    total = torch.stack(totals).sum()
+    total = _divisor(torch.stack(totals).sum())
     return num_experts * torch.sum((torch.stack(counts).sum(0) / total) * (torch.stack(prob_sums).sum(0) / total))
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation, var / mean^2 (unbiased variance, as in Shazeer et al.'s reference code)."""
-    return values.float().var() / (values.float().mean() ** 2 + 1e-10)
+    """Squared coefficient of variation, var / mean^2 (unbiased variance, as in Shazeer et al.'s reference code).
+    0 for a single value: one expert is always balanced (the unbiased variance of one value is 0 / 0)."""
+    values = values.float()
+    if values.numel() < 2:
+        return values.sum() * 0.0
+    return values.var() / (values.mean() ** 2 + 1e-10)
 
 
 def importance_loss(decisions, token_mask=None) -> torch.Tensor:
@@ -321,13 +337,13 @@ def z_loss(decisions, token_mask=None) -> torch.Tensor:
     for decision in decisions:
         weights = _token_weights(decision, token_mask)
         log_z = torch.logsumexp(decision.logits.float(), dim=-1)
-        losses.append((log_z.square() * weights).sum() / weights.sum())
+        losses.append((log_z.square() * weights).sum() / _divisor(weights.sum()))
     return torch.stack(losses).mean()
 
 
 def _deepseek_f_and_p(decision: RouterDecision, weights: torch.Tensor):
     """DeepSeekMoE: f_i = E / (k T) * sum_t 1(t -> i),  P_i = (1/T) * sum_t P[t, i]."""
-    num_tokens = weights.sum()
+    num_tokens = _divisor(weights.sum())
     num_experts, top_k = decision.probs.shape[-1], decision.top_k_index.shape[-1]
     f = _expert_counts(decision, weights, decision.valid) * num_experts / (top_k * num_tokens)
     p = (decision.probs * weights[:, None]).sum(dim=0) / num_tokens
@@ -358,7 +374,8 @@ def device_balance_loss(decisions, num_device_groups: int, token_mask=None) -> t
 def sequence_balance_loss(decisions, batch_size: int, token_mask=None) -> torch.Tensor:
     """DeepSeek-V3 complementary sequence-wise balance loss: per sequence of S real tokens,
     f_i = E / (k S) * sum_t 1(i in TopK_t),  P_i = (1/S) * sum_t s'[t, i]  (s' = scores normalised to sum 1),
-    loss = sum_i f_i P_i; averaged over sequences and layers."""
+    loss = sum_i f_i P_i; averaged over the sequences that hold real tokens (all-padding rows do not count), and
+    over layers."""
     losses = []
     for decision in decisions:
         num_experts, top_k = decision.probs.shape[-1], decision.top_k_index.shape[-1]
@@ -366,10 +383,11 @@ def sequence_balance_loss(decisions, batch_size: int, token_mask=None) -> torch.
         chosen = F.one_hot(decision.top_k_index, num_experts) * decision.valid[..., None]  # [T, k, E]
         chosen = chosen.sum(dim=1).view(batch_size, -1, num_experts).float()  # [B, S, E]
         probs = decision.probs.view(batch_size, -1, num_experts)
-        seq_len = weights.sum(dim=-1).clamp(min=1)[:, None]  # [B, 1]
+        seq_len = _divisor(weights.sum(dim=-1))[:, None]  # [B, 1]
         f = (chosen * weights[..., None]).sum(dim=1) * num_experts / (top_k * seq_len)  # [B, E]
         p = (probs * weights[..., None]).sum(dim=1) / seq_len
-        losses.append(torch.sum(f * p, dim=-1).mean())
+        real_sequences = (weights.sum(dim=-1) > 0).sum()
+        losses.append(torch.sum(f * p, dim=-1).sum() / _divisor(real_sequences))
     return torch.stack(losses).mean()
 
 
@@ -440,9 +458,9 @@ def statistics_from_counts(load: torch.Tensor, totals: torch.Tensor) -> dict[str
     return {
         "load": load,
         "max_violation": load.max() / load.mean().clamp(min=1e-20) - 1,
-        "entropy": entropy_sum / tokens.clamp(min=1),
-        "dropped_fraction": 1 - dispatched / valid.clamp(min=1),
-        "z_loss": z_sum / tokens.clamp(min=1),
+        "entropy": entropy_sum / _divisor(tokens),
+        "dropped_fraction": 1 - dispatched / _divisor(valid),
+        "z_loss": z_sum / _divisor(tokens),
     }
 
 
