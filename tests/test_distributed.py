@@ -176,7 +176,10 @@ def assert_same_step(tensors: dict[str, torch.Tensor], model_dir: Path, batches:
     actual = {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)}
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
-        assert_close(actual[name], value, rtol=1e-5, atol=1e-5, msg=f"{model_dir.name}: {name}")
+        # After the step, the parameters' last-bit differences (sums reduced in another order across ranks, about
+        # 6e-7) move the logits by up to about 2e-5 on some CPUs (seen on a 2-core AMD EPYC with TP + EP): 5e-5.
+        tolerance = 5e-5 if name == "logits_after_step" else 1e-5
+        assert_close(actual[name], value, rtol=tolerance, atol=tolerance, msg=f"{model_dir.name}: {name}")
 
 
 @pytest.mark.distributed
