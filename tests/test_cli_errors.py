@@ -130,3 +130,16 @@ def test_an_unexpected_error_is_one_line_with_its_type(folders, tmp_path, capsys
     assert main(["export", str(folders / "moe"), str(tmp_path / "out"), "--format", "mixtral"]) == 1
     assert capsys.readouterr().err == ("hf-moe export: error: RuntimeError: something unexpected (run with --debug "
                                        "for the traceback)\n")
+
+
+def test_verify_of_a_moe_missing_a_tensor_names_it_in_one_line(folders, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    moe = Path(shutil.copytree(folders / "moe", tmp_path / "moe"))
+    tensors = load_file(moe / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj"]
+    save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
+    assert main(["verify", str(folders / "llama"), str(moe)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"hf-moe verify: error: {moe} does not load cleanly") and "Traceback" not in error
+    assert "missing ['model.layers.1.mlp.experts.down_proj']" in error
