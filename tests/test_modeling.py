@@ -626,3 +626,26 @@ def test_no_split_modules_name_an_existing_decoder_layer_class(family):
     assert set(model._no_split_modules) == {"MoEDecoderLayer"}
     assert set(model._no_split_modules) <= classes_in_model
     assert all(isinstance(layer, MoEDecoderLayer) for layer in model.model.layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' class conventions (its common model tests check both)
+
+
+def test_causal_lm_lists_generation_mixin_among_its_direct_bases(family):
+    from transformers import GenerationMixin
+
+    assert GenerationMixin in family.causal_lm_class.__bases__
+
+
+@pytest.mark.parametrize("selection_bias", [False, True])
+def test_only_a_selection_bias_is_kept_in_fp32(family, selection_bias, tmp_path):
+    overrides = dict(router_selection_bias=True, scoring_func="sigmoid") if selection_bias else {}
+    family.causal_lm(**overrides).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    buffers = {name.rsplit(".", 1)[-1]: buffer.dtype for name, buffer in model.named_buffers()}
+    assert model._keep_in_fp32_modules_strict == ({"e_score_correction_bias"} if selection_bias else set())
+    assert all(any(name.endswith(module) for name, _ in [*model.named_parameters(), *model.named_buffers()])
+               for module in model._keep_in_fp32_modules_strict)  # every module it names exists
+    assert buffers.get("e_score_correction_bias") == (torch.float32 if selection_bias else None)
+    assert model.lm_head.weight.dtype == torch.bfloat16

@@ -343,6 +343,11 @@ class MoEPreTrainedModel(PreTrainedModel):
         "attentions": MoEAttention,
     }
 
+    def post_init(self):
+        if not self.config.router_selection_bias:  # no e_score_correction_bias to keep in fp32
+            self._keep_in_fp32_modules_strict = []
+        super().post_init()
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # where transformers would default to its `grouped_mm`, default to "auto": `sorted_mm` where that is faster
         # (fp32 on x86-64 CPUs), `grouped_mm` elsewhere (experts_kernels.py)
@@ -702,7 +707,7 @@ class MixtralMoEModel(MoEModel):
     config: MixtralMoEConfig
 
 
-class MixtralMoEForCausalLM(MoEForCausalLM):
+class MixtralMoEForCausalLM(MoEForCausalLM, GenerationMixin):
     """[`MoEForCausalLM`] for the `hf_moe_mixtral` model type."""
 
     config: MixtralMoEConfig
@@ -722,7 +727,7 @@ class DeepSeekMoEModel(MoEModel):
     config: DeepSeekMoEConfig
 
 
-class DeepSeekMoEForCausalLM(MoEForCausalLM):
+class DeepSeekMoEForCausalLM(MoEForCausalLM, GenerationMixin):
     """[`MoEForCausalLM`] for the `hf_moe_deepseek` model type."""
 
     config: DeepSeekMoEConfig
