@@ -208,9 +208,9 @@ def _stale(sibling: Path, pid: str | None) -> bool:
     if int(pid) == os.getpid():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
-    except (PermissionError, OSError):
+    except OSError:  # it exists but is not ours (PermissionError), or the question failed: leave it
         return False
     return False

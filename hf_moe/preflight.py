@@ -24,6 +24,7 @@ from .conversion.safetensors_io import (
     SAFE_WEIGHTS_NAME,
     CheckpointReader,
     ConversionError,
+    pickle_refusal,
     read_json_object,
 )
 
@@ -70,7 +71,7 @@ def check_adapter_folder(path: str | os.PathLike, role: str = "adapter") -> dict
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir()  # not a Trainer checkpoint's optimizer.pt, rng_state.pth
                          if p.name.startswith("adapter_model") and p.name.endswith(FOREIGN_WEIGHT_SUFFIXES))
-        raise ConversionError(f"{role}: " + (_pickle_refusal(folder, pickles) if pickles else
+        raise ConversionError(f"{role}: " + (pickle_refusal(folder, pickles) if pickles else
                                              f"{folder} has no {ADAPTER_WEIGHTS_NAME}"))
     _check_safetensors_file(weights, role)
     return config
@@ -144,14 +145,6 @@ def _weight_files(folder: Path) -> list[str]:
     if index.is_file():  # CheckpointReader checked that it parses and that its shards exist
         return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     return [SAFE_WEIGHTS_NAME]
-
-
-def _pickle_refusal(folder: Path, names: list[str]) -> str:
-    """The converters' refusal of pickled weights (conversion.safetensors_io.CheckpointReader), for adapters."""
-    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return (f"{folder} has weights only in non-safetensors files ({listed}); these are pickles, which hf-moe never "
-            f"loads because unpickling can run arbitrary code. Convert them to safetensors first (e.g. load them in a "
-            f"trusted environment and call save_pretrained(..., safe_serialization=True))")
 
 
 def _check_safetensors_file(file: Path, role: str) -> None:

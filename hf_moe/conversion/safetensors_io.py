@@ -104,6 +104,14 @@ def read_json_object(file: Path, folder_expected: str, expected: str) -> dict:
     return value
 
 
+def pickle_refusal(folder: Path, names: list[str]) -> str:
+    """Why hf-moe refuses a folder whose weights are only in the pickle-based files `names`."""
+    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{folder} has weights only in non-safetensors files ({listed}); these are pickles, which hf-moe never "
+            f"loads because unpickling can run arbitrary code. Convert them to safetensors first (e.g. load them in a "
+            f"trusted environment and call save_pretrained(..., safe_serialization=True))")
+
+
 class CheckpointReader:
     """Lazy, read-only access to the tensors of a safetensors checkpoint folder.
 
@@ -150,12 +158,7 @@ class CheckpointReader:
     def _missing_weights_message(self) -> str:
         foreign = sorted(p.name for p in self.folder.iterdir() if p.name.endswith(FOREIGN_WEIGHT_SUFFIXES))
         if foreign:
-            return (
-                f"{self.folder} has weights only in non-safetensors files ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); these are pickles, which hf-moe never loads because "
-                f"unpickling can run arbitrary code. Convert them to safetensors first (e.g. load them in a trusted "
-                f"environment and call save_pretrained(..., safe_serialization=True))"
-            )
+            return pickle_refusal(self.folder, foreign)
         return f"{self.folder} has no {SAFE_WEIGHTS_NAME} and no {SAFE_WEIGHTS_INDEX_NAME}"
 
     def _handle(self, name: str):
@@ -297,8 +300,8 @@ class ShardWriter:
     with the shard size. Two ways to lay a shard out:
 
     - `plan` given (`{name: tensor with the shape and dtype to be written}`, in the order they will be added; meta
-      tensors are enough): every shard's header is known up front, so it is written first and each tensor straight at its
-      offset, in safetensors' own layout (widest dtype first, then by name). The files are byte for byte those of
+      tensors are enough): every shard's header is known up front, so it is written first and each tensor straight at
+      its offset, in safetensors' own layout (widest dtype first, then by name). The files are byte for byte those of
       `safetensors.torch.save_file(..., metadata={"format": "pt"})`, whatever the order of the `add` calls.
     - No plan: the tensors are written in the order they come, after room left for the header. At the shard's end
       the header goes into that room, padded with spaces (which the format allows), or, when it does not fit, the
@@ -455,9 +458,8 @@ class ShardWriter:
         return final_names
 
     def _write_index(self, final_names: list[str]) -> None:
-        weight_map = {
-            name: final_name for shard, final_name in zip(self._shards, final_names, strict=True) for name in shard.names
-        }
+        weight_map = {name: final_name for shard, final_name in zip(self._shards, final_names, strict=True)
+                      for name in shard.names}
         index = {
             "metadata": {"total_parameters": self._total_parameters, "total_size": self._total_bytes},
             "weight_map": dict(sorted(weight_map.items(), key=lambda item: natural_key(item[0]))),
