@@ -20,10 +20,14 @@ if _os.path.basename(_sys.argv[0]) == "hf-moe":  # the command: Ctrl-C while the
 from .modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, list_presets
 from .modeling.modeling_hf_moe import (
     DeepSeekMoEForCausalLM,
+    DeepSeekMoEForQuestionAnswering,
     DeepSeekMoEForSequenceClassification,
+    DeepSeekMoEForTokenClassification,
     DeepSeekMoEModel,
     MixtralMoEForCausalLM,
+    MixtralMoEForQuestionAnswering,
     MixtralMoEForSequenceClassification,
+    MixtralMoEForTokenClassification,
     MixtralMoEModel,
 )
 from .modeling.routing import collect_router_statistics, update_router_bias
@@ -66,10 +70,14 @@ __all__ = [
     "MixtralMoEModel",
     "MixtralMoEForCausalLM",
     "MixtralMoEForSequenceClassification",
+    "MixtralMoEForTokenClassification",
+    "MixtralMoEForQuestionAnswering",
     "DeepSeekMoEConfig",
     "DeepSeekMoEModel",
     "DeepSeekMoEForCausalLM",
     "DeepSeekMoEForSequenceClassification",
+    "DeepSeekMoEForTokenClassification",
+    "DeepSeekMoEForQuestionAnswering",
     "list_presets",
     "collect_router_statistics",
     "update_router_bias",

@@ -30,6 +30,9 @@ from .registration import AUTO_CLASSES
 
 logger = logging.get_logger(__name__)
 
+# every folder hf-moe has saved names these Auto classes; the heads added later may be missing from older folders
+REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
+
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", ".*", "*/.*", *(f"*{suffix}" for suffix in FOREIGN_WEIGHT_SUFFIXES)]
 
 
@@ -37,10 +40,12 @@ def _check_remote_code(folder: Path, config: dict) -> None:
     """Our model types must carry what a process without hf-moe needs: auto_map for every Auto class and the flat
     modeling files it points at."""
     auto_map = config.get("auto_map") or {}
-    expected = ["AutoConfig", *(auto_class.__name__ for auto_class in AUTO_CLASSES)]
-    if missing := [name for name in expected if name not in auto_map]:
+    if missing := [name for name in REQUIRED_AUTO_MAP if name not in auto_map]:
         raise ValueError(f"{folder}/config.json: `auto_map` lacks {', '.join(missing)} (allowed: a config saved by "
                          f"hf-moe, whose auto_map names every Auto class); re-save the model with save_pretrained")
+    if missing := [auto_class.__name__ for auto_class in AUTO_CLASSES if auto_class.__name__ not in auto_map]:
+        logger.warning(f"{folder}/config.json was saved before hf-moe had the heads of {', '.join(missing)}: the "
+                       f"published model will not load through them; re-save it with save_pretrained to add them")
     if missing := [name for name in our_model_code_files() if not (folder / name).is_file()]:
         raise ValueError(f"{folder} lacks the modeling files {', '.join(missing)} that `auto_map` points at; re-save "
                          f"the model with save_pretrained")

@@ -16,7 +16,9 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .modeling import configuration_hf_moe, modeling_hf_moe
@@ -30,6 +32,8 @@ AUTO_CLASSES = {
     AutoModel: "Model",
     AutoModelForCausalLM: "ForCausalLM",
     AutoModelForSequenceClassification: "ForSequenceClassification",
+    AutoModelForTokenClassification: "ForTokenClassification",
+    AutoModelForQuestionAnswering: "ForQuestionAnswering",
 }
 
 

@@ -104,6 +104,18 @@ def test_tiny_llama_tokenizer_round_trips_and_spells_out_digits(tiny_llama):
     assert tokenizer.tokenize("x = 2026") == ["x", "Ġ=", "Ġ", "2", "0", "2", "6"]
 
 
+def test_tiny_llama_pre_tokenizer_is_the_one_the_readme_names_for_llama_cpp():
+    """README: "splits digits one by one, then applies GPT-2's byte-level regex: the pre-tokenizer of StarCoder"."""
+    import json
+
+    pre_tokenizer = json.loads((tiny_llama_path() / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert pre_tokenizer == {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ]}
+    assert "llama.cpp's `starcoder` type" in " ".join((ROOT / "README.md").read_text().split())
+
+
 def test_exact_match_agrees_with_one_prompt_at_a_time_greedy_decoding(tiny_llama):
     model, tokenizer = tiny_llama
     examples = [example for example in load_tasks("eval")][::75]  # every task, prompts of different lengths

@@ -199,6 +199,8 @@ def test_saved_config_json_carries_auto_map_for_every_auto_class(factory, family
         "AutoModel": f"modeling_hf_moe.{family}Model",
         "AutoModelForCausalLM": f"modeling_hf_moe.{family}ForCausalLM",
         "AutoModelForSequenceClassification": f"modeling_hf_moe.{family}ForSequenceClassification",
+        "AutoModelForTokenClassification": f"modeling_hf_moe.{family}ForTokenClassification",
+        "AutoModelForQuestionAnswering": f"modeling_hf_moe.{family}ForQuestionAnswering",
     }
     assert saved["model_type"] == {"MixtralMoE": "hf_moe_mixtral", "DeepSeekMoE": "hf_moe_deepseek"}[family]
 

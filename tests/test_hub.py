@@ -6,6 +6,7 @@ this process, so the tests read its store directly: which commits exist, what ea
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -264,6 +265,17 @@ def test_only_publishable_folders_are_pushed(upcycled, tmp_path):
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(ValueError, match="no adapter_model.safetensors"):
         check_folder(adapter)
+
+
+def test_folder_saved_before_the_newer_heads_is_published_with_a_warning(upcycled, tmp_path, caplog):
+    older = shutil.copytree(upcycled, tmp_path / "older")
+    config = json.loads((older / "config.json").read_text())
+    for name in ("AutoModelForTokenClassification", "AutoModelForQuestionAnswering"):
+        del config["auto_map"][name]
+    (older / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="hf_moe.hub"):
+        assert check_folder(older) == "model"
+    assert "AutoModelForTokenClassification, AutoModelForQuestionAnswering" in caplog.text
 
 
 def test_push_help_names_every_option(capsys):

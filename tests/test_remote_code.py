@@ -28,7 +28,13 @@ CHILD_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     work = Path(sys.argv[1])
     try:
@@ -66,6 +72,12 @@ CHILD_SCRIPT = textwrap.dedent(
             # the classification head on the CausalLM folder: a fresh score, the saved backbone
             head_on_lm = AutoModelForSequenceClassification.from_pretrained(causal_dir, trust_remote_code=True)
             tensors[f"{family}.head_on_lm_hidden"] = head_on_lm.model(inputs["input_ids"]).last_hidden_state
+            # token classification and question answering: fresh heads on the saved backbone
+            for name, auto_class in (("token", AutoModelForTokenClassification),
+                                     ("qa", AutoModelForQuestionAnswering)):
+                head = auto_class.from_pretrained(causal_dir, trust_remote_code=True).eval()
+                tensors[f"{family}.{name}_hidden"] = head.model(inputs["input_ids"]).last_hidden_state
+                entry[f"{name}_class"] = type(head).__name__
         entry["modules"] = {
             "causal_lm": type(causal).__module__, "base_model": type(base).__module__,
             "sequence_classification": type(classifier).__module__,
@@ -172,6 +184,15 @@ def test_remote_sequence_classification_logits_match_parent(remote_load, family_
 def test_remote_classification_head_on_causal_lm_folder_reuses_the_saved_backbone(remote_load, family_name):
     expected, _, outputs = remote_load
     assert_close(outputs[f"{family_name}.head_on_lm_hidden"], expected[f"{family_name}.last_hidden_state"],
+                 atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["token", "qa"])
+def test_remote_token_classification_and_question_answering_heads_load(remote_load, family_name, head):
+    expected, report, outputs = remote_load
+    suffix = {"token": "ForTokenClassification", "qa": "ForQuestionAnswering"}[head]
+    assert report["families"][family_name][f"{head}_class"].endswith(suffix)
+    assert_close(outputs[f"{family_name}.{head}_hidden"], expected[f"{family_name}.last_hidden_state"],
                  atol=1e-6, rtol=0)
 
 

@@ -83,6 +83,8 @@ def remote_code_auto_map(family: str) -> dict[str, str]:
         "AutoModel": f"modeling_hf_moe.{family}Model",
         "AutoModelForCausalLM": f"modeling_hf_moe.{family}ForCausalLM",
         "AutoModelForSequenceClassification": f"modeling_hf_moe.{family}ForSequenceClassification",
+        "AutoModelForTokenClassification": f"modeling_hf_moe.{family}ForTokenClassification",
+        "AutoModelForQuestionAnswering": f"modeling_hf_moe.{family}ForQuestionAnswering",
     }
 
 

@@ -31,7 +31,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
@@ -466,9 +468,52 @@ class MoESequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     router_stats: list | None = None
 
 
+@dataclass
+class MoETokenClassifierOutput(TokenClassifierOutput):
+    r"""
+    aux_loss (`torch.Tensor`, *optional*): the Switch load-balancing loss (with `output_router_logits`).
+    router_logits (`tuple[torch.Tensor]`, *optional*): router logits of every sparse layer, each `[B*S, E]`.
+    router_losses, router_stats: as in [`MoECausalLMOutputWithPast`].
+    """
+
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_losses: dict | None = None
+    router_stats: list | None = None
+
+
+@dataclass
+class MoEQuestionAnsweringModelOutput(QuestionAnsweringModelOutput):
+    r"""
+    aux_loss (`torch.Tensor`, *optional*): the Switch load-balancing loss (with `output_router_logits`).
+    router_logits (`tuple[torch.Tensor]`, *optional*): router logits of every sparse layer, each `[B*S, E]`.
+    router_losses, router_stats: as in [`MoECausalLMOutputWithPast`].
+    """
+
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_losses: dict | None = None
+    router_stats: list | None = None
+
+
 class _RouterLossMixin:
     """Balancing losses, router statistics and load counting, computed once per forward from captured decisions.
     The losses are weighted by `routing.micro_batch_share` so that gradient accumulation does not multiply them."""
+
+    def decoder_forward(self, attention_mask, output_router_logits, output_router_stats, **model_kwargs):
+        """The decoder, with router outputs captured where needed -> (outputs, balancing losses, statistics)."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: MoeModelOutputWithPast = self.model(
+            attention_mask=attention_mask,
+            output_router_logits=output_router_logits,
+            output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
+            **model_kwargs,
+        )
+        losses, statistics = self.routing_outputs(
+            outputs, attention_mask, outputs.last_hidden_state.shape[0], output_router_logits, output_router_stats
+        )
+        return outputs, losses, statistics
 
     def routing_outputs(self, outputs, attention_mask, batch_size, output_router_logits, output_router_stats):
         """-> (losses, statistics). In training, also adds this forward's counts to each router's counters (for
@@ -537,23 +582,19 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices.
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
+        outputs, losses, statistics = self.decoder_forward(
+            attention_mask,
+            output_router_logits,
+            output_router_stats,
             input_ids=input_ids,
-            attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        losses, statistics = self.routing_outputs(
-            outputs, attention_mask, logits.shape[0], output_router_logits, output_router_stats
-        )
+
 
         loss = None
         if labels is not None:
@@ -651,23 +692,18 @@ class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
         output_router_stats (`bool`, *optional*, defaults to `False`):
             Also compute per-layer router statistics (load, max-violation, entropy, dropped fraction, z-loss).
         """
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids,
-            attention_mask=attention_mask,
+        outputs, losses, statistics = self.decoder_forward(
+            attention_mask,
+            output_router_logits,
+            output_router_stats,
+            input_ids=input_ids,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)  # [B, S, num_labels]
-        losses, statistics = self.routing_outputs(
-            outputs, attention_mask, logits.shape[0], output_router_logits, output_router_stats
-        )
         batch_size = logits.shape[0]
         if self.config.pad_token_id is None and batch_size != 1:
             raise ValueError("Cannot classify a batch of several sequences without `config.pad_token_id`.")
@@ -689,6 +725,144 @@ class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
             loss=loss,
             logits=pooled_logits,
             cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=losses.get("router_aux_loss_coef"),
+            router_logits=outputs.router_logits,
+            router_losses=losses or None,
+            router_stats=statistics,
+        )
+
+
+@auto_docstring(custom_intro="The MoE decoder with a per-token classification head (e.g. named-entity recognition).")
+class MoEForTokenClassification(_RouterLossMixin, MoEPreTrainedModel):
+    base_model_class = MoEModel
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        # transformers' token-classification heads: dropout `classifier_dropout` (0.1 when unset), biased score
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_router_stats: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoETokenClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            A class index per token; -100 is ignored.
+        output_router_logits (`bool`, *optional*):
+            Add every balancing loss whose coefficient is non-zero to `loss`. Defaults to
+            `config.output_router_logits`.
+        output_router_stats (`bool`, *optional*, defaults to `False`):
+            Also compute per-layer router statistics (load, max-violation, entropy, dropped fraction, z-loss).
+        """
+        outputs, losses, statistics = self.decoder_forward(
+            attention_mask,
+            output_router_logits,
+            output_router_stats,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # [B, S, num_labels]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+            share = micro_batch_share(labels, kwargs.get("num_items_in_batch"), shifted=False)
+            loss = self.add_router_losses(loss, losses, share)
+        return MoETokenClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=losses.get("router_aux_loss_coef"),
+            router_logits=outputs.router_logits,
+            router_losses=losses or None,
+            router_stats=statistics,
+        )
+
+
+@auto_docstring(
+    custom_intro="The MoE decoder with a span-extraction head (start and end logits per token), e.g. for SQuAD."
+)
+class MoEForQuestionAnswering(_RouterLossMixin, MoEPreTrainedModel):
+    # the loss is a per-micro-batch mean: Trainer averages micro-batches itself (see MoEForSequenceClassification)
+    accepts_loss_kwargs = False
+    base_model_class = MoEModel
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_router_logits: bool | None = None,
+        output_router_stats: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoEQuestionAnsweringModelOutput:
+        r"""
+        start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            The answer span's first and last token; positions past the sequence are ignored.
+        output_router_logits (`bool`, *optional*):
+            Add every balancing loss whose coefficient is non-zero to `loss`. Defaults to
+            `config.output_router_logits`.
+        output_router_stats (`bool`, *optional*, defaults to `False`):
+            Also compute per-layer router statistics (load, max-violation, entropy, dropped fraction, z-loss).
+        """
+        outputs, losses, statistics = self.decoder_forward(
+            attention_mask,
+            output_router_logits,
+            output_router_stats,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(dim=-1)  # [B, S] each
+        start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
+
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+            loss = self.add_router_losses(loss, losses, share=1.0)
+        return MoEQuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aux_loss=losses.get("router_aux_loss_coef"),
@@ -721,6 +895,20 @@ class MixtralMoEForSequenceClassification(MoEForSequenceClassification):
     base_model_class = MixtralMoEModel
 
 
+class MixtralMoEForTokenClassification(MoEForTokenClassification):
+    """[`MoEForTokenClassification`] for the `hf_moe_mixtral` model type."""
+
+    config: MixtralMoEConfig
+    base_model_class = MixtralMoEModel
+
+
+class MixtralMoEForQuestionAnswering(MoEForQuestionAnswering):
+    """[`MoEForQuestionAnswering`] for the `hf_moe_mixtral` model type."""
+
+    config: MixtralMoEConfig
+    base_model_class = MixtralMoEModel
+
+
 class DeepSeekMoEModel(MoEModel):
     """[`MoEModel`] for the `hf_moe_deepseek` model type."""
 
@@ -741,11 +929,29 @@ class DeepSeekMoEForSequenceClassification(MoEForSequenceClassification):
     base_model_class = DeepSeekMoEModel
 
 
+class DeepSeekMoEForTokenClassification(MoEForTokenClassification):
+    """[`MoEForTokenClassification`] for the `hf_moe_deepseek` model type."""
+
+    config: DeepSeekMoEConfig
+    base_model_class = DeepSeekMoEModel
+
+
+class DeepSeekMoEForQuestionAnswering(MoEForQuestionAnswering):
+    """[`MoEForQuestionAnswering`] for the `hf_moe_deepseek` model type."""
+
+    config: DeepSeekMoEConfig
+    base_model_class = DeepSeekMoEModel
+
+
 __all__ = [
     "MixtralMoEModel",
     "MixtralMoEForCausalLM",
     "MixtralMoEForSequenceClassification",
+    "MixtralMoEForTokenClassification",
+    "MixtralMoEForQuestionAnswering",
     "DeepSeekMoEModel",
     "DeepSeekMoEForCausalLM",
     "DeepSeekMoEForSequenceClassification",
+    "DeepSeekMoEForTokenClassification",
+    "DeepSeekMoEForQuestionAnswering",
 ]
