@@ -42,7 +42,8 @@ from hf_moe.modeling.configuration_hf_moe import PRESETS  # noqa: E402
 # Preset fields that change the model's shape rather than its routing: the runs keep the upcycled shape.
 SHAPE_FIELDS = {"num_local_experts", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
                 "routed_scaling_factor", "num_device_groups", "qkv_bias", "first_k_dense_replace",
-                "shared_expert_gate"}
+                "shared_expert_gate", "attention_type", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "rope_interleave"}
 MOE_RUNS = ("mixtral", "deepseek_v3", "switch", "expert_choice")
 NUM_EXPERTS, TOP_K = 8, 2
 

@@ -126,6 +126,12 @@ def draw_config(seed: int):
             shared_expert_gate=n_shared > 0 and rng.random() < 0.5, first_k_dense_replace=rng.randint(0, num_layers),
             moe_layer_freq=rng.choice([1, 2]), qk_norm=rng.random() < 0.5, qkv_bias=rng.random() < 0.5,
         )
+        if fields.get("attention_type") == "mla":  # the DeepSeek-V2/V3 presets: tiny ranks, one kv head per head
+            fields.update(
+                num_key_value_heads=heads, head_dim=None, qk_norm=False, qkv_bias=False,
+                q_lora_rank=rng.choice([None, 4]), kv_lora_rank=rng.choice([1, 4]), qk_nope_head_dim=rng.choice([1, 4]),
+                qk_rope_head_dim=rng.choice([2, 4]), v_head_dim=rng.choice([1, 6]), rope_interleave=rng.random() < 0.5,
+            )
     return family, config_class(**fields)
 
 

@@ -273,9 +273,17 @@ def test_folder_saved_before_the_newer_heads_is_published_with_a_warning(upcycle
     for name in ("AutoModelForTokenClassification", "AutoModelForQuestionAnswering"):
         del config["auto_map"][name]
     (older / "config.json").write_text(json.dumps(config))
+    # its modeling files predate transformers_compat.py: the folder needs only the files its own code imports
+    (older / "transformers_compat.py").unlink()
+    for name in ("configuration_hf_moe.py", "modeling_hf_moe.py"):
+        code = (older / name).read_text()
+        (older / name).write_text("\n".join(line for line in code.splitlines() if ".transformers_compat" not in line))
     with caplog.at_level(logging.WARNING, logger="hf_moe.hub"):
         assert check_folder(older) == "model"
     assert "AutoModelForTokenClassification, AutoModelForQuestionAnswering" in caplog.text
+    (older / "routing.py").unlink()  # still imported by modeling_hf_moe.py
+    with pytest.raises(ValueError, match="lacks the modeling files routing.py"):
+        check_folder(older)
 
 
 def test_push_help_names_every_option(capsys):

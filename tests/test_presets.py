@@ -28,6 +28,9 @@ TINY_MIXTRAL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "
 TINY_DEEPSEEK = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
                      "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "n_routed_experts": 8,
                      "max_position_embeddings": 256, "pad_token_id": PAD_TOKEN_ID}
+# Multi-head latent attention (DeepSeek-V2/V3 presets) at tiny ranks; one key and value per query head.
+TINY_MLA = {"num_key_value_heads": None, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4, "v_head_dim": 6}
 # Per preset: shrink what the paper sizes for 64 experts, keep the recipe (groups, top-k > 1, shared experts ...).
 TINY_OVERRIDES = {
     "mixtral": {},
@@ -37,8 +40,8 @@ TINY_OVERRIDES = {
     "st_moe": {},
     "expert_choice": {},
     "deepseek_moe": {"num_experts_per_tok": 2},
-    "deepseek_v2": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "num_device_groups": 4},
-    "deepseek_v3": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2},
+    "deepseek_v2": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "num_device_groups": 4, **TINY_MLA},
+    "deepseek_v3": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, **TINY_MLA},
     "qwen2_moe": {},  # top-4 of 8, all layers sparse
 }
 
@@ -120,7 +123,7 @@ def test_from_preset_applies_the_paper_settings():
     config = MixtralMoEConfig.from_preset("switch", **TINY_MIXTRAL)
     assert (config.num_experts_per_tok, config.norm_topk_prob, config.router_jitter_noise) == (1, False, 0.01)
     assert (config.capacity_factor, config.eval_capacity_factor, config.router_aux_loss_coef) == (1.25, None, 0.01)
-    config = DeepSeekMoEConfig.from_preset("deepseek_v3", **TINY_DEEPSEEK, **TINY_OVERRIDES["deepseek_v3"])
+    config = DeepSeekMoEConfig.from_preset("deepseek_v3", **{**TINY_DEEPSEEK, **TINY_OVERRIDES["deepseek_v3"]})
     assert (config.scoring_func, config.router_selection_bias, config.router_bias_update_rate) == ("sigmoid", True,
                                                                                                   0.001)
     assert (config.routed_scaling_factor, config.sequence_balance_loss_coef) == (2.5, 0.0001)

@@ -7,7 +7,9 @@ implementation (`modeling_hf_moe.py`). They differ in defaults and in the fields
 - Mixtral-style: every layer is sparse, experts have the width `intermediate_size`, no shared experts.
 - DeepSeekMoE-style: fine-grained experts of width `moe_intermediate_size`, `n_shared_experts` always-on shared
   experts (optionally gated, as Qwen2-MoE), dense layers chosen by `first_k_dense_replace` / `moe_layer_freq`
-  (or an explicit `mlp_layer_types`), optional q/k RMSNorm and q/k/v biases.
+  (or an explicit `mlp_layer_types`), optional q/k RMSNorm and q/k/v biases, and the options that hold OLMoE,
+  GLM-4.5 and gpt-oss exactly (whole-projection q/k norm, q/k/v clipping, o_proj bias, attention sinks, router and
+  expert biases, gpt-oss's clamped SwiGLU).
 
 The fields that one family does not expose are `FixedField`s of that family (read-only attributes whose error says
 what to set instead), so the modeling code reads the same attribute names from both.
@@ -20,6 +22,11 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 
+# First: under a transformers older than the saved copies of these files support, importing it raises an ImportError
+# that names both versions, before an import or a class below fails less clearly.
+from .transformers_compat import MIN_TRANSFORMERS_VERSION  # noqa: F401
+
+# isort: split
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
@@ -31,9 +38,25 @@ from .routing import ROUTER_TYPES, SCORING_FUNCS
 logger = logging.get_logger(__name__)
 
 MLP_LAYER_TYPES = ("sparse", "dense")
+ATTENTION_TYPES = ("gqa", "mla")  # grouped-query (MHA and MQA included) / multi-head latent attention (DeepSeek-V2)
+# The fields that only multi-head latent attention reads: None unless attention_type="mla".
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
+# per_head: RMSNorm over each head of q and k (Qwen3-MoE, GLM-4.5); whole_projection: over all of q_proj's and
+# k_proj's outputs at once, before the split into heads (OLMoE)
+QK_NORM_TYPES = ("per_head", "whole_projection")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names, per layer (`layer_types`)
+# glu: act(gate) * up with `hidden_act`; clamped_swiglu (gpt-oss): (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha
+# * g) with g = clamp(gate, max=limit)
+EXPERTS_ACTIVATIONS = ("glu", "clamped_swiglu")
+CLAMPED_SWIGLU_DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}  # gpt-oss (transformers' GptOssConfig)
 MIN_RMS_NORM_EPS = 1e-20  # see check_fields; usual values are 1e-5 to 1e-6, BERT's LayerNorm uses 1e-12
 _USE_DEEPSEEK_FOR_SHARED_EXPERTS = ("use DeepSeekMoEConfig for shared experts (n_shared_experts, "
                                     "shared_expert_intermediate_size, shared_expert_gate)")
+_USE_DEEPSEEK_FOR_MLA = "use DeepSeekMoEConfig(attention_type='mla', ...) for multi-head latent attention"
+
+
+def _use_deepseek_for(setting: str) -> str:
+    return f"use DeepSeekMoEConfig({setting}) for it"
 
 # Tensor-parallel rules, grouped by the modules they shard; keys are relative to the base model. The router
 # (`mlp.gate`) has no rule: it stays replicated, so every rank routes every token the same way.
@@ -43,11 +66,25 @@ _ATTENTION_TP_PLAN = {
     "layers.*.self_attn.v_proj": "colwise",
     "layers.*.self_attn.o_proj": "rowwise",
 }
+# MLA (transformers' DeepseekV3 plan): q_a_proj and the latent norms stay replicated; `mla_kv_a_proj` sums the
+# gradient of the shared rotary key, which bypasses the colwise kv_b_proj. The q projection is added per config.
+_MLA_TP_PLAN = {
+    "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+    "layers.*.self_attn.kv_b_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+}
 # Per-head norms between a colwise and a rowwise projection see only this rank's heads: their weight gradients
 # are partial and must be summed over the ranks.
 _QK_NORM_TP_PLAN = {
     "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
     "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+}
+# A norm over the whole q/k projection needs every head's columns: the projections gather their output (OLMoE's plan)
+_WHOLE_PROJECTION_NORM_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise_gather_output",
+    "layers.*.self_attn.k_proj": "colwise_gather_output",
+    "layers.*.self_attn.v_proj": "colwise_gather_output",
+    "layers.*.self_attn.o_proj": "rowwise_split_input",
 }
 _EXPERTS_TP_PLAN = {
     "layers.*.mlp.experts.gate_up_proj": "packed_colwise",  # [E, 2I, H], [gate; up] along dim 1
@@ -68,6 +105,20 @@ _EP_PLAN = {
     "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
     "layers.*.mlp.experts.down_proj": "grouped_gemm",
     "layers.*.mlp.experts": "ep_dispatch_experts",
+}
+# expert biases are sharded by expert with their weights (transformers' gpt-oss plan)
+_EXPERT_BIAS_EP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+    "layers.*.mlp.experts.gate_up_proj_bias": "grouped_gemm",
+    "layers.*.mlp.experts.down_proj": "grouped_gemm",
+    "layers.*.mlp.experts.down_proj_bias": "grouped_gemm",
+    "layers.*.mlp.experts": "ep_dispatch_experts",
+}
+# attention sinks [nH] are sharded by head with q/k/v; the attention then runs on its local slices (as transformers'
+# granite_swa plan)
+_SINKS_TP_PLAN = {
+    "layers.*.self_attn.sinks": "colwise",
+    "layers.*.self_attn": "local_params",
 }
 _PP_PLAN = {
     "embed_tokens": (["input_ids"], ["inputs_embeds"]),
@@ -172,7 +223,6 @@ def config_field_names(config_class: type) -> set[str]:
 class MoEDecoderConfig(PreTrainedConfig):
     """Fields and validation shared by both families (not registered as a model type of its own)."""
 
-    base_model_ep_plan = _EP_PLAN
     base_model_pp_plan = _PP_PLAN
 
     vocab_size: int = 32000
@@ -194,6 +244,7 @@ class MoEDecoderConfig(PreTrainedConfig):
     rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
     # routing (see routing.TopKRouter and the README's table)
     router_type: str = "token_choice"
     scoring_func: str = "softmax"
@@ -230,7 +281,10 @@ class MoEDecoderConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.check_fields()
         if self.head_dim is None:  # explicit, so that every RoPE initialiser (yarn, longrope, ...) reads it
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            # MLA rotates qk_rope_head_dim dimensions of each head: the RoPE initialisers' `head_dim`, as transformers'
+            # DeepseekV3Config sets it
+            self.head_dim = (self.qk_rope_head_dim if self.attention_type == "mla"
+                             else self.hidden_size // self.num_attention_heads)
         # transformers writes only the saved object's own Auto class into `auto_map`; a folder must load as any head
         family = type(self).__name__.removesuffix("Config")
         self.auto_map = {**remote_code_auto_map(family), **(getattr(self, "auto_map", None) or {})}
@@ -244,20 +298,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check(self.pad_token_id is None or (isinstance(self.pad_token_id, int) and
                                              0 <= self.pad_token_id < self.vocab_size),
                "pad_token_id", self.pad_token_id, f"must be None or a token id in [0, vocab_size={self.vocab_size})")
-        _check(self.head_dim is None or self.head_dim > 0, "head_dim", self.head_dim, "must be None or > 0")
-        if self.head_dim is None:
-            _check(
-                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", self.num_attention_heads,
-                f"must divide hidden_size={self.hidden_size} (or set head_dim explicitly)",
-            )
-        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        _check(head_dim % 2 == 0, "head_dim", self.head_dim,
-               f"RoPE rotates pairs of dimensions, so the head dimension ({head_dim}, hidden_size // "
-               f"num_attention_heads when head_dim is None) must be even")
-        _check(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
-        )
+        self.check_attention_fields()
         _check(self.hidden_act in ACT2FN, "hidden_act", self.hidden_act, f"allowed: {sorted(ACT2FN)}")
         _check_number("rms_norm_eps", self.rms_norm_eps, at_least=MIN_RMS_NORM_EPS,
                       why="the RMSNorm gradient at an all-zero hidden state, e.g. at padding (the padding embedding "
@@ -268,6 +309,7 @@ class MoEDecoderConfig(PreTrainedConfig):
             self.sliding_window is None or self.sliding_window > 0, "sliding_window", self.sliding_window,
             "must be None (full attention) or a positive number of tokens",
         )
+        self.check_layer_types()
         self.check_rope_parameters()
         _check(
             1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
@@ -275,6 +317,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         )
         _check_number("routed_scaling_factor", self.routed_scaling_factor, above=0)
         self.check_routing_fields()
+        self.check_experts_fields()
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.n_shared_experts > 0:
             _check(
@@ -294,6 +337,88 @@ class MoEDecoderConfig(PreTrainedConfig):
             _check(layer_type in MLP_LAYER_TYPES, "mlp_layer_types", self.mlp_layer_types,
                    f"entries must be one of {MLP_LAYER_TYPES}")
 
+    def check_attention_fields(self) -> None:
+        """Grouped-query attention: head_dim, heads and key-value heads. Multi-head latent attention: its ranks and
+        head dims (`check_mla_fields`). The fields of the other attention type must stay None."""
+        _check(self.attention_type in ATTENTION_TYPES, "attention_type", self.attention_type,
+               f"allowed: {ATTENTION_TYPES}")
+        if self.attention_type == "mla":
+            self.check_mla_fields()
+            return
+        for name in MLA_FIELDS:
+            _check(getattr(self, name) is None, name, getattr(self, name),
+                   "only multi-head latent attention reads it: set attention_type='mla', or leave it None")
+        _check(self.head_dim is None or self.head_dim > 0, "head_dim", self.head_dim, "must be None or > 0")
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads", self.num_attention_heads,
+                f"must divide hidden_size={self.hidden_size} (or set head_dim explicitly)",
+            )
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        _check(head_dim % 2 == 0, "head_dim", self.head_dim,
+               f"RoPE rotates pairs of dimensions, so the head dimension ({head_dim}, hidden_size // "
+               f"num_attention_heads when head_dim is None) must be even")
+        _check(
+            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+            self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        _check(self.qk_norm_type in QK_NORM_TYPES, "qk_norm_type", self.qk_norm_type, f"allowed: {QK_NORM_TYPES}")
+        _check(self.qk_norm or self.qk_norm_type == "per_head", "qk_norm_type", self.qk_norm_type,
+               "only q/k RMSNorm reads it: set qk_norm=True, or leave it 'per_head'")
+        _check_number("clip_qkv", self.clip_qkv, above=0, none_means="no clipping")
+
+    def check_mla_fields(self) -> None:
+        """Multi-head latent attention (DeepSeek-V2): positive ranks and head dims, an even rotary dim, one key and
+        value per query head, and none of the grouped-query options."""
+        for name, published in (("kv_lora_rank", 512), ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64),
+                                ("v_head_dim", 128)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+                   f"must be a positive integer with attention_type='mla' (DeepSeek-V2/V3: {published})")
+        _check(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and not isinstance(self.q_lora_rank, bool)
+                                            and self.q_lora_rank > 0),
+               "q_lora_rank", self.q_lora_rank,
+               "must be None (a full-rank q_proj, as DeepSeek-V2-Lite) or a positive integer (DeepSeek-V2/V3: 1536)")
+        _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
+               "RoPE rotates pairs of dimensions, so it must be even")
+        _check(self.head_dim in (None, self.qk_rope_head_dim), "head_dim", self.head_dim,
+               f"with attention_type='mla' head_dim is the rotary dimension, qk_rope_head_dim="
+               f"{self.qk_rope_head_dim} (as in transformers' DeepseekV3Config): leave it None")
+        _check(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads", self.num_key_value_heads,
+               f"must equal num_attention_heads={self.num_attention_heads} (or be None) with attention_type='mla': "
+               f"every head up-projects its own key and value from the shared latent")
+        _check(isinstance(self.rope_interleave, bool), "rope_interleave", self.rope_interleave,
+               "must be True (rotary dims stored as interleaved pairs, DeepSeek-V2/V3 checkpoints) or False (halves)")
+        for name in ("qk_norm", "qkv_bias", "o_proj_bias", "attention_sinks", "clip_qkv"):
+            _check(not getattr(self, name), name, getattr(self, name),
+                   "not available with attention_type='mla' (grouped-query attention only)")
+
+    def check_layer_types(self) -> None:
+        """`layer_types`: None (every layer sliding if `sliding_window` is set, else full) or one entry per layer."""
+        if self.layer_types is None:
+            return
+        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers,
+               "layer_types", self.layer_types,
+               f"must be None or a list of num_hidden_layers={self.num_hidden_layers} entries")
+        for layer_type in self.layer_types:
+            _check(layer_type in ATTENTION_LAYER_TYPES, "layer_types", self.layer_types,
+                   f"entries must be one of {ATTENTION_LAYER_TYPES}")
+        _check("sliding_attention" not in self.layer_types or self.sliding_window is not None, "layer_types",
+               self.layer_types, "'sliding_attention' layers need sliding_window (a number of tokens)")
+
+    def check_experts_fields(self) -> None:
+        """The routed experts' activation and its two constants (read only by 'clamped_swiglu')."""
+        _check(self.experts_activation in EXPERTS_ACTIVATIONS, "experts_activation", self.experts_activation,
+               f"allowed: {EXPERTS_ACTIVATIONS}")
+        for name in CLAMPED_SWIGLU_DEFAULTS:
+            value = getattr(self, name)
+            if self.experts_activation == "clamped_swiglu":
+                _check_number(name, value, above=0)
+                continue
+            _check_number(name, value, above=0, none_means="unused")
+            _check(value is None, name, value,
+                   "only experts_activation='clamped_swiglu' reads it: set that, or leave it None")
+
     def check_rope_parameters(self) -> None:
         """RoPE: a known `rope_type`, finite positive `rope_theta` and scaling `factor`, finite numbers elsewhere,
         and every key the type needs (transformers' checks, whose bare KeyError becomes a ValueError here)."""
@@ -303,8 +428,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check(rope.get("rope_type") in rope_types, "rope_parameters['rope_type']", rope.get("rope_type"),
                f"allowed: {rope_types}")
         _check_number("rope_parameters['rope_theta']", rope.get("rope_theta"), above=0)
-        _check(rope.get("partial_rotary_factor", 1.0) == 1.0, "rope_parameters['partial_rotary_factor']",
-               rope.get("partial_rotary_factor"), "hf_moe rotates the whole head (allowed: 1.0 or no key)")
+        self.check_partial_rotary_factor(rope.get("partial_rotary_factor", 1.0))
         for key, value in rope.items():
             if key in ("factor", "attention_factor", "low_freq_factor", "high_freq_factor",
                        "original_max_position_embeddings"):
@@ -315,6 +439,21 @@ class MoEDecoderConfig(PreTrainedConfig):
             self.validate_rope()
         except KeyError as error:
             raise ValueError(f"`rope_parameters`={rope!r} is invalid: {error.args[0]}.") from None
+
+    def check_partial_rotary_factor(self, factor) -> None:
+        """Partial RoPE (GLM-4.5: 0.5): the first int(head_dim * factor) dims of each head are rotated, an even number;
+        multi-head latent attention rotates qk_rope_head_dim dims instead."""
+        name = "rope_parameters['partial_rotary_factor']"
+        _check_number(name, factor, above=0, why="the share of each head's dims that RoPE rotates")
+        _check(factor <= 1, name, factor, "must be at most 1 (the share of each head's dims that RoPE rotates)")
+        if self.attention_type == "mla":
+            _check(factor == 1, name, factor, "with attention_type='mla' qk_rope_head_dim sets the rotary dims "
+                                              "(allowed: 1.0 or no key)")
+            return
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        rotary_dim = int(head_dim * factor)
+        _check(rotary_dim > 0 and rotary_dim % 2 == 0, name, factor,
+               f"int(head_dim={head_dim} * partial_rotary_factor) rotated dims must be even and > 0")
 
     def check_routing_fields(self) -> None:
         num_experts, top_k = self.num_experts, self.num_experts_per_tok
@@ -377,14 +516,28 @@ class MoEDecoderConfig(PreTrainedConfig):
     )
 
     @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """transformers' expert-parallel plan: experts sharded by expert, with their biases if any."""
+        return dict(_EXPERT_BIAS_EP_PLAN if self.expert_bias else _EP_PLAN)
+
+    @property
     def base_model_tp_plan(self) -> dict[str, str]:
         """transformers' tensor-parallel plan, with the rules of the modules this config builds and no others
         (transformers warns at load time about a rule that matches nothing)."""
-        plan = dict(_ATTENTION_TP_PLAN)
-        if self.qk_norm:
-            plan.update(_QK_NORM_TP_PLAN)
+        if self.attention_type == "mla":
+            q_projection = "q_proj" if self.q_lora_rank is None else "q_b_proj"
+            plan = {f"layers.*.self_attn.{q_projection}": "colwise", **_MLA_TP_PLAN}
+        elif self.qk_norm and self.qk_norm_type == "whole_projection":  # every rank computes every head
+            plan = dict(_WHOLE_PROJECTION_NORM_TP_PLAN)
+        else:
+            plan = dict(_ATTENTION_TP_PLAN)
+            if self.qk_norm:
+                plan.update(_QK_NORM_TP_PLAN)
+            if self.attention_sinks:
+                plan.update(_SINKS_TP_PLAN)
         if "sparse" in self.mlp_layer_types:
-            plan.update(_EXPERTS_TP_PLAN)
+            if not self.expert_bias:  # no rule shards the expert biases: biased experts stay replicated
+                plan.update(_EXPERTS_TP_PLAN)
             if self.n_shared_experts > 0:
                 plan.update(_SHARED_EXPERTS_TP_PLAN)
         if "dense" in self.mlp_layer_types:
@@ -405,6 +558,11 @@ class MixtralMoEConfig(MoEDecoderConfig):
             As in [`~transformers.MixtralConfig`].
         intermediate_size (`int`, defaults to 14336): width of each expert's SwiGLU FFN.
         sliding_window (`int`, *optional*): sliding-window attention size (Mistral/Mixtral); `None` = full attention.
+        layer_types (`list[str]`, *optional*): `"full_attention"` or `"sliding_attention"` (a window of
+            `sliding_window` tokens) per layer, e.g. alternating as gpt-oss; None = every layer sliding when
+            `sliding_window` is set, else full. RoPE may rotate only part of each head:
+            `rope_parameters["partial_rotary_factor"]` (GLM-4.5: 0.5) rotates the first `int(head_dim * factor)` dims
+            (the two halves of those, as Llama) and passes the others through.
         num_local_experts (`int`, defaults to 8): experts per layer (also readable as `num_experts`).
         num_experts_per_tok (`int`, defaults to 2): experts each token is routed to (top-k).
         norm_topk_prob (`bool`, defaults to `True`): renormalise the top-k probabilities to sum to one (Mixtral).
@@ -451,6 +609,22 @@ class MixtralMoEConfig(MoEDecoderConfig):
     shared_expert_gate = FixedField(False, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
     qk_norm = FixedField(False, "use DeepSeekMoEConfig(qk_norm=True) for per-head q/k RMSNorm")
     qkv_bias = FixedField(False, "use DeepSeekMoEConfig(qkv_bias=True) for q/k/v biases")
+    attention_type = FixedField("gqa", _USE_DEEPSEEK_FOR_MLA)
+    q_lora_rank = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    kv_lora_rank = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    qk_nope_head_dim = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    qk_rope_head_dim = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    v_head_dim = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    rope_interleave = FixedField(None, _USE_DEEPSEEK_FOR_MLA)
+    qk_norm_type = FixedField("per_head", _use_deepseek_for("qk_norm=True, qk_norm_type='whole_projection'"))
+    clip_qkv = FixedField(None, _use_deepseek_for("clip_qkv=...") + " (clamped q/k/v projections)")
+    o_proj_bias = FixedField(False, _use_deepseek_for("o_proj_bias=True"))
+    attention_sinks = FixedField(False, _use_deepseek_for("attention_sinks=True"))
+    router_bias = FixedField(False, _use_deepseek_for("router_bias=True"))
+    expert_bias = FixedField(False, _use_deepseek_for("expert_bias=True"))
+    experts_activation = FixedField("glu", _use_deepseek_for("experts_activation='clamped_swiglu'"))
+    swiglu_alpha = FixedField(None, _use_deepseek_for("experts_activation='clamped_swiglu', swiglu_alpha=..."))
+    swiglu_limit = FixedField(None, _use_deepseek_for("experts_activation='clamped_swiglu', swiglu_limit=..."))
 
 
 @strict
@@ -462,7 +636,7 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
     Args:
         vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, hidden_act,
         max_position_embeddings, initializer_range, rms_norm_eps, use_cache, pad_token_id, bos_token_id,
-        eos_token_id, tie_word_embeddings, rope_parameters, attention_dropout, sliding_window:
+        eos_token_id, tie_word_embeddings, rope_parameters, attention_dropout, sliding_window, layer_types:
             As in [`MixtralMoEConfig`].
         intermediate_size (`int`, defaults to 10944): width of the dense FFN of dense layers.
         moe_intermediate_size (`int`, defaults to 1408): width of each routed expert.
@@ -482,8 +656,44 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
             fields above, which are then set to None unless they describe the same pattern.
         norm_topk_prob (`bool`, defaults to `False`): renormalise the top-k probabilities.
         routed_scaling_factor (`float`, defaults to 1.0): multiplies the routed experts' gate weights.
-        qk_norm (`bool`, defaults to `False`): RMSNorm on each head of q and k (Qwen3-MoE, OLMoE).
+        qk_norm (`bool`, defaults to `False`): RMSNorm on q and k before RoPE, per head or over the whole
+            projection (`qk_norm_type`).
         qkv_bias (`bool`, defaults to `False`): biases on the q/k/v projections (Qwen2-MoE).
+        attention_type (`str`, defaults to `"gqa"`): `"gqa"`, grouped-query attention (`num_key_value_heads` from 1
+            to `num_attention_heads`), or `"mla"`, multi-head latent attention (DeepSeek-V2/V3): keys and values are
+            up-projected from a `kv_lora_rank` latent, the only thing the KV cache stores besides one shared rotary
+            key. The fields below are MLA's (None with `"gqa"`); MLA needs `num_key_value_heads` None or equal to
+            `num_attention_heads`, and sets `head_dim` to `qk_rope_head_dim`, the rotary dimension.
+        q_lora_rank (`int`, *optional*): rank of the query's low-rank projection `q_b_proj(norm(q_a_proj(x)))`; None
+            = one full-rank `q_proj` (DeepSeek-V2-Lite). DeepSeek-V2/V3: 1536.
+        kv_lora_rank (`int`, *optional*): rank of the compressed key-value latent (DeepSeek-V2/V3: 512).
+        qk_nope_head_dim (`int`, *optional*): per-head query/key dimensions without position (DeepSeek: 128).
+        qk_rope_head_dim (`int`, *optional*): per-head query/key dimensions that RoPE rotates, even; the key's are
+            shared by all heads (DeepSeek: 64).
+        v_head_dim (`int`, *optional*): per-head value dimension (DeepSeek: 128).
+        rope_interleave (`bool`, *optional*): the rotary dimensions of q and k come as interleaved pairs
+            `(x0, x1), (x2, x3), ...`, the layout of DeepSeek-V2/V3 checkpoints (defaults to True with MLA); False =
+            the two halves, as Llama. YaRN (`rope_parameters` with `mscale` and `mscale_all_dim`) also multiplies the
+            softmax scale by `mscale(factor, mscale_all_dim)^2`, as DeepSeek-V2/V3 do.
+        qk_norm_type (`str`, defaults to `"per_head"`): with `qk_norm`, `"per_head"` normalises each head of q and k
+            (weights `[head_dim]`, Qwen3-MoE, GLM-4.5); `"whole_projection"` normalises q_proj's and k_proj's whole
+            outputs before the split into heads (weights `[nH * head_dim]` and `[nKV * head_dim]`, OLMoE).
+        clip_qkv (`float`, *optional*): clamp the q, k and v projections (after the q/k norm) to
+            `[-clip_qkv, clip_qkv]` (OLMoE); None = no clipping.
+        o_proj_bias (`bool`, defaults to `False`): a bias on the attention's output projection (with `qkv_bias`:
+            transformers' `attention_bias` of OLMoE and gpt-oss; GLM-4.5 has q/k/v biases only).
+        attention_sinks (`bool`, defaults to `False`): a learned logit per head (`self_attn.sinks [nH]`) joins each
+            softmax as one more column whose probability is dropped, so a query may attend to nothing (gpt-oss).
+        router_bias (`bool`, defaults to `False`): a learned bias on the router's logits (`mlp.gate.bias [E]`,
+            gpt-oss), which also enters the balancing losses; not the selection-only `router_selection_bias`.
+        expert_bias (`bool`, defaults to `False`): biases on the routed experts' projections,
+            `gate_up_proj_bias [E, 2I]` ([gate; up], as `gate_up_proj`) and `down_proj_bias [E, H]` (gpt-oss).
+        experts_activation (`str`, defaults to `"glu"`): the routed experts' gated unit: `"glu"`,
+            `act(gate) * up` with `hidden_act`; or `"clamped_swiglu"` (gpt-oss),
+            `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with `g = clamp(gate, max=limit)`. Shared
+            experts and dense layers always use `"glu"`.
+        swiglu_alpha, swiglu_limit (`float`, *optional*): alpha and limit of `"clamped_swiglu"` (defaults 1.702 and
+            7.0, gpt-oss); None with `"glu"`.
         router_jitter_noise, output_router_logits, router_aux_loss_coef: as in [`MixtralMoEConfig`].
 
     Example:
@@ -520,8 +730,30 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
     norm_topk_prob: bool = False
     qk_norm: bool = False
     qkv_bias: bool = False
+    attention_type: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool | None = None
+    qk_norm_type: str = "per_head"
+    clip_qkv: float | int | None = None
+    o_proj_bias: bool = False
+    attention_sinks: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    experts_activation: str = "glu"
+    swiglu_alpha: float | int | None = None
+    swiglu_limit: float | int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.attention_type == "mla" and self.rope_interleave is None:
+            self.rope_interleave = True  # DeepSeek-V2/V3 checkpoints (transformers' DeepseekV3Config default)
+        if self.experts_activation == "clamped_swiglu":
+            for name, default in CLAMPED_SWIGLU_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
         _check(isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0, "num_hidden_layers",
                self.num_hidden_layers, "must be a positive integer")
         schedule = None
@@ -555,6 +787,11 @@ class Preset:
     settings: dict = field(default_factory=dict)
 
 
+# The published attention of DeepSeek-V2 and V3 (both papers, and transformers' DeepseekV2/V3Config defaults).
+# V2's complex-pair RoPE and V3's rope_interleave=True rotate the same pairs: the same attention on the same weights.
+_DEEPSEEK_MLA = {"attention_type": "mla", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                 "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_interleave": True}
+
 PRESETS = {
     "mixtral": Preset("MixtralMoEConfig", "Mixtral (Jiang et al. 2024): top-2 of 8, softmax over the chosen two "
                       "(renormalised), Switch load-balancing loss 0.02.",
@@ -582,18 +819,20 @@ PRESETS = {
                            "2 shared, softmax without renormalisation, expert-level balance loss 0.001.",
                            dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, norm_topk_prob=False,
                                 expert_balance_loss_coef=0.001, router_aux_loss_coef=0.0)),
-    "deepseek_v2": Preset("DeepSeekMoEConfig", "DeepSeek-V2 (2024): top-6 limited to the best 3 of 8 expert groups, "
+    "deepseek_v2": Preset("DeepSeekMoEConfig", "DeepSeek-V2 (2024): multi-head latent attention (kv rank 512, q rank "
+                          "1536; q_lora_rank=None for V2-Lite), top-6 limited to the best 3 of 8 expert groups, "
                           "2 shared, routed scaling 16, expert- (0.003) and device-level (0.05, 8 groups) losses.",
                           dict(n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2, norm_topk_prob=False,
                                n_group=8, topk_group=3, routed_scaling_factor=16.0, expert_balance_loss_coef=0.003,
-                               device_balance_loss_coef=0.05, num_device_groups=8, router_aux_loss_coef=0.0)),
-    "deepseek_v3": Preset("DeepSeekMoEConfig", "DeepSeek-V3 (2024): sigmoid scores, selection bias updated "
-                          "loss-free (gamma 0.001), top-8 within the best 4 of 8 groups, renormalised, scaling 2.5, "
-                          "1 shared, sequence-wise balance loss 0.0001.",
+                               device_balance_loss_coef=0.05, num_device_groups=8, router_aux_loss_coef=0.0,
+                               **_DEEPSEEK_MLA)),
+    "deepseek_v3": Preset("DeepSeekMoEConfig", "DeepSeek-V3 (2024): multi-head latent attention as V2, sigmoid "
+                          "scores, selection bias updated loss-free (gamma 0.001), top-8 within the best 4 of 8 "
+                          "groups, renormalised, scaling 2.5, 1 shared, sequence-wise balance loss 0.0001.",
                           dict(n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1, scoring_func="sigmoid",
                                router_selection_bias=True, router_bias_update_rate=0.001, n_group=8, topk_group=4,
                                norm_topk_prob=True, routed_scaling_factor=2.5, sequence_balance_loss_coef=0.0001,
-                               router_aux_loss_coef=0.0)),
+                               router_aux_loss_coef=0.0, **_DEEPSEEK_MLA)),
     "qwen2_moe": Preset("DeepSeekMoEConfig", "Qwen1.5/2-MoE: top-4 of 60, one gated shared expert 4x wide, no "
                         "renormalisation, q/k/v biases, all layers sparse, load-balancing loss 0.001.",
                         dict(n_routed_experts=60, num_experts_per_tok=4, n_shared_experts=1, shared_expert_gate=True,

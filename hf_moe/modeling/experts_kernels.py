@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
+from transformers.integrations import moe as transformers_moe
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 SORTED_MM = "sorted_mm"
@@ -275,8 +276,13 @@ def _grad_needed(*tensors: torch.Tensor) -> bool:
 
 def _takes_layout(experts: nn.Module) -> bool:
     """Whether `sorted_mm` takes this experts module's weight layout (transformers' `use_experts_implementation`
-    flags)."""
-    return (experts.has_gate and not experts.has_bias and not experts.is_transposed
+    flags) and gated unit: act(gate) * up, as transformers' default `_apply_gate` (its backward is written for it)."""
+    if hasattr(experts, "experts_activation"):  # this project's MoEExperts, whose `_apply_gate` follows the config
+        act_times_up = experts.experts_activation == "glu"
+    else:
+        default_gate = getattr(transformers_moe, "_default_apply_gate", None)  # private: absent in some versions
+        act_times_up = getattr(type(experts), "_apply_gate", default_gate) is default_gate
+    return (act_times_up and experts.has_gate and not experts.has_bias and not experts.is_transposed
             and getattr(experts, "is_concatenated", True) and not getattr(experts, "has_post_expert_norm", False))
 
 
@@ -286,8 +292,9 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`)."""
     if not _takes_layout(self):
         raise ValueError(
-            "`experts_implementation`='sorted_mm' supports gated experts with [gate; up] weights and without biases, "
-            "transposed weights or post-expert norms; use 'grouped_mm' or 'eager' for this model."
+            "`experts_implementation`='sorted_mm' supports gated experts act(gate) * up with [gate; up] weights and "
+            "without biases (`expert_bias`), other gated units (`experts_activation`='clamped_swiglu'), transposed "
+            "weights or post-expert norms; use 'grouped_mm', 'batched_mm' or 'eager' for this model."
         )
     if torch.compiler.is_compiling():
         # the per-expert loop depends on the data (counts per expert): let compiled graphs use one grouped op

@@ -14,6 +14,7 @@ This file is copied next to every saved checkpoint so that `trust_remote_code=Tr
 installed: it imports torch, transformers and, with single-dot imports, the files of this folder only.
 """
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -53,6 +54,7 @@ from .routing import (
     router_statistics,
     token_mask_for_router_rows,
 )
+from .transformers_compat import CACHE_NAME, slice_logits_to_keep  # the transformers versions the saved copies run on
 
 
 class MoEMLP(nn.Module):
@@ -69,14 +71,23 @@ class MoEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated unit: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit).
+    The clamps bound the activations; alpha = 1.702 makes g * sigmoid(alpha * g) the sigmoid approximation of GELU."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 @use_experts_implementation
 class MoEExperts(nn.Module):
     """The routed experts of one layer, as fused 3D weights (the layout transformers 5 uses in memory).
 
     This forward is the readable `eager` path; transformers' kernels (`grouped_mm`, `batched_mm`) and ours
     (`sorted_mm`, and "auto", the default: experts_kernels.py) replace it when selected with
-    `experts_implementation=...`. Expert ids >= num_experts (experts living on another rank under expert parallelism)
-    are skipped; the routers never emit them (dropped slots keep a valid id with weight 0).
+    `experts_implementation=...`; every one of them calls `_apply_gate` for the gated unit. Expert ids >= num_experts
+    (experts living on another rank under expert parallelism) are skipped; the routers never emit them (dropped slots
+    keep a valid id with weight 0).
     """
 
     def __init__(self, config: MoEDecoderConfig):
@@ -85,7 +96,17 @@ class MoEExperts(nn.Module):
         hidden, width = config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * width, hidden))  # [E, 2I, H], [gate; up]
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, width))  # [E, H, I]
+        self.register_parameter("gate_up_proj_bias", None)  # [E, 2I] and [E, H] in MoEBiasedExperts
+        self.register_parameter("down_proj_bias", None)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.experts_activation = config.experts_activation
+        self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:  # [S, 2I] -> [S, I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.experts_activation == "clamped_swiglu":
+            return clamped_swiglu(gate, up, self.swiglu_alpha, self.swiglu_limit)
+        return self.act_fn(gate) * up
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -100,11 +121,30 @@ class MoEExperts(nn.Module):
             if expert_idx == self.num_experts:
                 continue
             k_slot, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            gate_up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx],
+                               _expert_row(self.gate_up_proj_bias, expert_idx))
+            expert_out = F.linear(self._apply_gate(gate_up), self.down_proj[expert_idx],
+                                  _expert_row(self.down_proj_bias, expert_idx))
             expert_out = expert_out * top_k_weights[token_idx, k_slot, None]
             output.index_add_(0, token_idx, expert_out.to(output.dtype))
         return output
+
+
+def _expert_row(bias: torch.Tensor | None, expert_idx: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias[expert_idx]
+
+
+@use_experts_implementation(has_bias=True)
+class MoEBiasedExperts(MoEExperts):
+    """[`MoEExperts`] with a bias on each expert's projections (gpt-oss): `gate_up_proj_bias [E, 2I]` ([gate; up], as
+    `gate_up_proj`) and `down_proj_bias [E, H]`. A class of its own because transformers' kernels read `has_bias`
+    from the `use_experts_implementation` decorator."""
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__(config)
+        hidden, width = config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.num_experts, 2 * width))  # [E, 2I]
+        self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))  # [E, H]
 
 
 class MoESparseBlock(nn.Module):
@@ -113,7 +153,7 @@ class MoESparseBlock(nn.Module):
     def __init__(self, config: MoEDecoderConfig):
         super().__init__()
         self.gate = TopKRouter(config)
-        self.experts = MoEExperts(config)
+        self.experts = MoEBiasedExperts(config) if config.expert_bias else MoEExperts(config)
         self.shared_experts = (
             MoEMLP(config, config.shared_expert_intermediate_size) if config.n_shared_experts > 0 else None
         )
@@ -149,8 +189,31 @@ class MoERMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+class MoEHeadRMSNorm(MoERMSNorm):
+    """RMSNorm over each head of a [..., heads * head_dim] projection (Qwen3-MoE, GLM-4.5): one weight [head_dim]
+    shared by the heads."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        heads = hidden_states.unflatten(-1, (-1, self.weight.shape[0]))
+        return super().forward(heads).flatten(-2)
+
+
+def qk_norms(config: MoEDecoderConfig, head_dim: int) -> tuple[nn.Module, nn.Module]:
+    """The q and k norms of `config.qk_norm_type`, each applied to a whole projection output: per head (weights
+    [head_dim]) or over the whole projection (OLMoE: weights [nH * head_dim] and [nKV * head_dim]); identities
+    without `qk_norm`."""
+    if not config.qk_norm:
+        return nn.Identity(), nn.Identity()
+    if config.qk_norm_type == "per_head":
+        return MoEHeadRMSNorm(head_dim, config.rms_norm_eps), MoEHeadRMSNorm(head_dim, config.rms_norm_eps)
+    return (MoERMSNorm(config.num_attention_heads * head_dim, config.rms_norm_eps),
+            MoERMSNorm(config.num_key_value_heads * head_dim, config.rms_norm_eps))
+
+
 class MoERotaryEmbedding(nn.Module):
-    """RoPE with every scaling type of `config.rope_parameters["rope_type"]` (transformers' ROPE_INIT_FUNCTIONS)."""
+    """RoPE with every scaling type of `config.rope_parameters["rope_type"]` (transformers' ROPE_INIT_FUNCTIONS), over
+    `config.head_dim` dimensions: the head dim, or qk_rope_head_dim under multi-head latent attention (the config sets
+    head_dim to it, which is what transformers' initialisers read)."""
 
     def __init__(self, config: MoEDecoderConfig):
         super().__init__()
@@ -168,7 +231,8 @@ class MoERotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config: MoEDecoderConfig, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))  # the rotated dims
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
@@ -188,7 +252,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    """q, k: [B, heads, S, D]; cos, sin: [B, S, D]."""
+    """q, k: [B, heads, S, D]; cos, sin: [B, S, R], R <= D. Rotates the halves of the first R dims (all of them, or
+    partial RoPE: GLM-4.5's first half) and passes the other D - R through."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < q.shape[-1]:
+        q_embed, k_embed = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+        return torch.cat((q_embed, q[..., rotary_dim:]), dim=-1), torch.cat((k_embed, k[..., rotary_dim:]), dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
@@ -210,22 +279,98 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention; `s_aux` [nH] (attention sinks, gpt-oss) adds one logit per head to every row of the softmax,
+    whose probability is then dropped: P_ij = exp(l_ij) / (sum_j exp(l_ij) + exp(s_aux[h]))."""
     key_states = repeat_kv(key, module.num_key_value_groups)
     value_states = repeat_kv(value, module.num_key_value_groups)
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
+    if s_aux is not None:
+        sinks = s_aux.to(attn_weights.dtype).reshape(1, -1, 1, 1).expand(*attn_weights.shape[:-1], 1)
+        attn_weights = torch.cat([attn_weights, sinks], dim=-1)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = attn_weights[..., : key_states.shape[-2]]
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()  # [B, S, nH, D]
     return attn_output, attn_weights
 
 
+def sdpa_attention_with_sinks(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """torch's scaled_dot_product_attention with attention sinks, which it cannot take (transformers' sdpa silently
+    ignores `s_aux`): the sink is one more key, with value 0, whose additive mask entry is the head's sink logit; its
+    logit q . 0 + s_aux[h] = s_aux[h] joins the softmax and adds nothing to the output, as in
+    `eager_attention_forward`. The boolean or None mask of transformers' sdpa mask functions is made additive
+    (None: causal, aligned to the last key, or every key for one query)."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    batch, heads, query_len, _ = query.shape
+    kv_len = key.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones(query_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - query_len)
+    if attention_mask.dtype == torch.bool:
+        blocked = torch.finfo(query.dtype).min
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, blocked)
+    attention_mask = attention_mask[..., :kv_len].expand(batch, heads, query_len, kv_len)
+    sinks = s_aux.to(query.dtype).reshape(1, -1, 1, 1).expand(batch, heads, query_len, 1)
+    attn_output = F.scaled_dot_product_attention(
+        query,
+        F.pad(key, (0, 0, 0, 1)),  # [B, nH, S_kv + 1, D]: the sink's key and value are zero
+        F.pad(value, (0, 0, 0, 1)),
+        attn_mask=torch.cat([attention_mask, sinks], dim=-1),
+        dropout_p=dropout,
+        scale=scaling,
+    )
+    return attn_output.transpose(1, 2).contiguous(), None
+
+
+# Attention kernels that apply `s_aux` (attention sinks); transformers' other flash kernels drop it silently
+_KERNELS_WITH_SINKS = ("eager", "sdpa", "flex_attention", "flash_attention_4", "kernels-community/vllm-flash-attn3")
+
+
+def attention_function(implementation: str, sinks: torch.Tensor | None) -> Callable:
+    """The kernel of `config._attn_implementation` from transformers' attention interface, ours for eager; with
+    attention sinks, `sdpa_attention_with_sinks` for sdpa, and a ValueError for kernels that would drop them."""
+    if sinks is not None:
+        if implementation not in _KERNELS_WITH_SINKS:
+            raise ValueError(
+                f"`attn_implementation`={implementation!r} cannot apply attention sinks (`attention_sinks`=True): "
+                f"allowed: {_KERNELS_WITH_SINKS}."
+            )
+        if implementation == "sdpa":
+            return sdpa_attention_with_sinks
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+def attention_layer_types(config: MoEDecoderConfig) -> list[str]:
+    """`config.layer_types`, or, when None, every layer sliding if `sliding_window` is set and full otherwise."""
+    if config.layer_types is not None:
+        return config.layer_types
+    return ["sliding_attention" if config.sliding_window else "full_attention"] * config.num_hidden_layers
+
+
+def clip(states: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """OLMoE's `clip_qkv`: clamp to [-limit, limit]; None = no clipping."""
+    return states if limit is None else states.clamp(min=-limit, max=limit)
+
+
 class MoEAttention(nn.Module):
-    """Grouped-query attention with RoPE, optional q/k biases (Qwen2-MoE), per-head q/k RMSNorm (Qwen3-MoE) and
-    sliding window (Mistral); the kernel comes from transformers' attention interface (eager, sdpa, flex, flash)."""
+    """Grouped-query attention with RoPE (optionally on part of each head, GLM-4.5), optional biases on q/k/v
+    (Qwen2-MoE, GLM-4.5) and o (OLMoE, gpt-oss), q/k RMSNorm per head (Qwen3-MoE) or over the whole projection
+    (OLMoE), q/k/v clipping (OLMoE), a sliding window on all or some layers (Mistral, gpt-oss) and attention sinks
+    (gpt-oss). The kernel comes from transformers' attention interface (eager, sdpa, flex, flash)."""
 
     def __init__(self, config: MoEDecoderConfig, layer_idx: int):
         super().__init__()
@@ -235,15 +380,16 @@ class MoEAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.sliding_window = config.sliding_window
+        sliding = attention_layer_types(config)[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
         self.is_causal = True
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
-        if config.qk_norm:
-            self.q_norm = MoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = MoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                bias=config.o_proj_bias)
+        self.q_norm, self.k_norm = qk_norms(config, self.head_dim)
+        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads)) if config.attention_sinks else None  # [nH]
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -256,17 +402,135 @@ class MoEAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)  # [B, S, nH, D]
-        key_states = self.k_proj(hidden_states).view(hidden_shape)  # [B, S, nKV, D]
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, nKV, S, D]
-        if self.config.qk_norm:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        query_states = clip(self.q_norm(self.q_proj(hidden_states)), self.config.clip_qkv)  # [B, S, nH * D]
+        key_states = clip(self.k_norm(self.k_proj(hidden_states)), self.config.clip_qkv)  # [B, S, nKV * D]
+        value_states = clip(self.v_proj(hidden_states), self.config.clip_qkv)
+        query_states = query_states.view(hidden_shape).transpose(1, 2)  # [B, nH, S, D]
+        key_states = key_states.view(hidden_shape).transpose(1, 2)  # [B, nKV, S, D]
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface = attention_function(self.config._attn_implementation, self.sinks)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            s_aux=self.sinks,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+def apply_interleaved_rotary_pos_emb(q, k, cos, sin):
+    """RoPE on dimensions stored as interleaved pairs (x0, x1), (x2, x3), ..., pair i rotated by frequency i: the
+    layout of DeepSeek-V2/V3 checkpoints (V2 multiplies the pairs as complex numbers). The output lists the rotated
+    first elements of the pairs, then the rotated second elements, as transformers' DeepseekV3 does: q and k are
+    reordered alike, so q . k is V2's. q, k: [B, heads, S, D]; cos, sin: [B, S, D], each half = the D/2 angles."""
+    cos, sin = cos[..., : cos.shape[-1] // 2].unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2 = q[..., 0::2], q[..., 1::2]
+    k1, k2 = k[..., 0::2], k[..., 1::2]
+    q_embed = torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), dim=-1)
+    k_embed = torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1)
+    return q_embed, k_embed
+
+
+def mla_softmax_scale(config: MoEDecoderConfig) -> float:
+    """(qk_nope_head_dim + qk_rope_head_dim)^-0.5, times mscale^2 = (0.1 * mscale_all_dim * ln(factor) + 1)^2 when a
+    scaled RoPE (YaRN) sets `mscale_all_dim` and factor > 1: DeepSeek-V2/V3 stretch every dimension of the logits, not
+    only the rotary ones that YaRN's attention factor scales (transformers' `yarn_apply_mscale`)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters
+    mscale_all_dim = rope.get("mscale_all_dim") or 0
+    if rope.get("rope_type", "default") != "default" and mscale_all_dim and rope["factor"] > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(rope["factor"]) + 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
+class MoEMultiLatentAttention(nn.Module):
+    """Multi-head latent attention (MLA; DeepSeek-V2, Liu et al. 2024, section 2.1), as DeepSeek-V2/V3 and
+    transformers' DeepseekV3Attention compute it. Keys and values of all heads come from one low-rank latent c_kv
+    per token, plus one rotary key k_rope shared by all heads:
+
+        q            = q_b_proj(RMSNorm(q_a_proj(x)))  or  q_proj(x)            [nH, d_nope + d_rope]
+        c_kv, k_rope = kv_a_proj_with_mqa(x);  c_kv = RMSNorm(c_kv)             [r], [d_rope]
+        k_nope, v    = kv_b_proj(c_kv)                                          [nH, d_nope], [nH, d_v]
+        head h:  softmax(([q_nope; RoPE(q_rope)] . [k_nope; RoPE(k_rope)]) * scale) v
+
+    The cache holds (c_kv, RoPE(k_rope)) as one "head" each, r + d_rope numbers per token and layer instead of
+    nH * (d_nope + d_rope + d_v), and the keys and values are up-projected from it at every step (transformers'
+    DeepseekV3 layout, so its caches and ours hold the same tensors). scale: `mla_softmax_scale`. The kernel comes
+    from transformers' attention interface; flash attention pads v to the key's head dim itself.
+    """
+
+    def __init__(self, config: MoEDecoderConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.num_key_value_groups = 1  # every query head has its own key and value
+        self.scaling = mla_softmax_scale(config)
+        self.attention_dropout = config.attention_dropout
+        sliding = attention_layer_types(config)[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+        self.is_causal = True
+        hidden, num_heads = config.hidden_size, config.num_attention_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = MoERMSNorm(self.q_lora_rank)  # eps 1e-6, not rms_norm_eps, as DeepSeek's code
+            self.q_b_proj = nn.Linear(self.q_lora_rank, num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = MoERMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden, bias=False)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            query_states = self.q_proj(hidden_states)
+        else:
+            query_states = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        query_states = query_states.view(batch_size, seq_len, -1, self.qk_head_dim).transpose(1, 2)  # [B, nH, S, Dqk]
+        q_nope, q_rope = query_states.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent).view(batch_size, 1, seq_len, self.kv_lora_rank)  # [B, 1, S, r]
+        k_rope = k_rope.view(batch_size, 1, seq_len, self.qk_rope_head_dim)  # [B, 1, S, d_rope], shared by the heads
+
+        cos, sin = position_embeddings
+        rotate = apply_interleaved_rotary_pos_emb if self.config.rope_interleave else apply_rotary_pos_emb
+        q_rope, k_rope = rotate(q_rope, k_rope, cos, sin)
+        if cache is not None:  # the latent of every token so far: [B, 1, S_kv, r], [B, 1, S_kv, d_rope]
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx, kwargs=kwargs)
+
+        kv_len = latent.shape[2]
+        key_value = self.kv_b_proj(latent).view(batch_size, kv_len, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value_states = key_value.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_rope.expand(*k_nope.shape[:-1], -1)), dim=-1)  # [B, nH, S_kv, Dqk]
+        query_states = torch.cat((q_nope, q_rope), dim=-1)  # [B, nH, S, Dqk]; value_states: [B, nH, S_kv, d_v]
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -281,15 +545,18 @@ class MoEAttention(nn.Module):
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
-        )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        )  # [B, S, nH, d_v]
+        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1).contiguous())
         return attn_output, attn_weights
+
+
+ATTENTION_CLASSES = {"gqa": MoEAttention, "mla": MoEMultiLatentAttention}
 
 
 class MoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoEDecoderConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MoEAttention(config, layer_idx)
+        self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
         if config.mlp_layer_types[layer_idx] == "sparse":
             self.mlp = MoESparseBlock(config)
         else:
@@ -342,7 +609,7 @@ class MoEPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
         "hidden_states": MoEDecoderLayer,
-        "attentions": MoEAttention,
+        "attentions": [MoEAttention, MoEMultiLatentAttention],
     }
 
     def post_init(self):
@@ -364,12 +631,22 @@ class MoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, MoEExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.gate_up_proj_bias is not None:  # gpt-oss: zeros
+                init.zeros_(module.gate_up_proj_bias)
+                init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoEAttention) and module.sinks is not None:
+            init.normal_(module.sinks, mean=0.0, std=std)  # gpt-oss
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.normal_(module.bias, mean=0.0, std=std)  # gpt-oss
             if hasattr(module, "noise_weight"):
                 init.zeros_(module.noise_weight)  # Shazeer et al.: no signal, uniform noise at init
             if hasattr(module, "e_score_correction_bias"):
                 init.zeros_(module.e_score_correction_bias)
+
+
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 @auto_docstring(custom_intro="The bare MoE decoder, outputting raw hidden states (and router logits on request).")
@@ -405,6 +682,11 @@ class MoEModel(MoEPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        r"""
+        cache (`Cache`, *optional*):
+            Key and value states of the earlier tokens, for decoding step by step (documented here for transformers
+            < 5.24, which calls it `past_key_values`: a name the forward still takes).
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache and cache is None:
@@ -416,21 +698,24 @@ class MoEModel(MoEPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        layer_types = attention_layer_types(self.config)
+        causal_masks = {  # one mask per attention layer type present: full causal, or causal within the window
+            layer_type: MASK_FUNCTIONS[layer_type](
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **{CACHE_NAME: cache},
+            )
+            for layer_type in dict.fromkeys(layer_types)
+        }
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        for decoder_layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=causal_masks[layer_type],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
@@ -438,7 +723,7 @@ class MoEModel(MoEPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 @dataclass
@@ -571,6 +856,9 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoECausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            Key and value states of the earlier tokens, for decoding step by step (documented here for transformers
+            < 5.24, which calls it `past_key_values`: a name the forward still takes).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (shifted inside); -100 is ignored.
         output_router_logits (`bool`, *optional*):
@@ -595,7 +883,6 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
-
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
@@ -606,7 +893,7 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=losses.get("router_aux_loss_coef"),
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
@@ -684,6 +971,9 @@ class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoESequenceClassifierOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            Key and value states of the earlier tokens, for decoding step by step (documented here for transformers
+            < 5.24, which calls it `past_key_values`: a name the forward still takes).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or float targets for regression / multi-label, per `config.problem_type`).
         output_router_logits (`bool`, *optional*):
@@ -724,7 +1014,7 @@ class MoEForSequenceClassification(_RouterLossMixin, MoEPreTrainedModel):
         return MoESequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
-            cache=outputs.cache,
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aux_loss=losses.get("router_aux_loss_coef"),
@@ -765,6 +1055,9 @@ class MoEForTokenClassification(_RouterLossMixin, MoEPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoETokenClassifierOutput:
         r"""
+        cache (`Cache`, *optional*):
+            Key and value states of the earlier tokens, for decoding step by step (documented here for transformers
+            < 5.24, which calls it `past_key_values`: a name the forward still takes).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             A class index per token; -100 is ignored.
         output_router_logits (`bool`, *optional*):
@@ -834,6 +1127,9 @@ class MoEForQuestionAnswering(_RouterLossMixin, MoEPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoEQuestionAnsweringModelOutput:
         r"""
+        cache (`Cache`, *optional*):
+            Key and value states of the earlier tokens, for decoding step by step (documented here for transformers
+            < 5.24, which calls it `past_key_values`: a name the forward still takes).
         start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             The answer span's first and last token; positions past the sequence are ignored.
         output_router_logits (`bool`, *optional*):

@@ -43,11 +43,12 @@ class TopKRouter(nn.Module):
     """The router of one sparse layer; every knob comes from the config.
 
     Token choice (`router_type="token_choice"`):
-        s = softmax(x W^T) or sigmoid(x W^T)                       scores, fp32                       [T, E]
+        s = softmax(x W^T + c) or sigmoid(x W^T + c)               scores, fp32; c = `router_bias` or 0  [T, E]
         chosen = top_k(s + b) within the best `topk_group` of `n_group` expert groups (DeepSeek-V2/V3);
                  b is the selection bias (aux-loss-free balancing, DeepSeek-V3); it shifts selection only
         w = s[chosen];  w = w / sum(w) if norm_topk_prob;  w = w * routed_scaling_factor
-        Mixtral's top-k-then-softmax is softmax-then-top-k with norm_topk_prob=True (the same numbers).
+        Mixtral's (and gpt-oss's) top-k-then-softmax is softmax-then-top-k with norm_topk_prob=True (the same
+        numbers, to rounding).
     Noisy top-k (Shazeer et al. 2017), training only: logits + N(0, 1) * softplus(x W_noise^T) choose the experts
         and give the gates.
     Jitter (Switch Transformer): the router's input is multiplied by U(1 - eps, 1 + eps) in training.
@@ -65,6 +66,8 @@ class TopKRouter(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
+        # [E], gpt-oss: part of the logits (scores, gates and balancing losses), unlike the selection-only bias below
+        self.bias = nn.Parameter(torch.empty(self.num_experts)) if config.router_bias else None
         if config.noisy_gating:
             self.noise_weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
         if config.router_selection_bias:
@@ -81,7 +84,7 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(hidden_states).uniform_(1.0 - config.router_jitter_noise,
                                                              1.0 + config.router_jitter_noise)
             hidden_states = hidden_states * noise
-        router_logits = F.linear(hidden_states, self.weight)  # [T, E]
+        router_logits = F.linear(hidden_states, self.weight, self.bias)  # [T, E]
         clean_scores = scores_from_logits(router_logits, config.scoring_func)  # [T, E] fp32
         probs = probabilities_from_scores(clean_scores, config.scoring_func)
 
