@@ -4,13 +4,13 @@
    embeddings: 1.24B parameters) is written shard by shard with hf-moe's ShardWriter, one layer in memory at a time.
 2. `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2` (Mixtral copies, random normal router; no verification, as
    mergekit, unless --verify: then layer by layer) runs in its own process under `/usr/bin/time -v`, for each
-   requested depth: peak RSS should stay near one output MoE layer (8 x 3 x FFN x H x 2 bytes = 805 MB here) above
-   the import baseline, whatever the number of layers and the shard size (ShardWriter writes each tensor to disk as
-   it is added).
-3. The output (~14 GB for 16 layers) is deleted afterwards unless --keep.
+   requested depth, side by side with mergekit-moe (--mergekit) and another checkout of hf-moe (--compare-with),
+   round-robin for --rounds rounds: peak RSS should stay at most one output MoE layer (8 x 3 x FFN x H x 2 bytes =
+   805 MB here) above the import baseline, whatever the number of layers and the shard size.
+3. The outputs (~14 GB for 16 layers) are deleted after each run unless --keep.
 
     python benchmarks/upcycle_memory.py                       # 16 layers (1.24B), prints a table
-    python benchmarks/upcycle_memory.py --layers 8 16 --write # two depths, and the BENCHMARKS.md section
+    python benchmarks/upcycle_memory.py --layers 8 16 --rounds 3 --mergekit PATH --write  # and BENCHMARKS.md
     python benchmarks/upcycle_memory.py --smoke               # tiny shapes, prints only (used by the tests)
 
 Needs `/usr/bin/time` (Debian/Ubuntu: `apt-get install time`) and ~2.5 GB + ~14 GB of free disk per depth.
@@ -18,8 +18,10 @@ Needs `/usr/bin/time` (Debian/Ubuntu: `apt-get install time`) and ~2.5 GB + ~14 
 
 import argparse
 import json
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,9 +85,9 @@ def write_random_llama(folder: Path, shapes: dict, layers: int, max_shard_size: 
     return count + (2 * layers + 1) * hidden
 
 
-def timed(command: list[str]) -> dict:
-    """Run `command` under /usr/bin/time -v: wall seconds and peak RSS (MB)."""
-    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+def timed(command: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run `command` under /usr/bin/time -v (in `cwd`, with `env`): wall seconds and peak RSS (MB)."""
+    result = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env, cwd=cwd)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
@@ -98,37 +100,63 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
 
 
+def candidates(args, source: Path) -> dict:
+    """tool label -> a function running one conversion of `source` into `out` (measured), in round-robin order."""
+    verification = ["--verify-mode", "layerwise"] if args.verify else ["--no-verify"]
+
+    def ours(out: Path, checkout: Path | None = None) -> dict:
+        command = [sys.executable, "-m", "hf_moe.cli", "upcycle", str(source), str(out), "--num-experts",
+                   str(args.experts), "--top-k", "2", "--router-init", "normal", *verification, "--overwrite",
+                   "--max-shard-size", args.max_shard_size]
+        if checkout is None:
+            return timed(command)
+        # run in the checkout with its package first on the path (`-m` puts the working folder first)
+        return timed(command, {**os.environ, "PYTHONPATH": str(checkout)}, cwd=checkout)
+
+    runs = {"hf-moe upcycle": ours}
+    if args.compare_with:  # another checkout of hf-moe, e.g. an earlier commit
+        checkout = Path(args.compare_with).resolve()
+        runs[f"hf-moe upcycle ({_commit(checkout)})"] = lambda out: ours(out, checkout)
+    if args.mergekit:
+        runs["mergekit-moe"] = lambda out: run_mergekit(args, source, out)
+    return runs
+
+
 def run(args) -> list[dict]:
     shapes = SMOKE if args.smoke else LLAMA_1B
-    work = Path(args.work or tempfile.mkdtemp(prefix="upcycle-memory-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="upcycle-memory-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     baseline = timed([sys.executable, "-c", "import hf_moe.cli"])["peak_rss_mb"]
     expert_layer_mb = args.experts * 3 * shapes["intermediate_size"] * shapes["hidden_size"] * 2 / 2**20
     rows = []
     for layers in args.layers:
-        source, out = work / f"dense-{layers}", work / f"moe-{layers}"
+        source = work / f"dense-{layers}"
         shutil.rmtree(source, ignore_errors=True)
         start = time.perf_counter()
         parameters = write_random_llama(source, shapes, layers, args.max_shard_size)
         build_s = time.perf_counter() - start
-        verification = ["--verify-mode", "layerwise"] if args.verify else ["--no-verify"]
-        command = [sys.executable, "-m", "hf_moe.cli", "upcycle", str(source), str(out), "--num-experts",
-                   str(args.experts), "--top-k", "2", "--router-init", "normal", *verification, "--overwrite",
-                   "--max-shard-size", args.max_shard_size]
-        measured = timed(command)
-        index = json.loads((out / "model.safetensors.index.json").read_text()) if (
-            out / "model.safetensors.index.json").exists() else {"metadata": {}}
-        rows.append({"tool": "hf-moe upcycle", "layers": layers, "dense_parameters": parameters,
-                     "moe_parameters": index["metadata"].get("total_parameters"),
-                     "output_gb": folder_bytes(out) / 1e9, "build_s": build_s, "wall_s": measured["wall_s"],
-                     "peak_rss_mb": measured["peak_rss_mb"], "baseline_rss_mb": baseline,
-                     "moe_layer_mb": expert_layer_mb, "verified": args.verify})
-        print(json.dumps(rows[-1]), flush=True)
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
-        if args.mergekit:
-            rows.append(run_mergekit(args, source, work / f"mergekit-{layers}", parameters, rows[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+        measured: dict[str, list[dict]] = {}
+        for _ in range(args.rounds):
+            for tool, convert in candidates(args, source).items():
+                out = work / f"out-{layers}"
+                result = convert(out)
+                index = out / "model.safetensors.index.json"
+                result["moe_parameters"] = (json.loads(index.read_text())["metadata"].get("total_parameters")
+                                            if index.exists() and tool.startswith("hf-moe") else None)
+                result["output_gb"] = folder_bytes(out) / 1e9
+                measured.setdefault(tool, []).append(result)
+                print(json.dumps({"tool": tool, "layers": layers, **{key: value for key, value in result.items()
+                                                                     if key != "stdout"}}), flush=True)
+                if not args.keep or len(measured[tool]) < args.rounds:
+                    shutil.rmtree(out, ignore_errors=True)
+        for tool, results in measured.items():
+            walls, peaks = [r["wall_s"] for r in results], [r["peak_rss_mb"] for r in results]
+            rows.append({"tool": tool, "layers": layers, "dense_parameters": parameters,
+                         "moe_parameters": results[0]["moe_parameters"], "output_gb": results[0]["output_gb"],
+                         "build_s": build_s, "wall_s": statistics.median(walls), "wall_range": (min(walls), max(walls)),
+                         "peak_rss_mb": statistics.median(peaks), "peak_range": (min(peaks), max(peaks)),
+                         "rounds": len(results), "baseline_rss_mb": baseline, "moe_layer_mb": expert_layer_mb,
+                         "verified": args.verify and tool.startswith("hf-moe")})
         if not args.keep:
             shutil.rmtree(source, ignore_errors=True)
     if args.work is None and not args.keep:
@@ -136,7 +164,7 @@ def run(args) -> list[dict]:
     return rows
 
 
-def run_mergekit(args, source: Path, out: Path, parameters: int, ours: dict) -> dict:
+def run_mergekit(args, source: Path, out: Path) -> dict:
     """The same conversion with mergekit-moe (installed in its own environment): 8 copies of the FFN, random gate,
     bf16, shards of the same byte size; no tokenizer to copy."""
     config = out.with_suffix(".yaml")
@@ -144,13 +172,14 @@ def run_mergekit(args, source: Path, out: Path, parameters: int, ours: dict) -> 
     config.write_text(f"base_model: {source}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\n"
                       f"experts:\n{experts}")
     shard_parameters = f"{_parse_mb(args.max_shard_size) * 2**20 / 2 / 1e9:.0f}B"  # bf16: 2 bytes per parameter
-    measured = timed([args.mergekit, str(config), str(out), "--no-copy-tokenizer", "--out-shard-size",
-                      shard_parameters, "--random-seed", "0", "--i-understand-this-is-not-useful-without-training"])
-    row = {**ours, "tool": "mergekit-moe", "moe_parameters": None, "output_gb": folder_bytes(out) / 1e9,
-           "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"], "verified": False}
-    if not args.keep:
-        shutil.rmtree(out, ignore_errors=True)
-    return row
+    return timed([args.mergekit, str(config), str(out), "--no-copy-tokenizer", "--out-shard-size", shard_parameters,
+                  "--random-seed", "0", "--i-understand-this-is-not-useful-without-training"])
+
+
+def _commit(folder: Path) -> str:
+    result = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False)
+    return result.stdout.strip() or Path(folder).name
 
 
 def table(rows: list[dict], args) -> str:
@@ -159,10 +188,12 @@ def table(rows: list[dict], args) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         moe = f"{row['moe_parameters'] / 1e9:.2f}B params" if row["moe_parameters"] else "-"
+        wall, peak = row["wall_range"], row["peak_range"]
         lines.append(
             f"| {row['tool']} | random Llama {row['dense_parameters'] / 1e9:.2f}B bf16 | {row['layers']} | {moe} | "
-            f"{'layer by layer' if row['verified'] else 'off'} | "
-            f"{row['output_gb']:.1f} GB | {row['wall_s']:.0f} s | {row['peak_rss_mb'] / 1024:.2f} GB | "
+            f"{'layer by layer' if row['verified'] else 'off'} | {row['output_gb']:.1f} GB | "
+            f"{row['wall_s']:.0f} s ({wall[0]:.0f}-{wall[1]:.0f}) | "
+            f"{row['peak_rss_mb'] / 1024:.2f} GB ({peak[0] / 1024:.2f}-{peak[1] / 1024:.2f}) | "
             f"{row['baseline_rss_mb'] / 1024:.2f} GB | {row['moe_layer_mb'] / 1024:.2f} GB |"
         )
     return "\n".join(lines)
@@ -188,6 +219,11 @@ def main() -> None:
     parser.add_argument("--mergekit", default=None, metavar="MERGEKIT_MOE",
                         help="path of a mergekit-moe executable (in its own virtual environment): also run the same "
                              "conversion with it, side by side")
+    parser.add_argument("--compare-with", default=None, metavar="CHECKOUT",
+                        help="another checkout of hf-moe (e.g. `git worktree add /tmp/before HEAD~1`): also run its "
+                             "`hf-moe upcycle`, side by side")
+    parser.add_argument("--rounds", type=int, default=1, help="conversions per tool and depth, round-robin; the "
+                                                              "table gives medians and (min-max)")
     args = parser.parse_args()
     if shutil.which("/usr/bin/time") is None:
         sys.exit("/usr/bin/time is missing: install it (Debian/Ubuntu: apt-get install time)")
@@ -203,8 +239,9 @@ def main() -> None:
         from common import write_section
 
         write_section("upcycle-memory", "### `hf-moe upcycle`: peak memory, dense Llama -> 8 experts\n\n" + body +
-                      f"\n\nPeak RSS is that of the whole `hf-moe upcycle` process (`/usr/bin/time -v`); the import "
-                      f"baseline is `python -c 'import hf_moe.cli'`. Shards of at most {args.max_shard_size}.")
+                      f"\n\nPeak RSS is that of the whole process (`/usr/bin/time -v`), wall time and peak RSS the "
+                      f"median (min-max) of {args.rounds} round-robin rounds; the import baseline is "
+                      f"`python -c 'import hf_moe.cli'`. Shards of at most {args.max_shard_size}.")
 
 
 if __name__ == "__main__":

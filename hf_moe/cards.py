@@ -16,6 +16,10 @@ Markdown body rendered by Jinja from `model_cards/<kind>.md`. Since everything i
 `write_card` take precedence. Pictures are embedded when present: `expert_load.png` (share of routed tokens per
 layer and expert, numbers in `expert_load.json`) and `loss.png` (training and evaluation loss).
 
+This module is a leaf: the converters call it, it never imports them. What a card says that only they know (a
+native format's config in our terms, parameter counts, what an upcycle's options mean) reaches it through
+`use_converters`, which `hf_moe.conversion` calls when it is imported.
+
 A card never shows a local path: sources, commands, options and records name a local folder or file by its base
 name (a folder of the Hub cache by its repository id), since the card is published with the weights.
 
@@ -25,13 +29,15 @@ eval_loss)`. `hf-moe quickstart` reports another number, `answer perplexity`: ex
 answer token of the eval split, without auxiliary losses.
 """
 
+import importlib
 import json
 import math
 import os
 import re
 import textwrap
-from collections.abc import Iterable
-from dataclasses import fields
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import jinja2
@@ -39,6 +45,8 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 from transformers.utils import logging
+
+from .modeling.configuration_hf_moe import MoEDecoderConfig
 
 logger = logging.get_logger(__name__)
 
@@ -60,6 +68,7 @@ PROVENANCE_FILES = (CARD_FILE, VERIFICATION_FILE, UPCYCLE_FILE, CONVERSION_FILE,
 FACTS = ("title", "description", "base_model", "base_model_revision", "license", "datasets", "command", "options",
          "seed", "training", "metrics", "verification", "repo_id")
 _CACHED_SNAPSHOT = re.compile(r"models--(?P<repo>.+)/snapshots/(?P<revision>[0-9a-f]{40})")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def templates_folder() -> Path:
@@ -71,6 +80,50 @@ def templates_folder() -> Path:
             return candidate
     raise FileNotFoundError(f"the model card templates are missing (looked in {here / 'model_cards'} and "
                             f"{here.parent / 'model_cards'}): reinstall hf-moe")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the converters know
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The weights of a folder as a card describes them (read by `Converters.checkpoint`)."""
+
+    config_dict: dict  # its config.json
+    config: MoEDecoderConfig | None  # in our terms: ours, or a native MoE format that `hf-moe import` reads; else None
+    total: int  # parameters (a tied head counted once)
+    active: int  # parameters a token runs through (all of them when `config` is None)
+
+
+@dataclass(frozen=True)
+class Converters:
+    """What a card says that only hf-moe's converters know. The converters import this module to write their cards,
+    so it does not import them: `hf_moe.conversion` hands this over (`use_converters`) when it is imported, which
+    every `hf-moe` command and every converter does."""
+
+    checkpoint: Callable[[Path], Checkpoint]  # a checkpoint folder (with config.json) in our terms
+    importable: tuple[str, ...]  # the transformers MoE model types that `hf-moe import` reads
+    upcycle_defaults: dict  # every option of `hf-moe upcycle` with its default
+    upcycle_deviations: Callable[[dict, torch.dtype], list[str]]  # why recorded upcycle options are not exact
+
+
+_converters: Converters | None = None
+
+
+def use_converters(knowledge: Converters) -> None:
+    """Called by `hf_moe.conversion` on import (see `Converters`)."""
+    global _converters
+    _converters = knowledge
+
+
+def converters() -> Converters:
+    """What `use_converters` handed over. A card written before any converter was imported imports them now, by
+    name: their import hands it over (no import of this module names them, so the arrows still point one way)."""
+    if _converters is None:
+        importlib.import_module(f"{__package__}.conversion")
+    return _converters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,12 +310,27 @@ def loss_plot(log_history: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def conversion_heatmap(folder: Path, batches: Iterable, description: str) -> Path:
-    """The expert-load heatmap of the checkpoint in `folder` (loaded whole, fp32) on a conversion's calibration or
-    verification tokens, written next to its weights."""
+@contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" bars off for the loads a conversion makes to check its output (verification,
+    the heatmap): the conversion shows its own progress, and one upcycle would otherwise print three such bars."""
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def conversion_heatmap(folder: Path, batches: Iterable, description: str, model_folder: Path | None = None) -> Path:
+    """The expert-load heatmap of the checkpoint in `model_folder` (default: `folder`; loaded whole, fp32) on a
+    conversion's calibration or verification tokens, written into `folder`. An export measures its source (ours,
+    whose router hf-moe reads; the verified export routes identically)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(model_folder or folder, dtype=torch.float32)
     return expert_load_heatmap(model, batches, folder / EXPERT_LOAD_IMAGE, description)
 
 
@@ -341,23 +409,14 @@ def _router_text(config) -> str:
 def architecture(folder: Path) -> dict | None:
     """The architecture table of the model in `folder` (our types and the native MoE formats; dense models get
     their size only); None without config.json."""
-    from .conversion.native import IMPORT_FORMATS, OUR_CONFIG_CLASSES, native_config_to_ours, parameter_counts
-    from .conversion.safetensors_io import CheckpointReader, read_config_dict
-
     if not (folder / "config.json").is_file():
         return None
-    config_dict = read_config_dict(folder)
+    checkpoint = converters().checkpoint(folder)
+    config_dict, config, total = checkpoint.config_dict, checkpoint.config, checkpoint.total
     model_type = config_dict.get("model_type")
-    if model_type in OUR_CONFIG_CLASSES:
-        config = OUR_CONFIG_CLASSES[model_type].from_dict(config_dict)
-    elif model_type in IMPORT_FORMATS:
-        config = native_config_to_ours(config_dict)
-    else:
-        with CheckpointReader(folder) as reader:
-            total = sum(math.prod(reader.shape(name)) for name in reader.keys())
+    if config is None:
         return {"model_type": model_type, "experts": 0, "layers": config_dict.get("num_hidden_layers"),
                 "hidden_size": config_dict.get("hidden_size"), "total": total}
-    total, active = parameter_counts(config)
     shared = "none"
     if config.n_shared_experts:
         gated = ", gated by sigmoid(w . x)" if config.shared_expert_gate else ""
@@ -368,7 +427,7 @@ def architecture(folder: Path) -> dict | None:
         "layers": config.num_hidden_layers, "moe_layers": config.num_sparse_layers,
         "hidden_size": config.hidden_size, "experts": config.num_experts, "expert_width": config.moe_intermediate_size,
         "top_k": config.num_experts_per_tok, "shared": shared, "router": _router_text(config),
-        "total": total, "active": active,
+        "total": total, "active": checkpoint.active,
     }
 
 
@@ -420,21 +479,18 @@ def _command_line(command: str, positionals: list[str], options: dict, defaults:
 
 def _upcycled_facts(folder: Path) -> dict:
     """What upcycle.yaml and verification.json record."""
-    from .conversion.upcycle import UpcycleOptions, recorded_deviations
-
     options = _read_yaml(folder / UPCYCLE_FILE) or {}
     src = options.pop("src", None)
     shown = dict(options)
     long_list = isinstance(options.get("calibration_tokens"), list) and len(options["calibration_tokens"]) > 16
     if long_list:
         shown["calibration_tokens"] = f"{len(options['calibration_tokens'])} token ids (listed in {UPCYCLE_FILE})"
-    defaults = {option.name: option.default for option in fields(UpcycleOptions)}
     command = _command_line("upcycle", [str(src), "OUT"], {k: v for k, v in options.items() if not (
-        long_list and k == "calibration_tokens")}, {**defaults, "top_k": None})
+        long_list and k == "calibration_tokens")}, {**converters().upcycle_defaults, "top_k": None})
     if long_list:
         command += f"  # with the calibration tokens of {UPCYCLE_FILE}: hf-moe upcycle --config {UPCYCLE_FILE} OUT"
     dtype = getattr(torch, (_read_json(folder / "config.json") or {}).get("dtype") or "float32")
-    deviations = recorded_deviations(options, dtype) if options else None
+    deviations = converters().upcycle_deviations(options, dtype) if options else None
     return {"base_model": src, "base_model_revision": options.get("revision"), "seed": options.get("seed"),
             "command": command, "options": shown, "options_file": UPCYCLE_FILE,
             "verification": _read_json(folder / VERIFICATION_FILE), "verification_hint": "`--no-verify`",
@@ -551,11 +607,22 @@ def _format_metric(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def format_report(report: dict) -> str:
+    """One line: errors and agreement (and the verdict when a tolerance was set)."""
+    line = (f"max abs logit error {report['max_abs_error']:.3g}, max relative error {report['max_rel_error']:.3g}, "
+            f"top-1 agreement {100 * report['top1_agreement']:.1f}% over {report['num_positions']} positions")
+    if "non_finite_logits" in report:
+        sides = [f"{side} ({count} of {report['num_positions']} x vocabulary)"
+                 for side, count in report["non_finite_logits"].items() if count]
+        return line + f"; FAILED: non-finite (NaN or inf) logits in {' and '.join(sides)}"
+    if "tolerance" in report:
+        line += f" ({'within' if report['passed'] else 'ABOVE'} the tolerance {report['tolerance']:g})"
+    return line
+
+
 def _verification_context(report: dict | None) -> dict | None:
     if report is None:
         return None
-    from .conversion.verify import format_report
-
     verdict = {True: "exact mode", False: "the measured deviation of a non-exact mode"}.get(report.get("exact_mode"))
     return {**report, "summary": format_report(report), "verdict": verdict}
 
@@ -575,7 +642,6 @@ def _expert_load_context(folder: Path, kind: str) -> dict | None:
 def _context(folder: Path, kind: str, facts: dict) -> dict:
     """Everything the templates use: the folder's record, overridden by the keyword `facts` of `write_card`."""
     from . import __version__
-    from .conversion.native import EXPORT_FORMATS  # transformers' own MoE formats, which `hf-moe import` reads
 
     recorded = RECORDS[kind](folder)
     given = {**recorded, **facts}
@@ -623,7 +689,7 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
         "expert_load": _expert_load_context(folder, kind),
         "loading": {
             "repo": given.get("repo_id") or "REPO_ID", "model_type": model_type, "custom_code": bool(arch and arch.get("custom_code")),
-            "importable": model_type in EXPORT_FORMATS, "base_model": name,
+            "importable": model_type is not None and model_type in converters().importable, "base_model": name,
             "adapter": adapter["method"] if adapter else None, "plain_peft": bool(adapter and not adapter["moe"]),
             "materializable": bool(adapter and adapter["peft_type"] == "MIXLORA"),
         },
@@ -635,9 +701,12 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
     return {key: value if key.startswith("_") else _public(value) for key, value in context.items()}
 
 
-def _is_hub_id(value) -> bool:
-    from .conversion.dense import is_hub_id
+def is_hub_id(src: str) -> bool:
+    """True for `owner/name` that is not a local path: a Hub repository id."""
+    return not os.path.exists(src) and _HUB_ID.fullmatch(src) is not None
 
+
+def _is_hub_id(value) -> bool:
     return isinstance(value, str) and is_hub_id(value)
 
 

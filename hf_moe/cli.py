@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
-from .conversion.native import EXPORT_FORMATS, export_native, import_native
+from .conversion.native import EXPORT_FORMATS, IMPORT_FORMATS, export_native, import_native
 from .conversion.safetensors_io import DEFAULT_MAX_SHARD_SIZE, ConversionError
 from .conversion.upcycle import UpcycleOptions, load_options_file, upcycle
 from .conversion.verify import DEFAULT_TOLERANCE, VerificationError, format_report, verify
@@ -64,12 +64,13 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 def add_import_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "import", formatter_class=_HelpFormatter,
-        help="convert a native MoE checkpoint (mixtral, qwen2_moe, qwen3_moe, deepseek) to hf_moe",
+        help=f"convert a native MoE checkpoint ({', '.join(IMPORT_FORMATS)}) to hf_moe",
         description=(
             "Convert a native MoE checkpoint folder to an hf_moe checkpoint, exactly (same logits).\n"
             "  mixtral              -> hf_moe_mixtral\n"
-            "  qwen2_moe, qwen3_moe -> hf_moe_deepseek\n"
+            "  qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, glm4_moe, olmoe, gpt_oss -> hf_moe_deepseek\n"
             "  deepseek (DeepSeek-MoE 16B remote-code layout) -> hf_moe_deepseek\n"
+            "The multi-token-prediction layers of deepseek_v3 and glm4_moe checkpoints are dropped.\n"
             "Weights must be safetensors; pickled .bin/.pt files are refused. Nothing is written to OUT when the\n"
             "conversion fails or is interrupted."
         ),
@@ -98,7 +99,7 @@ def run_import(args: argparse.Namespace) -> int:
 def add_export_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "export", formatter_class=_HelpFormatter,
-        help="convert an hf_moe checkpoint to a native format (mixtral, qwen2_moe, qwen3_moe)",
+        help=f"convert an hf_moe checkpoint to a native format ({', '.join(EXPORT_FORMATS)})",
         description=(
             "Convert an hf_moe checkpoint folder to a native transformers format, with per-expert weight names and\n"
             "the config keys that transformers, vLLM and llama.cpp read. Refused, before anything is written, when\n"

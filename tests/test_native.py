@@ -484,7 +484,7 @@ def test_cli_help_documents_every_option(command, capsys):
     for option in ("SRC", "OUT", "--overwrite", "(default: off)", "--max-shard-size", "(default: 5GB)"):
         assert option in text
     if command == "export":
-        assert "--format {mixtral,qwen2_moe,qwen3_moe}" in text
+        assert "--format {mixtral,qwen2_moe,qwen3_moe,deepseek_v2,deepseek_v3,glm4_moe,olmoe,gpt_oss}" in text
 
 
 def test_cli_usage_errors_exit_2(capsys):
@@ -560,8 +560,23 @@ def test_gate_up_fusion_round_trip():
         DeepSeekMoEConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, moe_intermediate_size=16,
                           num_hidden_layers=3, num_attention_heads=4, n_routed_experts=EXPERTS, num_experts_per_tok=2,
                           n_shared_experts=2, shared_expert_gate=True, qkv_bias=True, qk_norm=True),
+        DeepSeekMoEConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, moe_intermediate_size=16,
+                          num_hidden_layers=3, num_attention_heads=4, n_routed_experts=EXPERTS, num_experts_per_tok=2,
+                          n_shared_experts=1, attention_type="mla", q_lora_rank=16, kv_lora_rank=8,
+                          qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, scoring_func="sigmoid",
+                          router_selection_bias=True),
+        DeepSeekMoEConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16, moe_intermediate_size=16,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, n_routed_experts=EXPERTS,
+                          num_experts_per_tok=2, n_shared_experts=0, first_k_dense_replace=0, qkv_bias=True,
+                          o_proj_bias=True, qk_norm=True, qk_norm_type="whole_projection", clip_qkv=2.0),
+        DeepSeekMoEConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=16, moe_intermediate_size=16,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          n_routed_experts=EXPERTS, num_experts_per_tok=2, n_shared_experts=0, first_k_dense_replace=0,
+                          qkv_bias=True, o_proj_bias=True, attention_sinks=True, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"], router_bias=True, expert_bias=True,
+                          experts_activation="clamped_swiglu"),
     ],
-    ids=["mixtral", "deepseek"],
+    ids=["mixtral", "deepseek", "deepseek_v3-like", "olmoe-like", "gpt_oss-like"],
 )
 def test_our_tensor_shapes_match_the_model(config):
     model_class = MixtralMoEForCausalLM if isinstance(config, MixtralMoEConfig) else DeepSeekMoEForCausalLM

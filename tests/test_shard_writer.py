@@ -208,6 +208,33 @@ def test_writer_keeps_no_reference_to_added_tensors(tmp_path, mode):
     assert_same_tensors(tmp_path / "model.safetensors", expected)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_expanded_block_is_written_from_its_memory_once_per_copy(tmp_path, mode, monkeypatch):
+    """Experts that are copies of one block arrive as `block.expand(E, ...)`: each copy is written straight from the
+    block's memory (no [E, ...] copy is made), and the file holds E real copies, as save_file writes them."""
+    import hf_moe.conversion.safetensors_io as io
+
+    block = torch.randn(1, 512, 512)  # 1 MiB per copy
+    tensors = {"experts": block.expand(4, -1, -1), "small": torch.arange(12.0).reshape(1, 3, 4).expand(5, -1, -1)}
+    start, end = block.data_ptr(), block.data_ptr() + nbytes(block)
+    written_from_block = []
+    original = io._pwrite
+
+    def pwrite(fd, data, offset):
+        address = np.frombuffer(data, dtype=np.uint8).ctypes.data if len(data) else 0
+        written_from_block.append(start <= address < end)
+        original(fd, data, offset)
+
+    monkeypatch.setattr(io, "_pwrite", pwrite)
+    write(tmp_path, tensors, "5GB", mode)
+    assert written_from_block.count(True) == 4
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_path / "reference.safetensors",
+              metadata={"format": "pt"})
+    if mode == "planned":
+        assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert_same_tensors(tmp_path / "model.safetensors", {name: t.contiguous() for name, t in tensors.items()})
+
+
 def test_plan_is_enforced(tmp_path):
     writer = ShardWriter(tmp_path, "5GB", plan={"a": torch.empty(2, 3, device="meta"), "b": torch.empty(4)})
     with pytest.raises(ValueError, match="'c' is not in the ShardWriter's plan"):

@@ -169,6 +169,15 @@ def test_exact_mode_reproduces_the_dense_model(sources, tmp_path, source_name, m
     assert json.loads((out / "verification.json").read_text()) == report
 
 
+def test_upcycle_shows_no_loading_bars_of_its_checks(sources, tmp_path, capfd):
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled()
+    upcycle(sources["llama"], tmp_path / "moe", **QUIET, **EXACT_MODES["mixtral_copies"])
+    assert "Loading weights" not in capfd.readouterr().err  # verification and the heatmap load two models
+    assert logging.is_progress_bar_enabled()  # the user's setting is back
+
+
 def test_exact_modes_are_checked_independently_of_verify(sources, tmp_path):
     """The verification is not taken on trust: load both models here and compare their logits."""
     out = upcycle(sources["mistral"], tmp_path / "moe", **QUIET, **EXACT_MODES["shared_shuffled"]).out

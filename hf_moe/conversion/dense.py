@@ -13,27 +13,29 @@ configs share:
 | `qwen3`   | + `qk_norm=True` (per-head q/k RMSNorm)            | `attention_bias`, partial sliding window        |
 
 A dense source is described by a `DeepSeekMoEConfig` whose every layer is dense (`dense_config`): its tensor names
-and shapes (`native.our_tensor_shapes`) are exactly the source's, so the same name and shape checks serve the dense
+and shapes (`layout.our_tensor_shapes`) are exactly the source's, so the same name and shape checks serve the dense
 source and our MoE output, and its decoder layers run the calibration forward passes.
 """
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config, Qwen3Config
 
+from ..cards import is_hub_id
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig
-from .native import (
+from .layout import (
     IMPORT_FORMATS,
     OUR_CONFIG_CLASSES,
-    _build_config,
-    _explicit_layer_fields,
-    _one_line,
+    build_config,
     check_names,
+    explicit_layer_fields,
+    one_line,
     our_tensor_shapes,
+    refuse,
+    single_sliding_window,
 )
 from .safetensors_io import CheckpointReader, ConversionError, read_config_dict
 
@@ -58,12 +60,7 @@ SHARED_FIELDS = (
 # Files of the source that the upcycled folder must not carry over (hf-moe writes its own).
 SOURCE_FILES_NOT_COPIED = ("config.json",)  # (and the card: see copy_side_files)
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*", "README.md"]  # card: license
-
-
-def _refuse(model_type: str, field: str, value, allowed: str) -> ConversionError:
-    return ConversionError(f"{model_type}: `{field}`={value!r} is not supported: {allowed}")
 
 
 def check_source_type(config_dict: dict) -> str:
@@ -81,25 +78,13 @@ def check_source_type(config_dict: dict) -> str:
     raise ConversionError(f"`model_type`={model_type!r} cannot be upcycled: {hint}. {SUPPORTED_MESSAGE}")
 
 
-def _single_sliding_window(model_type: str, native: PreTrainedConfig) -> int | None:
-    """Our one `sliding_window` (applied to every layer) from Qwen2/Qwen3's per-layer `layer_types`."""
-    kinds = set(native.layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"}:
-        return native.sliding_window
-    raise _refuse(model_type, "layer_types", native.layer_types,
-                  "hf_moe applies one sliding window to every layer (allowed: all 'full_attention' or all "
-                  "'sliding_attention')")
-
-
 def dense_fields(config_dict: dict) -> dict:
     """Our config fields (shared by both families) for a dense source config.json dict."""
     model_type = check_source_type(config_dict)
     try:
         native = SOURCE_CLASSES[model_type].from_dict(config_dict)
     except (ValueError, TypeError, StrictDataclassError) as error:
-        raise ConversionError(f"invalid {model_type} config: {_one_line(error)}") from None
+        raise ConversionError(f"invalid {model_type} config: {one_line(error)}") from None
     fields = {name: getattr(native, name) for name in SHARED_FIELDS}
     fields["rope_parameters"] = dict(native.rope_parameters)
     fields["head_dim"] = getattr(native, "head_dim", None)  # Qwen2 honours one found in config.json
@@ -107,25 +92,25 @@ def dense_fields(config_dict: dict) -> dict:
     if model_type == "llama":
         for field in ("attention_bias", "mlp_bias"):
             if getattr(native, field):
-                raise _refuse("llama", field, getattr(native, field),
-                              "hf_moe has biases on q/k/v only and none in the MLP (allowed: False)")
+                raise refuse("llama", field, getattr(native, field),
+                             "hf_moe has biases on q/k/v only and none in the MLP (allowed: False)")
     elif model_type == "mistral":
         fields["sliding_window"] = native.sliding_window
     elif model_type == "qwen2":
-        fields.update(qkv_bias=True, sliding_window=_single_sliding_window(model_type, native))
+        fields.update(qkv_bias=True, sliding_window=single_sliding_window(model_type, native))
     elif model_type == "qwen3":
         if native.attention_bias:
-            raise _refuse("qwen3", "attention_bias", native.attention_bias,
-                          "hf_moe has biases on q/k/v only, not on o_proj (allowed: False)")
-        fields.update(qk_norm=True, sliding_window=_single_sliding_window(model_type, native))
+            raise refuse("qwen3", "attention_bias", native.attention_bias,
+                         "hf_moe has biases on q/k/v only, not on o_proj (allowed: False)")
+        fields.update(qk_norm=True, sliding_window=single_sliding_window(model_type, native))
     return fields
 
 
 def dense_config(fields: dict) -> DeepSeekMoEConfig:
     """A `DeepSeekMoEConfig` with every layer dense: the same tensors, shapes and forward as the dense source."""
     layers = ["dense"] * fields["num_hidden_layers"]
-    return _build_config(
-        DeepSeekMoEConfig, "dense source config", **fields, **_explicit_layer_fields(layers),
+    return build_config(
+        DeepSeekMoEConfig, "dense source config", **fields, **explicit_layer_fields(layers),
         moe_intermediate_size=fields["intermediate_size"], n_routed_experts=1, num_experts_per_tok=1,
         n_shared_experts=0,
     )
@@ -168,10 +153,6 @@ class DenseSource:
                                   f"checkpoints cannot be upcycled (allowed: float32, bfloat16, float16)")
 
 
-def is_hub_id(src: str) -> bool:
-    return not os.path.exists(src) and _HUB_ID.fullmatch(src) is not None
-
-
 def resolve_source(src: str | os.PathLike, revision: str | None = None, config_only: bool = False) -> Path:
     """The local folder of SRC: itself, or the Hub snapshot of the repository `src` (config.json only when
     `config_only`, otherwise config, safetensors weights and tokenizer files)."""
@@ -186,7 +167,7 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None, config_o
             return Path(hf_hub_download(str(src), "config.json", revision=revision)).parent
         return Path(snapshot_download(str(src), revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as error:  # network, authentication, missing repository: one line for the command line
-        raise ConversionError(f"cannot download {src} from the Hub: {_one_line(error)}") from None
+        raise ConversionError(f"cannot download {src} from the Hub: {one_line(error)}") from None
 
 
 def read_dense_source(src: str | os.PathLike, revision: str | None = None) -> DenseSource:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..cards import PROVENANCE_FILES
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -212,7 +214,8 @@ _HEADER_DTYPES = {
     torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_HEADER_DTYPES)}
-_MOVE_CHUNK = 64 * 2**20  # bytes read at a time when a shard's data must move to make room for its header
+# bytes copied at a time: when a shard's data must move to make room for its header, or a strided tensor is written
+_MOVE_CHUNK = 64 * 2**20
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -226,11 +229,23 @@ def _header_dtype(name: str, dtype: torch.dtype) -> str:
     return _HEADER_DTYPES[dtype]
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of `tensor` in row-major order: a view of its memory when it is a contiguous CPU tensor (any view,
-    sharing storage or not), else of a contiguous copy."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+def _tensor_bytes(tensor: torch.Tensor):
+    """The bytes of `tensor` in row-major order, as memoryviews of consecutive pieces: a view of its memory when it is
+    a contiguous CPU tensor (any view, sharing storage or not); a view of each slice along the first dimension when
+    those are contiguous and large (an `expand`ed block, for one: written once per slice, never copied whole); else
+    contiguous copies of at most `_MOVE_CHUNK` bytes at a time."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_contiguous() or tensor.dim() < 2 or tensor.numel() == 0:
+        yield memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        return
+    row_bytes = _nbytes(tensor[0])
+    if tensor[0].is_contiguous() and row_bytes >= _MOVE_CHUNK // 64:
+        for row in tensor:
+            yield from _tensor_bytes(row)
+        return
+    rows = max(1, _MOVE_CHUNK // max(1, row_bytes))
+    for start in range(0, len(tensor), rows):
+        yield from _tensor_bytes(tensor[start:start + rows].contiguous())
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> None:
@@ -367,7 +382,9 @@ class ShardWriter:
                              f"ShardWriter's plan says {shape} and {SAFETENSORS_DTYPES.get(dtype, dtype)}")
         if not shard.names:
             shard.write(-shard.data_start, memoryview(shard.header))
-        shard.write(start, _tensor_bytes(tensor))
+        for piece in _tensor_bytes(tensor):
+            shard.write(start, piece)
+            start += len(piece)
         shard.names.append(name)
         self._unwritten[shard] -= 1
         if not self._unwritten[shard]:
@@ -385,9 +402,12 @@ class ShardWriter:
                                 self._header_room)
             self._shards.append(self._open)
         if size % 8:
-            self._held.append((name, tensor.dtype, tuple(tensor.shape), memoryview(bytes(_tensor_bytes(tensor)))))
+            self._held.append((name, tensor.dtype, tuple(tensor.shape), memoryview(b"".join(_tensor_bytes(tensor)))))
         else:
-            self._open.write(self._data_end, _tensor_bytes(tensor))
+            position = self._data_end
+            for piece in _tensor_bytes(tensor):
+                self._open.write(position, piece)
+                position += len(piece)
             self._entries.append((name, _HEADER_DTYPES[tensor.dtype], tuple(tensor.shape), self._data_end,
                                   self._data_end + size))
             self._data_end += size
@@ -478,8 +498,6 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, exclude: Ite
     Skips weight files and indexes, hidden files, sub-folders, the card and its record (`cards.PROVENANCE_FILES`)
     and the names in `exclude`. Returns the copied names.
     """
-    from ..cards import PROVENANCE_FILES
-
     excluded = {*exclude, *PROVENANCE_FILES}
     copied = []
     for path in sorted(Path(src).iterdir()):

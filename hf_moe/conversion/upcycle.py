@@ -29,8 +29,11 @@ exact, deviation measured and recorded: Gaussian noise, Drop-Upcycling (re-initi
 renormalisation (except with a zero router, where s = E * G_r / k is exact), and a non-power-of-two scale folded
 into half-precision weights.
 
-Memory: tensors are read lazily, one layer at a time, and written into shards as they fill, so peak memory is
-about one output MoE layer plus one shard, whatever the depth.
+Memory: tensors are read lazily (memory-mapped), one layer at a time, and each output tensor goes to disk as soon as
+it is made, at its place in a shard whose header is known from the plan. Experts that are copies of one block (full
+copies of the FFN, one routed shard) are that block, expanded, never E copies. Peak memory is therefore at most one
+output MoE layer plus the source layer (with copies: one block plus the source layer), or the largest source tensor
+(the embeddings, often), whatever the depth and the shard size.
 """
 
 import hashlib
@@ -47,25 +50,27 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..cards import UPCYCLE_FILE, conversion_heatmap, write_card
+from ..cards import UPCYCLE_FILE, conversion_heatmap, format_report, write_card
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from ..outputs import atomic_output_dir, check_output_dir
 from .dense import SOURCE_FILES_NOT_COPIED, DenseSource, layer_prefix, read_dense_source, resolve_source
-from .native import (
+from .layout import (
     EXPORT_FORMATS,
     LAYOUTS,
-    _build_config,
-    _dtype_name,
-    _ensure_generation_config,
-    _explicit_layer_fields,
-    _remote_code_files,
+    SELECTION_BIAS,
+    build_config,
     constant_shared_gate,
+    dtype_name,
     engine_warnings,
+    ensure_generation_config,
+    explicit_layer_fields,
+    layer_of,
     native_config_dict,
     our_model_code_files,
     our_tensor_shapes,
     ours_to_native_config,
     parameter_counts,
+    remote_code_files,
     save_our_config,
     tensor_mapping,
 )
@@ -82,7 +87,6 @@ from .verify import (
     DEFAULT_TOLERANCE,
     LayerwiseModel,
     VerificationError,
-    format_report,
     verification_prompts,
     verify,
     write_verification,
@@ -277,7 +281,7 @@ class UpcyclePlan:
         lines = [
             "hf-moe upcycle plan",
             f"  source      {self.source.name} ({self.source.model_type}, {c.num_hidden_layers} layers, hidden "
-            f"{hidden}, FFN {c.intermediate_size}, {_dtype_name(self.dtype)})",
+            f"{hidden}, FFN {c.intermediate_size}, {dtype_name(self.dtype)})",
             f"  output      {c.model_type if o.format == 'hf_moe' else o.format} (format {o.format})",
             f"  experts     {self.num_experts} routed of width {self.expert_width} per MoE layer "
             + (f"(full copies of the FFN){shared}" if self.shards == 1 else
@@ -307,7 +311,7 @@ class UpcyclePlan:
         size = total * self.dtype.itemsize
         lines += [
             f"  parameters  total {total:,} ({total / dense:.2f}x the dense {dense:,}), active per token {active:,}",
-            f"  file size   ~{_human_bytes(size)} ({_dtype_name(self.dtype)}), shards of at most {o.max_shard_size}",
+            f"  file size   ~{_human_bytes(size)} ({dtype_name(self.dtype)}), shards of at most {o.max_shard_size}",
         ]
         lines += [f"  engines     {warning}" for warning in self.engine_warnings]
         return "\n".join(lines)
@@ -492,7 +496,7 @@ def _deviations(o: UpcycleOptions, dtype: torch.dtype, scale: float, folded: boo
     if not o.norm_topk_prob and o.router_init != "zeros":
         reasons.append("top-k weights are not renormalised, so the output scale depends on the router")
     if folded and not math.log2(scale).is_integer() and dtype != torch.float32:
-        reasons.append(f"the routed scale {scale:g} is folded into {_dtype_name(dtype)} weights as "
+        reasons.append(f"the routed scale {scale:g} is folded into {dtype_name(dtype)} weights as "
                        f"sqrt({scale:g}), which rounds")
     if o.format == "qwen2_moe" and o.shared_experts and dtype == torch.float16:
         reasons.append("the qwen2_moe shared-expert gate needs a weight below float16's smallest subnormal to be "
@@ -507,16 +511,16 @@ def _our_config(o: UpcycleOptions, source: DenseSource, top_k: int, scale: float
                    routed_scaling_factor=scale if in_config else 1.0)
     if o.arch == "mixtral":
         fields_.pop("qkv_bias"), fields_.pop("qk_norm")
-        return _build_config(MixtralMoEConfig, "upcycled config", **fields_, num_local_experts=o.num_experts,
-                             **routing)
+        return build_config(MixtralMoEConfig, "upcycled config", **fields_, num_local_experts=o.num_experts,
+                            **routing)
     routed = o.granularity - o.shared_experts
     width = fields_["intermediate_size"] // o.granularity
     copies = o.num_experts // routed
     groups = {}
     if o.router_init == "zeros" and routed > 1 and copies > 1:  # tied rows: keep whole copies together
         groups = dict(n_group=copies, topk_group=top_k // routed)
-    return _build_config(
-        DeepSeekMoEConfig, "upcycled config", **fields_, **_explicit_layer_fields(layer_types), **routing, **groups,
+    return build_config(
+        DeepSeekMoEConfig, "upcycled config", **fields_, **explicit_layer_fields(layer_types), **routing, **groups,
         moe_intermediate_size=width, n_routed_experts=o.num_experts, n_shared_experts=o.shared_experts,
         shared_expert_intermediate_size=o.shared_experts * width,
         shared_expert_gate=o.format == "qwen2_moe" and o.shared_experts > 0,
@@ -556,7 +560,8 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
         source.check_tensors(reader)
         dtype = reader.dtype("model.embed_tokens.weight")
         source_names = source.tensor_names(reader)
-        names = list(our_tensor_shapes(config))
+        # a selection bias starts at zero by definition and loads as zeros when absent: not written
+        names = [name for name in our_tensor_shapes(config) if not name.endswith(SELECTION_BIAS)]
         if "lm_head.weight" not in source_names and not untie:  # untie: the head is a copy of the embeddings
             names.remove("lm_head.weight")
     calibration = _calibration_chunks(o, source.folder, source.fields["vocab_size"])
@@ -566,9 +571,9 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
             raise _invalid("calibration_tokens", f"{sum(len(c) for c in calibration)} tokens",
                            f"k-means of the router needs at least {clusters} calibration tokens (one per router row)")
     weight_scales = (1.0, 1.0) if in_config else _scale_factors(scale)
-    config.dtype = _dtype_name(dtype)
+    config.dtype = dtype_name(dtype)
     if native_config is not None:
-        native_config.dtype = _dtype_name(dtype)
+        native_config.dtype = dtype_name(dtype)
     return UpcyclePlan(
         source=source, options=o, config=config, native_config=native_config, dtype=dtype, top_k=top_k,
         shards=o.granularity, routed_shards=routed, copies=copies,
@@ -664,8 +669,12 @@ def build_sparse_mlp(plan: UpcyclePlan, layer: int, gate: torch.Tensor, up: torc
     shared, experts = _neurons(plan, layer, profiles)
     num_experts, width = experts.shape
     hidden = gate.shape[1]
-    gate_up = torch.empty(num_experts, 2 * width, hidden, dtype=gate.dtype)  # [E, 2w, H], gate rows then up rows
-    down_proj = torch.empty(num_experts, hidden, width, dtype=down.dtype)  # [E, H, w]
+    # Experts that are the same neurons, left as they are (full copies of the FFN, one routed shard), are one block
+    # seen E times (`expand`: no copy); the shard writer writes it E times.
+    if o.drop_ratio == 0 and o.noise_std == 0 and bool((experts == experts[0]).all()):
+        experts = experts[:1]
+    gate_up = torch.empty(len(experts), 2 * width, hidden, dtype=gate.dtype)  # [E or 1, 2w, H], gate then up rows
+    down_proj = torch.empty(len(experts), hidden, width, dtype=down.dtype)  # [E or 1, H, w]
     for expert, ids in enumerate(experts):
         gate_up[expert, :width] = _neuron_slices(gate, ids, 0)
         gate_up[expert, width:] = _neuron_slices(up, ids, 0)
@@ -688,8 +697,9 @@ def build_sparse_mlp(plan: UpcyclePlan, layer: int, gate: torch.Tensor, up: torc
     if up_scale != 1:
         gate_up[:, width:] = _scaled(gate_up[:, width:], up_scale)
     down_proj = _scaled(down_proj, down_scale)
-    tensors = {"gate.weight": _router(plan, layer, router_inputs, hidden), "experts.gate_up_proj": gate_up,
-               "experts.down_proj": down_proj}
+    tensors = {"gate.weight": _router(plan, layer, router_inputs, hidden),
+               "experts.gate_up_proj": gate_up.expand(num_experts, -1, -1),
+               "experts.down_proj": down_proj.expand(num_experts, -1, -1)}
     if config.n_shared_experts:
         shared_down = _neuron_slices(down, shared, 1)
         if config.shared_expert_gate:  # Qwen2-MoE: sigmoid(w . x) = 1/2 exactly, undone by x2 on the shared down_proj
@@ -711,46 +721,70 @@ def build_sparse_mlp(plan: UpcyclePlan, layer: int, gate: torch.Tensor, up: torc
 class _Emitter:
     """Adds our tensors to the shard writer, under the native names when writing a native format."""
 
-    def __init__(self, writer: ShardWriter, plan: UpcyclePlan):
+    def __init__(self, plan: UpcyclePlan, writer: ShardWriter | None = None):
         self.writer, self.plan = writer, plan
         self.layout = LAYOUTS[plan.options.format] if plan.options.format != "hf_moe" else None
         self.bytes = 0
 
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
+    def parts(self, name: str, tensor: torch.Tensor):
+        """(name, tensor) as written: ours, or the native tensors that hold it."""
         if self.layout is None:
-            self.writer.add(name, tensor)
+            yield name, tensor
             return
         mapping = tensor_mapping(name, self.layout, self.plan.num_experts)
-        for native_name, part in zip(mapping.native, mapping.to_native(tensor), strict=True):
-            self.writer.add(native_name, part)
+        yield from zip(mapping.native, mapping.to_native(tensor), strict=True)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        for written, part in self.parts(name, tensor):
+            self.writer.add(written, part)
 
 
-def _layer_of(name: str) -> int:
-    match = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
+# The source tensor whose dtype each tensor of a sparse layer's MoE block keeps (the router: the checkpoint's dtype).
+_MADE_FROM = {"experts.gate_up_proj": "gate_proj", "experts.down_proj": "down_proj",
+              "shared_expert_gate.weight": "gate_proj", "shared_experts.gate_proj.weight": "gate_proj",
+              "shared_experts.up_proj.weight": "up_proj", "shared_experts.down_proj.weight": "down_proj"}
+
+
+def write_plan(plan: UpcyclePlan, reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    """Every tensor `stream` writes, in order, as written (native names for a native format): a meta tensor of its
+    shape and dtype, so that the shard writer knows every shard's header before the first byte."""
+    shapes, emitter = our_tensor_shapes(plan.config), _Emitter(plan)
+    written = {}
+    for name in plan.output_names:
+        if name in reader:
+            dtype = reader.dtype(name)
+        elif name == "lm_head.weight":  # a tied head written untied: the embeddings
+            dtype = reader.dtype("model.embed_tokens.weight")
+        else:  # a tensor of a sparse layer's MoE block
+            prefix, block_name = name.split("mlp.", 1)
+            made_from = _MADE_FROM.get(block_name)
+            dtype = plan.dtype if made_from is None else reader.dtype(f"{prefix}mlp.{made_from}.weight")
+        written.update(emitter.parts(name, torch.empty(shapes[name], dtype=dtype, device="meta")))
+    return written
 
 
 def stream(plan: UpcyclePlan, reader: CheckpointReader, folder: Path) -> list[str]:
     """Write the upcycled weights into `folder`, one layer at a time; returns the weight file names.
 
-    Per layer, the source tensors are read once, the MoE block is built from the dense FFN, and everything is handed
-    to the shard writer, which flushes a shard whenever the next tensor would not fit. The reader's file handles are
-    closed after each layer, so the source's memory-mapped pages do not accumulate in the process either.
+    The shard writer lays out every shard from `write_plan` first, so each tensor goes to disk at its place as soon
+    as it is made. Per layer, the source tensors are read once (memory-mapped), the MoE block is built from the dense
+    FFN (experts that are copies of one block are that block, expanded), and everything is written. A source tensor's
+    pages stay mapped only while it is referenced, so they do not accumulate in the process either.
     """
     o = plan.options
-    writer = ShardWriter(folder, o.max_shard_size)
-    emit = _Emitter(writer, plan)
+    writer = ShardWriter(folder, o.max_shard_size, plan=write_plan(plan, reader))
+    emit = _Emitter(plan, writer)
     calibration = None
     if plan.calibration:  # the dense model, run layer by layer alongside the conversion
         calibration = LayerwiseModel(plan.source.config, reader.get("model.embed_tokens.weight"), plan.calibration)
     by_layer: dict[int, list[str]] = {}
     for name in plan.output_names:
-        by_layer.setdefault(_layer_of(name), []).append(name)
+        by_layer.setdefault(layer_of(name), []).append(name)
     outside_layers = by_layer.pop(-1)
     shard_bytes = parse_size(o.max_shard_size)
     emit("model.embed_tokens.weight", reader.get("model.embed_tokens.weight"))
-    reader.close()  # the embedding's pages need not stay mapped through the first layer
+    reader.close()  # its pages stay mapped while a handle is open: not through the first layer
     progress = tqdm(sorted(by_layer), desc="upcycle", unit="layer", disable=None)
     for layer in progress:
         prefix = layer_prefix(layer)
@@ -775,7 +809,7 @@ def stream(plan: UpcyclePlan, reader: CheckpointReader, folder: Path) -> list[st
         progress.set_postfix(shards=max(1, math.ceil(emit.bytes / shard_bytes)))
     for name in outside_layers:
         if name == "lm_head.weight" and name not in reader:  # a tied head written untied (see plan_upcycle)
-            emit(name, reader.get("model.embed_tokens.weight").clone())
+            emit(name, reader.get("model.embed_tokens.weight"))
         elif name != "model.embed_tokens.weight":
             emit(name, reader.get(name))
     return writer.finish()
@@ -801,11 +835,11 @@ def _save_config(plan: UpcyclePlan, folder: Path) -> None:
         content = native_config_dict(plan.native_config)
         (folder / "config.json").write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         generation_source = plan.native_config
-    excluded = {*SOURCE_FILES_NOT_COPIED, *_remote_code_files(plan.source.config_dict)}
+    excluded = {*SOURCE_FILES_NOT_COPIED, *remote_code_files(plan.source.config_dict)}
     if plan.native_config is None:
         excluded.update(our_model_code_files())  # ours were just written
     copy_side_files(plan.source.folder, folder, exclude=excluded)
-    _ensure_generation_config(folder, generation_source)
+    ensure_generation_config(folder, generation_source)
 
 
 def _write_heatmap(plan: UpcyclePlan, folder: Path) -> None:

@@ -32,11 +32,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import logging
 
-from ..cards import VERIFICATION_FILE
+from ..cards import VERIFICATION_FILE, format_report, quiet_loading  # noqa: F401 (format_report: importable from here too)
 from ..modeling.configuration_hf_moe import MoEDecoderConfig
 from ..modeling.modeling_hf_moe import MoEDecoderLayer, MoERMSNorm, MoERotaryEmbedding
 from .dense import SUPPORTED_SOURCES, dense_config, dense_fields
-from .native import (
+from .layout import (
     EXPORT_FORMATS,
     OUR_CONFIG_CLASSES,
     load_our_config,
@@ -59,6 +59,7 @@ MODES = ("auto", "full", "layerwise")
 NUM_PROMPTS, PROMPT_LENGTH = 3, 32  # default prompts: at most 3 sentences, or random ids of this length
 # `auto` loads whole models when the larger one takes at most this share of the machine's memory in fp32
 FULL_MODE_MEMORY_SHARE = 0.4
+HEAD_ROWS = 8192  # vocabulary rows of the head converted to fp32 at a time by the layer-by-layer mode
 
 
 class VerificationError(RuntimeError):
@@ -88,9 +89,10 @@ def _logits(folder: Path, prompts: list[torch.Tensor], attn_implementation: str,
     """Logits of every prompt, concatenated [sum of S, V], and the class name; `moe` also checks the loading and
     uses the readable eager experts loop."""
     extra = {"experts_implementation": "eager"} if moe else {}
-    model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation=attn_implementation, output_loading_info=True, **extra
-    )
+    with quiet_loading():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation=attn_implementation, output_loading_info=True, **extra
+        )
     if moe and (info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys")):
         raise VerificationError(
             f"{folder} does not load cleanly into {type(model).__name__}: missing {sorted(info['missing_keys'])[:4]}, "
@@ -155,7 +157,9 @@ class LayerwiseModel:
         """Final RMSNorm and head on every prompt, concatenated: [sum of S, V]."""
         norm = MoERMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = norm_weight.float()
-        return torch.cat([F.linear(norm(hidden)[0], lm_head.float()) for hidden in self.hidden])
+        hidden = torch.cat([norm(hidden)[0] for hidden in self.hidden])
+        # the head in fp32 a block of vocabulary rows at a time, never all of it
+        return torch.cat([F.linear(hidden, rows.float()) for rows in lm_head.split(HEAD_ROWS)], dim=1)
 
 
 def _our_view(folder: Path) -> tuple[MoEDecoderConfig, Callable[[CheckpointReader, str], torch.Tensor], str]:
@@ -182,16 +186,20 @@ def _our_view(folder: Path) -> tuple[MoEDecoderConfig, Callable[[CheckpointReade
 def _layerwise_logits(folder: Path, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
     config, read, description = _our_view(folder)
     with CheckpointReader(folder) as reader:
-        embed = read(reader, "model.embed_tokens.weight")
-        model = LayerwiseModel(config, embed, [ids[0] for ids in prompts])
+        model = LayerwiseModel(config, read(reader, "model.embed_tokens.weight"), [ids[0] for ids in prompts])
         names = list(our_tensor_shapes(config))
+
+        def fp32(name: str) -> torch.Tensor:
+            tensor = read(reader, name).float()
+            reader.close()  # the memory-mapped pages just read are released: the layer is held once, in fp32
+            return tensor
+
         for layer_idx in range(config.num_hidden_layers):
             prefix = f"model.layers.{layer_idx}."
-            model.run_layer(layer_idx, {name.removeprefix(prefix): read(reader, name) for name in names
+            model.run_layer(layer_idx, {name.removeprefix(prefix): fp32(name) for name in names
                                         if name.startswith(prefix)})
-            reader.close()  # the memory-mapped pages of this layer's file are released
         tied = config.tie_word_embeddings and "lm_head.weight" not in reader
-        head = embed if tied else read(reader, "lm_head.weight")
+        head = read(reader, "model.embed_tokens.weight" if tied else "lm_head.weight")
         logits = model.logits(read(reader, "model.norm.weight"), head)
     return logits, f"hf_moe layer by layer: {description}"
 
@@ -278,16 +286,3 @@ def write_verification(report: dict, folder: str | os.PathLike) -> Path:
     path = Path(folder) / VERIFICATION_FILE
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
-
-
-def format_report(report: dict) -> str:
-    """One line: errors and agreement (and the verdict when a tolerance was set)."""
-    line = (f"max abs logit error {report['max_abs_error']:.3g}, max relative error {report['max_rel_error']:.3g}, "
-            f"top-1 agreement {100 * report['top1_agreement']:.1f}% over {report['num_positions']} positions")
-    if "non_finite_logits" in report:
-        sides = [f"{side} ({count} of {report['num_positions']} x vocabulary)"
-                 for side, count in report["non_finite_logits"].items() if count]
-        return line + f"; FAILED: non-finite (NaN or inf) logits in {' and '.join(sides)}"
-    if "tolerance" in report:
-        line += f" ({'within' if report['passed'] else 'ABOVE'} the tolerance {report['tolerance']:g})"
-    return line

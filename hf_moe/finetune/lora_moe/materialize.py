@@ -45,7 +45,7 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     Nothing is left at OUT on failure.
     """
     from ...conversion.dense import dense_fields
-    from ...conversion.native import our_tensor_shapes, save_our_config
+    from ...conversion.layout import our_tensor_shapes, save_our_config
     from ...conversion.safetensors_io import ConversionError, ShardWriter, copy_side_files
     from ...outputs import atomic_output_dir, check_output_dir
     from ...preflight import check_adapter_folder, check_checkpoint_folder, is_hub_repo_id
@@ -70,11 +70,11 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
                               f"materialize.")
     config = moe_config(fields, adapter_config, sparse_layers)
     config.dtype = str(out_dtype).removeprefix("torch.")
-    names = list(our_tensor_shapes(config))
-    if config.tie_word_embeddings:
-        names.remove("lm_head.weight")
+    shapes = our_tensor_shapes(config)
+    names = [name for name in shapes if not (name == "lm_head.weight" and config.tie_word_embeddings)]
     with atomic_output_dir(out, "materialize", overwrite=overwrite, sources=[base, adapter]) as folder:
-        writer = ShardWriter(folder, max_shard_size)
+        writer = ShardWriter(folder, max_shard_size, plan={
+            name: torch.empty(shapes[name], dtype=out_dtype, device="meta") for name in names})
         for name, tensor in our_tensors(model, names, adapter_name):
             writer.add(name, tensor.to(out_dtype))
         writer.finish()
