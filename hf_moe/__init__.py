@@ -31,11 +31,16 @@ from .modeling.modeling_hf_moe import (
     MixtralMoEModel,
 )
 from .modeling.routing import collect_router_statistics, update_router_bias
-from .registration import register_auto_classes, register_peft_methods_when_peft_is_imported
+from .registration import (
+    register_auto_classes,
+    register_checkpoint_conversions,
+    register_peft_methods_when_peft_is_imported,
+)
 
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_checkpoint_conversions()
 # MIXLORA, LORAMOE, MOLA: get_peft_model / PeftModel.from_pretrained find them. peft takes seconds to import, so they
 # are registered when peft is imported (now, if it already is).
 register_peft_methods_when_peft_is_imported()

@@ -37,6 +37,24 @@ AUTO_CLASSES = {
 }
 
 
+# transformers' load-time conversions of the per-expert layout into fused experts: Mixtral's (w1/w3/w2 under
+# block_sparse_moe) and Qwen2-MoE's (gate/up/down_proj under mlp, as DeepSeek-MoE, DeepSeek-V2/V3, GLM-4.5, OLMoE)
+CHECKPOINT_CONVERSIONS = {"hf_moe_mixtral": "mixtral", "hf_moe_deepseek": "qwen2_moe"}
+
+
+def register_checkpoint_conversions() -> None:
+    """Let `from_pretrained` of our model types read per-expert checkpoints: one of our folders saved with
+    `save_original_format=True`, or a native per-expert checkpoint given our config (`config=`), e.g. the DeepSeek-MoE
+    16B remote-code layout. In-process only: remote code loads the fused layout our folders hold."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for model_type, native in CHECKPOINT_CONVERSIONS.items():
+        register_checkpoint_conversion_mapping(model_type, get_checkpoint_conversion_mapping(native), overwrite=True)
+
+
 def register_auto_classes() -> None:
     for family, config_class in FAMILIES.items():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

@@ -325,6 +325,64 @@ def test_deepseek_import_matches_directly_built_model(deepseek_checkpoint):
     assert (logits_of(imported, inputs) - logits_of(direct, inputs)).abs().max().item() <= TOLERANCE
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Load-time conversion: per-expert checkpoints load into our fused experts (`import hf_moe` registers it)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_our_folders_stay_fused_and_load_from_the_per_expert_layout(deepseek_checkpoint, tmp_path):
+    loaded = load(AutoModelForCausalLM, deepseek_checkpoint[2])
+    ours = DeepSeekMoEForCausalLM(loaded.config)  # built, not loaded: transformers reverts only what it converted
+    ours.load_state_dict(loaded.state_dict())
+    ours.save_pretrained(tmp_path / "fused")
+    assert "model.layers.1.mlp.experts.gate_up_proj" in tensor_names(tmp_path / "fused")
+    ours.save_pretrained(tmp_path / "per_expert", save_original_format=True)
+    names = tensor_names(tmp_path / "per_expert")
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight" in names and not any("gate_up_proj" in n for n in names)
+    inputs = sample_inputs(seed=4)
+    reloaded = load(AutoModelForCausalLM, tmp_path / "per_expert")
+    assert torch.equal(logits_of(reloaded, inputs), logits_of(ours, inputs))
+
+
+def test_deepseek_remote_code_layout_loads_directly_with_our_config(deepseek_checkpoint):
+    """What `hf-moe import` writes, `from_pretrained` now also reads in place, given the converted config."""
+    _, source, ours_dir = deepseek_checkpoint
+    config = native_config_to_ours(json.loads((source / "config.json").read_text()))
+    direct, info = DeepSeekMoEForCausalLM.from_pretrained(source, config=config, attn_implementation="eager",
+                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = sample_inputs(seed=5)
+    assert torch.equal(logits_of(direct, inputs), logits_of(load(AutoModelForCausalLM, ours_dir), inputs))
+
+
+def test_mixtral_checkpoint_loads_directly_with_our_config(checkpoints):
+    native, source, _ = checkpoints("mixtral")
+    config = native_config_to_ours(json.loads((source / "config.json").read_text()))
+    direct, info = MixtralMoEForCausalLM.from_pretrained(source, config=config, attn_implementation="eager",
+                                                         output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = sample_inputs(seed=6)
+    assert (logits_of(direct, inputs) - logits_of(native, inputs)).abs().max().item() <= TOLERANCE
+
+
+def test_deepseek_v3_checkpoint_loads_directly_with_our_config(tmp_path):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    native = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=EXPERTS, num_experts_per_tok=2, n_group=2,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5))
+    randomize_(native, seed=7)
+    native.save_pretrained(tmp_path)
+    config = native_config_to_ours(json.loads((tmp_path / "config.json").read_text()))
+    direct, info = DeepSeekMoEForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    inputs = sample_inputs(seed=7)
+    assert (logits_of(direct, inputs) - logits_of(native, inputs)).abs().max().item() <= TOLERANCE
+
+
 def test_deepseek_import_files(deepseek_checkpoint):
     _, _, ours_dir = deepseek_checkpoint
     assert (ours_dir / "model.safetensors.index.json").is_file()

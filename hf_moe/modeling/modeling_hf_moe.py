@@ -617,6 +617,12 @@ class MoEPreTrainedModel(PreTrainedModel):
             self._keep_in_fp32_modules_strict = []
         super().post_init()
 
+    def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
+        # Our checkpoints keep the fused experts on disk (what remote code, `hf-moe export` and Trainer's resume
+        # read). `import hf_moe` registers transformers' per-expert conversion for our model types so that
+        # per-expert folders load; transformers would then write that layout back by default: opt-in here.
+        return super().save_pretrained(*args, save_original_format=save_original_format, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # where transformers would default to its `grouped_mm`, default to "auto": `sorted_mm` where that is faster
         # (fp32 on x86-64 CPUs), `grouped_mm` elsewhere (experts_kernels.py)
