@@ -329,7 +329,7 @@ def test_merging_is_refused_and_unload_restores_the_base():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Save -> fresh process -> load (all three methods at once: one interpreter start)
+# Save -> fresh process -> load (all three methods, and MixLoRA's options, at once: one interpreter start)
 
 
 FRESH_PROCESS_CHECK = textwrap.dedent("""
@@ -340,7 +340,7 @@ FRESH_PROCESS_CHECK = textwrap.dedent("""
 
     folder = sys.argv[1]
     ids = torch.load(f"{folder}/ids.pt")
-    for method in ("mixlora", "loramoe", "mola"):
+    for method in sys.argv[2:]:
         expected = torch.load(f"{folder}/{method}_logits.pt")
         base = AutoModelForCausalLM.from_pretrained(f"{folder}/base")
         model = PeftModel.from_pretrained(base, f"{folder}/{method}").eval()
@@ -373,6 +373,12 @@ def test_save_then_load_in_a_fresh_process_gives_identical_logits(tmp_path):
         "mixlora": hf_moe.MixLoraConfig(**MIXLORA),
         "loramoe": hf_moe.LoraMoeConfig(task_type="CAUSAL_LM", num_experts=4, lora_dropout=0.0),
         "mola": hf_moe.MolaConfig(task_type="CAUSAL_LM", num_experts="hourglass", lora_dropout=0.0),
+        # MixLoRA's routing and LoRA-shape options (test_lora_moe_routing.py)
+        "mixlora_dynamic": hf_moe.MixLoraConfig(**MIXLORA, routing_strategy="mixlora-dynamic", top_p=0.6,
+                                                expert_r=2, expert_lora_alpha=4, use_rslora=True,
+                                                expert_projections=["up_proj", "down_proj"]),
+        "mixlora_switch": hf_moe.MixLoraConfig(**MIXLORA, routing_strategy="mixlora-switch", jitter_noise=0.1,
+                                               expert_projections=["gate_proj"]),
     }
     for method, config in configs.items():
         model = peft_model(config, base=LlamaForCausalLM.from_pretrained(base_dir))
@@ -382,7 +388,7 @@ def test_save_then_load_in_a_fresh_process_gives_identical_logits(tmp_path):
         files = sorted(path.name for path in (tmp_path / method).iterdir())
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"], files
         saved = json.loads((tmp_path / method / "adapter_config.json").read_text())
-        assert saved["peft_type"] == method.upper() and saved["base_model_name_or_path"] == str(base_dir)
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK, str(tmp_path)], capture_output=True,
+        assert saved["peft_type"] == method.split("_")[0].upper() and saved["base_model_name_or_path"] == str(base_dir)
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK, str(tmp_path), *configs], capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

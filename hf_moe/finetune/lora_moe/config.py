@@ -10,11 +10,16 @@ Defaults follow the papers' reference code (see each class). `target_modules=Non
 modules for Llama, Mistral, Qwen2, Qwen3 and Gemma bases (`model.TARGET_MODULES`).
 """
 
+import math
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
 from .peft_types import LORAMOE, MIXLORA, MOLA
+
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# MixLoRA's routing strategies, named as in MoE-PEFT: top-k (Mixtral), top-p (dynamic), top-1 (Switch)
+MIXLORA_ROUTING = ("mixlora", "mixlora-dynamic", "mixlora-switch")
 
 # MoLA's layer-wise allocations (Gao et al. 2024), expert counts for the four quarters of the layers, lowest first.
 # Every preset spends the same 20 experts per quarter-set, as in the paper's equal-budget comparison.
@@ -34,6 +39,10 @@ def _require(condition: bool, name: str, value, allowed: str) -> None:
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _help(text: str) -> dict:
@@ -65,12 +74,16 @@ class LoraExpertConfig(PeftConfig):
     router_init_std: float | None = field(
         default=None, metadata=_help("Router weights ~ N(0, std); None = kaiming-uniform(a=sqrt(5)), nn.Linear's "
                                      "default."))
+    use_rslora: bool = field(
+        default=False, metadata=_help("Rank-stabilised LoRA (Kalajdzievski 2023, arXiv 2312.03732): scale by lora_alpha / sqrt(r) "
+                                      "instead of lora_alpha / r."))
 
     def __post_init__(self):
         super().__post_init__()
         _require(_positive_int(self.r), "r", self.r, "must be a positive integer")
         _require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
         _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _require(isinstance(self.use_rslora, bool), "use_rslora", self.use_rslora, "must be true or false")
         _require(self.router_init_std is None or self.router_init_std > 0, "router_init_std", self.router_init_std,
                  "must be None (kaiming-uniform) or > 0")
         if isinstance(self.target_modules, (list, tuple)):
@@ -80,7 +93,12 @@ class LoraExpertConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass
@@ -94,6 +112,19 @@ class MixLoraConfig(LoraExpertConfig):
     `target_modules` may name FFN blocks (modules with gate_proj/up_proj/down_proj/act_fn, e.g. "mlp") and Linears:
     the type of each matched module decides. Defaults: r 8, alpha 16, dropout 0.05, 8 experts, top-2 (the published
     MixLoRA adapters), router N(0, 0.02) and Switch loss 0.001 (MoE-PEFT's code default; its README examples use 0.01).
+
+    `routing_strategy` (the names and rules of MoE-PEFT's `moe_peft/adapters/mixlora/model.py`), p = softmax(W_router x):
+        "mixlora"          top-k of p, renormalised to sum to one (as above)
+        "mixlora-dynamic"  top-p: sort p descending, keep every expert whose cumulative sum is <= top_p plus the first
+                           one past it (the smallest set with mass > top_p, no cap on its size); the weights are the
+                           kept p, NOT renormalised
+        "mixlora-switch"   top-1 (Switch Transformer): weight max(p), not renormalised; loss adds
+                           router_z_loss_coef * z-loss (mean over tokens of logsumexp(logits)^2)
+    `jitter_noise` eps (training only): the block input is multiplied by U(1 - eps, 1 + eps) per element; the router
+    and the experts see the jittered input, except with "mixlora-switch", where only the router does (both as
+    MoE-PEFT and as transformers' Mixtral and SwitchTransformers). The experts' LoRA can have its own rank and alpha
+    (`expert_r`, `expert_lora_alpha`; the attention LoRA keeps `r`, `lora_alpha`), and `expert_projections` picks
+    which FFN projections carry expert LoRA (the others stay frozen and shared).
     """
 
     num_experts: int = field(default=8, metadata=_help("LoRA experts per FFN block."))
@@ -102,6 +133,23 @@ class MixLoraConfig(LoraExpertConfig):
     router_aux_loss_coef: float = field(
         default=0.001, metadata=_help("Weight of the Switch load-balancing loss, computed over the router logits of "
                                       "all layers together (Mixtral's load_balancing_loss_func)."))
+    routing_strategy: str = field(
+        default="mixlora", metadata=_help(f"Routing of the FFN experts: one of {list(MIXLORA_ROUTING)} (top-k, "
+                                          "top-p, top-1)."))
+    top_p: float = field(
+        default=0.8, metadata=_help("Probability mass of 'mixlora-dynamic' routing, in (0, 1]."))
+    router_z_loss_coef: float = field(
+        default=0.001, metadata=_help("Weight of the router z-loss of 'mixlora-switch' routing (ignored otherwise)."))
+    jitter_noise: float = field(
+        default=0.0, metadata=_help("Training only: multiply the block input by U(1 - eps, 1 + eps); 0 = off "
+                                    "(MoE-PEFT uses 0.01 with 'mixlora-switch')."))
+    expert_r: int | None = field(
+        default=None, metadata=_help("Rank of the FFN experts' LoRA; None = r."))
+    expert_lora_alpha: int | None = field(
+        default=None, metadata=_help("Scaling numerator of the FFN experts' LoRA; None = lora_alpha."))
+    expert_projections: list[str] | None = field(
+        default=None, metadata=_help(f"FFN projections that carry expert LoRA, a non-empty subset of "
+                                     f"{list(FFN_PROJECTIONS)}; None = all three."))
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +158,38 @@ class MixLoraConfig(LoraExpertConfig):
         _require(_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k", self.top_k,
                  f"must be between 1 and num_experts={self.num_experts}")
         _require(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
+        _require(self.routing_strategy in MIXLORA_ROUTING, "routing_strategy", self.routing_strategy,
+                 f"allowed: {list(MIXLORA_ROUTING)}")
+        _require(_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _require(_number(self.router_z_loss_coef) and self.router_z_loss_coef >= 0, "router_z_loss_coef",
+                 self.router_z_loss_coef, "must be >= 0")
+        _require(_number(self.jitter_noise) and 0 <= self.jitter_noise < 1, "jitter_noise", self.jitter_noise,
+                 "must be in [0, 1)")
+        _require(self.expert_r is None or _positive_int(self.expert_r), "expert_r", self.expert_r,
+                 "must be None (= r) or a positive integer")
+        _require(self.expert_lora_alpha is None or (_number(self.expert_lora_alpha) and self.expert_lora_alpha > 0),
+                 "expert_lora_alpha", self.expert_lora_alpha, "must be None (= lora_alpha) or > 0")
+        if self.expert_projections is not None:
+            projections = self.expert_projections
+            _require(isinstance(projections, (list, tuple)) and len(projections) > 0
+                     and set(projections) <= set(FFN_PROJECTIONS) and len(set(projections)) == len(projections),
+                     "expert_projections", projections,
+                     f"must be None (all) or a non-empty list of distinct names from {list(FFN_PROJECTIONS)}")
+            self.expert_projections = [name for name in FFN_PROJECTIONS if name in projections]  # canonical order
+
+    @property
+    def expert_rank(self) -> int:
+        return self.expert_r if self.expert_r is not None else self.r
+
+    @property
+    def expert_scaling(self) -> float:
+        """Scaling of the FFN experts' LoRA: expert_lora_alpha / expert_r (or / sqrt(expert_r) with rsLoRA)."""
+        alpha = self.expert_lora_alpha if self.expert_lora_alpha is not None else self.lora_alpha
+        return lora_scaling(alpha, self.expert_rank, self.use_rslora)
+
+    @property
+    def projections_with_experts(self) -> tuple[str, ...]:
+        return tuple(self.expert_projections) if self.expert_projections is not None else FFN_PROJECTIONS
 
 
 @dataclass

@@ -19,6 +19,29 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
     return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), index
 
 
+def top_p_gates(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic top-p routing (MoE-PEFT's "mixlora-dynamic"): sort p = softmax(logits) (fp32) descending and keep the
+    experts whose cumulative sum is <= top_p plus the first one past it, i.e. the smallest set with mass > top_p;
+    there is no cap on its size. The weights are the kept probabilities, not renormalised.
+
+    Returns (weights [T, n], index [T, n], kept [T, n] bool) with n the largest set of this call: slots past a
+    token's own set have weight 0 and kept False."""
+    probs = scores_from_logits(logits, "softmax")
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    over = sorted_probs.cumsum(dim=-1) > top_p
+    first_over = F.one_hot(over.long().argmax(dim=-1), probs.shape[-1]).bool()  # all False rows give 0: kept anyway
+    kept = ~over | first_over  # a prefix of the sorted order, since the cumulative sum only grows
+    width = int(kept.sum(dim=-1).max()) if kept.numel() else 1
+    kept = kept[:, :width]
+    return sorted_probs[:, :width] * kept, order[:, :width], kept
+
+
+def switch_gates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch Transformer top-1 routing (MoE-PEFT's "mixlora-switch"): the argmax expert of p = softmax(logits)
+    (fp32) with weight max(p), not renormalised. Returns (weights [T, 1], index [T, 1])."""
+    return scores_from_logits(logits, "softmax").max(dim=-1, keepdim=True)
+
+
 def expert_gates(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gate of every expert for every token, [T, E] fp32: the dense softmax when `top_k` is None (LoRAMoE), else
     the renormalised top-k weights with zeros elsewhere (MoLA). Also returns the top-k index [T, k] (None if dense)."""

@@ -20,7 +20,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from .functional import expert_gates, grouped_lora, lora, lora_mixture, permute_rows, top_k_gates
+from .config import FFN_PROJECTIONS
+from .functional import (
+    expert_gates,
+    grouped_lora,
+    lora,
+    lora_mixture,
+    permute_rows,
+    switch_gates,
+    top_k_gates,
+    top_p_gates,
+)
 
 
 @dataclass
@@ -32,6 +42,7 @@ class RoutingRecord:
     logits: torch.Tensor  # [T, E] router logits
     top_k_index: torch.Tensor | None  # [T, k] chosen experts; None for dense routing (LoRAMoE)
     batch_size: int  # B, with T = B * S
+    valid: torch.Tensor | None = None  # [T, k] bool: the slot is one of the token's choices (top-p); None = all
 
 
 class LoraExpertLayer(BaseTunerLayer):
@@ -59,13 +70,13 @@ class LoraExpertLayer(BaseTunerLayer):
         return next(self.get_base_layer().parameters())
 
     def _add_adapter(self, adapter_name: str, config, shapes: dict[str, tuple[int, ...]], num_experts: int,
-                     top_k: int | None) -> None:
+                     top_k: int | None, scaling: float | None = None) -> None:
         reference = self._reference_weight()
         dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         for name, shape in shapes.items():
             getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=reference.device, dtype=dtype))
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.scaling[adapter_name] = config.scaling
+        self.scaling[adapter_name] = config.scaling if scaling is None else scaling
         self.num_experts[adapter_name] = num_experts
         self.top_k[adapter_name] = top_k
         self.reset_parameters(adapter_name, config)
@@ -77,6 +88,8 @@ class LoraExpertLayer(BaseTunerLayer):
         nn.Linear(in, r)); B zero, so that the adapted model starts as the base (random with init_lora_weights=False).
         """
         for name in self.adapter_layer_names:
+            if adapter_name not in getattr(self, name):  # a projection without expert LoRA (MixLoRA)
+                continue
             param = getattr(self, name)[adapter_name]
             if name.endswith("router") and config.router_init_std is not None:
                 nn.init.normal_(param, std=config.router_init_std)
@@ -88,7 +101,8 @@ class LoraExpertLayer(BaseTunerLayer):
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """This adapter's parameters by attribute name without the method prefix (`router`, `A`, `gate_A`, ...)."""
-        return {name.split("_", 1)[1]: getattr(self, name)[adapter_name] for name in self.adapter_layer_names}
+        return {name.split("_", 1)[1]: getattr(self, name)[adapter_name] for name in self.adapter_layer_names
+                if adapter_name in getattr(self, name)}
 
     def _adapters_to_run(self) -> list[str]:
         if self.disable_adapters:
@@ -108,9 +122,10 @@ class LoraExpertLayer(BaseTunerLayer):
         """The routing of this layer's latest router call while recording is on (None when off or before a call)."""
         return self._records[-1] if self._records else None
 
-    def _record(self, adapter_name: str, logits: torch.Tensor, top_k_index: torch.Tensor | None, batch_size: int):
+    def _record(self, adapter_name: str, logits: torch.Tensor, top_k_index: torch.Tensor | None, batch_size: int,
+                valid: torch.Tensor | None = None):
         if self._records is not None:
-            self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size))
+            self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size, valid))
 
 
 def _batch_size(x: torch.Tensor) -> int:
@@ -206,9 +221,6 @@ class MixLoraLinear(nn.Module, MixLoraLayer):
         return weights["B"] @ weights["A"] * self.scaling[adapter_name]
 
 
-FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
 def check_feed_forward(module: nn.Module, name: str = "the module") -> None:
     """MixLoRA needs a SwiGLU-style FFN: Linear gate_proj/up_proj [I, H], down_proj [H, I] and act_fn."""
     missing = [attr for attr in FFN_PROJECTIONS if not isinstance(getattr(module, attr, None), nn.Linear)]
@@ -227,40 +239,54 @@ def _dropout_per_token(dropout: nn.Module, hidden: torch.Tensor) -> torch.Tensor
     return hidden * dropout(hidden.new_ones(hidden.shape[0], 1, hidden.shape[-1]))
 
 
+@dataclass(frozen=True)
+class MixLoraRouting:
+    """The routing settings of one MixLoRA adapter (see `MixLoraConfig`)."""
+
+    strategy: str = "mixlora"  # "mixlora" (top-k) | "mixlora-dynamic" (top-p) | "mixlora-switch" (top-1)
+    top_p: float = 0.8
+    jitter_noise: float = 0.0
+
+
 class MixLoraFeedForward(nn.Module, MixLoraLayer):
     """A frozen FFN block turned into a sparse MoE of E experts that share it (MixLoRA):
 
-        w, idx = top-k of softmax(W_router x), renormalised                                        [T, k]
+        w, idx = gates of softmax(W_router x): top-k renormalised, top-p or top-1 (`MixLoraConfig.routing_strategy`)
         h_e = act(W_gate x + s B^g_e A^g_e x') * (W_up x + s B^u_e A^u_e x')                      [T, I]
-        y   = W_down (sum_{e in idx} w_e h_e) + b_down + sum_{e in idx} w_e s B^d_e A^d_e h_e'   [T, H]
+        y   = W_down (sum_{e in idx} w_e h_e) + (sum w) b_down + sum_{e in idx} w_e s B^d_e A^d_e h_e'   [T, H]
 
-    (s = alpha / r; x' and h_e' after LoRA dropout, whose mask on h_e is one per token, shared by its k experts).
-    This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose three weights carry expert e's LoRA, because down_proj is
-    linear and the weights sum to one. W_gate x and W_up x are computed once per token and shared by all experts, and
-    W_down runs once per token on the gate-weighted mix; only the rank-r LoRA products run per expert.
+    (s = expert alpha / expert r, or / sqrt(r) with rsLoRA; x' and h_e' after LoRA dropout, whose mask on h_e is one
+    per token, shared by its k experts; a projection left out of `expert_projections` has no LoRA term).
+    This equals sum_e w_e FFN_e(x) with FFN_e the FFN whose weights carry expert e's LoRA, because down_proj is
+    linear. W_gate x and W_up x are computed once per token and shared by all experts, and W_down runs once per token
+    on the gate-weighted mix; only the rank-r LoRA products run per expert.
     """
 
     adapter_layer_names = ("mixlora_router", "mixlora_gate_A", "mixlora_gate_B", "mixlora_up_A", "mixlora_up_B",
                            "mixlora_down_A", "mixlora_down_B")
+    other_param_names = (*LoraExpertLayer.other_param_names, "routing")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, num_experts: int, top_k: int,
                  layer_index: int | None = None):
         super().__init__()
         check_feed_forward(base_layer)
         self._init_layer(base_layer, layer_index)
+        self.routing: dict[str, MixLoraRouting] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k)
 
     def update_layer(self, adapter_name: str, config, num_experts: int, top_k: int) -> None:
-        ffn, r, experts = self.get_base_layer(), config.r, num_experts
+        ffn, r, experts = self.get_base_layer(), config.expert_rank, num_experts
         hidden, width = ffn.gate_proj.in_features, ffn.gate_proj.out_features
-        shapes = {
-            "mixlora_router": (experts, hidden),
-            "mixlora_gate_A": (experts, r, hidden), "mixlora_gate_B": (experts, width, r),
-            "mixlora_up_A": (experts, r, hidden), "mixlora_up_B": (experts, width, r),
-            "mixlora_down_A": (experts, r, width), "mixlora_down_B": (experts, hidden, r),
-        }
-        self._add_adapter(adapter_name, config, shapes, num_experts, top_k)
+        lora_shapes = {"gate": ((experts, r, hidden), (experts, width, r)),
+                       "up": ((experts, r, hidden), (experts, width, r)),
+                       "down": ((experts, r, width), (experts, hidden, r))}
+        shapes = {"mixlora_router": (experts, hidden)}
+        for projection in config.projections_with_experts:
+            name = projection.removesuffix("_proj")
+            shapes[f"mixlora_{name}_A"], shapes[f"mixlora_{name}_B"] = lora_shapes[name]
+        self.routing[adapter_name] = MixLoraRouting(config.routing_strategy, config.top_p, config.jitter_noise)
+        self._add_adapter(adapter_name, config, shapes, num_experts, top_k, scaling=config.expert_scaling)
 
     def _adapter_to_run(self) -> str | None:
         adapters = self._adapters_to_run()
@@ -269,23 +295,41 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
                              f"one with `set_adapter(name)`.")
         return adapters[0] if adapters else None
 
+    def route(self, logits: torch.Tensor, adapter_name: str):
+        """-> (weights [T, k] fp32, index [T, k], valid [T, k] bool or None) for the adapter's routing strategy."""
+        routing = self.routing[adapter_name]
+        if routing.strategy == "mixlora-dynamic":
+            return top_p_gates(logits, routing.top_p)
+        if routing.strategy == "mixlora-switch":
+            return (*switch_gates(logits), None)
+        return (*top_k_gates(logits, self.top_k[adapter_name]), None)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         adapter_name = self._adapter_to_run()
         if adapter_name is None:
             return self.base_layer(hidden_states)
-        ffn, weights = self.base_layer, self.adapter_tensors(adapter_name)
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        ffn, weights, routing = self.base_layer, self.adapter_tensors(adapter_name), self.routing[adapter_name]
+        x = router_input = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        if self.training and routing.jitter_noise > 0:
+            eps = routing.jitter_noise
+            router_input = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+            if routing.strategy != "mixlora-switch":  # Mixtral jitters the experts' input too; Switch only the router's
+                x = router_input
         dtype = weights["router"].dtype
-        logits = F.linear(x.to(dtype), weights["router"])  # [T, E]
-        gate_weights, top_k_index = top_k_gates(logits, self.top_k[adapter_name])  # [T, k]
-        self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states))
+        logits = F.linear(router_input.to(dtype), weights["router"])  # [T, E]
+        gate_weights, top_k_index, valid = self.route(logits, adapter_name)  # [T, k]
+        self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states), valid)
         gate, up = ffn.gate_proj(x).to(dtype), ffn.up_proj(x).to(dtype)  # shared by every expert: once per token
         mix, down_lora = self._mix_experts(x.to(dtype), gate, up, gate_weights, top_k_index, adapter_name)
-        out = ffn.down_proj(mix.to(hidden_states.dtype)) + down_lora.to(hidden_states.dtype)
+        out = ffn.down_proj(mix.to(hidden_states.dtype))
+        if down_lora is not None:
+            out = out + down_lora.to(hidden_states.dtype)
+        if ffn.down_proj.bias is not None and routing.strategy != "mixlora":  # weights need not sum to one
+            out = out + (gate_weights.sum(dim=-1, keepdim=True) - 1).to(out.dtype) * ffn.down_proj.bias
         return out.view(hidden_states.shape)
 
     def _mix_experts(self, x, gate, up, gate_weights, top_k_index, adapter_name):
-        """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H]).
+        """-> (sum_e w_e h_e [T, I], sum_e w_e s B^d_e A^d_e h_e' [T, H] or None without down_proj LoRA).
 
         The LoRA products run on the T * k (token, expert) slots sorted by expert, each as one grouped matmul over
         all experts (`grouped_lora`). The elementwise work runs in token order on [T, k, I], where W_gate x and
@@ -304,14 +348,21 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         def to_experts(slots):  # [T, k, n] -> [S, n] sorted by expert
             return permute_rows(slots.reshape(num_tokens * top_k, -1), sorted_slots, sorted_position)
 
+        def with_lora(base, name):  # [T, I] -> [T, k, I], plus the expert's LoRA when the projection has one
+            if f"{name}_A" not in weights:
+                return base.unsqueeze(1).expand(-1, top_k, -1)
+            return base.unsqueeze(1) + to_tokens(grouped_lora(x_sorted, weights[f"{name}_A"], weights[f"{name}_B"],
+                                                              offsets, scaling))
+
         x_sorted = dropout(x)[sorted_slots // top_k]  # [S, H]
-        gate_lora = grouped_lora(x_sorted, weights["gate_A"], weights["gate_B"], offsets, scaling)  # [S, I]
-        up_lora = grouped_lora(x_sorted, weights["up_A"], weights["up_B"], offsets, scaling)  # [S, I]
-        hidden = act_fn(gate.unsqueeze(1) + to_tokens(gate_lora)) * (up.unsqueeze(1) + to_tokens(up_lora))  # [T, k, I]
+        hidden = act_fn(with_lora(gate, "gate")) * with_lora(up, "up")  # [T, k, I]
+        slot_weights = gate_weights.to(hidden.dtype).unsqueeze(1)  # [T, 1, k]
+        mix = torch.bmm(slot_weights, hidden).squeeze(1)
+        if "down_A" not in weights:
+            return mix, None
         down_input = to_experts(_dropout_per_token(dropout, hidden))  # [S, I]
         down_lora = to_tokens(grouped_lora(down_input, weights["down_A"], weights["down_B"], offsets, scaling))
-        slot_weights = gate_weights.to(hidden.dtype).unsqueeze(1)  # [T, 1, k]
-        return torch.bmm(slot_weights, hidden).squeeze(1), torch.bmm(slot_weights, down_lora).squeeze(1)
+        return mix, torch.bmm(slot_weights, down_lora).squeeze(1)
 
     @torch.no_grad()
     def expert_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -319,6 +370,9 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         ffn, weights, scaling = self.base_layer, self.adapter_tensors(adapter_name), self.scaling[adapter_name]
         merged = {}
         for name in ("gate", "up", "down"):
-            base = getattr(ffn, f"{name}_proj").weight.to(weights[f"{name}_A"].dtype)
+            base = getattr(ffn, f"{name}_proj").weight.to(weights["router"].dtype)
+            if f"{name}_A" not in weights:  # no expert LoRA on this projection: every expert shares it
+                merged[name] = base.unsqueeze(0).expand(self.num_experts[adapter_name], -1, -1).clone()
+                continue
             merged[name] = base + scaling * torch.bmm(weights[f"{name}_B"], weights[f"{name}_A"])
         return merged

@@ -16,6 +16,7 @@ from ...modeling.routing import (
     load_balancing_loss,
     scores_from_logits,
     token_mask_for_router_rows,
+    z_loss,
 )
 
 
@@ -34,16 +35,22 @@ class AuxLossContext:
 def router_decision(record) -> RouterDecision:
     """A top-k record as the `RouterDecision` that routing.py's balancing losses read."""
     probs = scores_from_logits(record.logits, "softmax")
-    every_slot = torch.ones_like(record.top_k_index, dtype=torch.bool)
+    valid = torch.ones_like(record.top_k_index, dtype=torch.bool) if record.valid is None else record.valid
     return RouterDecision(logits=record.logits, probs=probs, top_k_index=record.top_k_index,
-                          top_k_weights=probs.gather(1, record.top_k_index), valid=every_slot, dispatched=every_slot)
+                          top_k_weights=probs.gather(1, record.top_k_index) * valid, valid=valid, dispatched=valid)
 
 
 def switch_loss(records, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Switch / Mixtral load balancing over the router logits of all records pooled (MixLoRA; MoE-PEFT concatenates
-    every layer's logits): E * sum_e f_e P_e, f_e the fraction of top-k slots on expert e (sums to k), P_e the mean
-    router probability; padding masked."""
+    every layer's logits): E * sum_e f_e P_e, f_e the number of (token, slot) choices of expert e over the number of
+    tokens (sums to k; with top-p, to the mean set size), P_e the mean router probability; padding masked."""
     return load_balancing_loss([router_decision(record) for record in records], token_mask)
+
+
+def pooled_z_loss(records, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Router z-loss (ST-MoE) of MixLoRA's Switch routing: mean over layers of the mean over (real) tokens of
+    logsumexp(logits)^2; with the same tokens in every layer, MoE-PEFT's mean over all layers' rows."""
+    return z_loss([router_decision(record) for record in records], token_mask)
 
 
 def layerwise_switch_loss(records, token_mask: torch.Tensor | None) -> torch.Tensor:

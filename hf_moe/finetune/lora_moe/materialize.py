@@ -58,6 +58,9 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     if adapter_config.peft_type != MIXLORA:
         raise ConversionError(f"materialize turns MIXLORA adapters into MoE checkpoints; {adapter} is a "
                               f"{adapter_config.peft_type} adapter (allowed: MIXLORA).")
+    if adapter_config.routing_strategy != "mixlora":
+        raise ConversionError(f"materialize writes top-k routed MoE checkpoints; {adapter} has `routing_strategy`="
+                              f"{adapter_config.routing_strategy!r} (allowed: 'mixlora').")
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
     fields = dense_fields(base_model.config.to_dict())
     out_dtype = dtype or AutoConfig.from_pretrained(str(base)).dtype or torch.float32

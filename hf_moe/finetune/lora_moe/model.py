@@ -22,7 +22,7 @@ from .layer import (
     MixLoraLinear,
     MolaLinear,
 )
-from .losses import AuxLossContext, layerwise_switch_loss, lbc_loss, switch_loss
+from .losses import AuxLossContext, layerwise_switch_loss, lbc_loss, pooled_z_loss, switch_loss
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -112,7 +112,8 @@ class LoraExpertTuner(BaseTuner):
 
 class MixLoraModel(LoraExpertTuner):
     """MixLoRA: FFN blocks -> `MixLoraFeedForward` (a sparse MoE of LoRA experts over the frozen FFN), Linears ->
-    `MixLoraLinear` (plain LoRA). Aux loss: Switch load balancing over all layers' router logits."""
+    `MixLoraLinear` (plain LoRA). Aux loss: Switch load balancing over all layers' router logits, plus the router
+    z-loss with "mixlora-switch" routing."""
 
     prefix = "mixlora_"
     tuner_layer_cls = MixLoraLayer
@@ -135,9 +136,12 @@ class MixLoraModel(LoraExpertTuner):
 
     @classmethod
     def aux_losses(cls, config: MixLoraConfig, records, context: AuxLossContext) -> dict:
-        if config.router_aux_loss_coef == 0:
-            return {}
-        return {"router_aux_loss": (config.router_aux_loss_coef, switch_loss(records, context.token_mask(records)))}
+        terms = {}
+        if config.router_aux_loss_coef != 0:
+            terms["router_aux_loss"] = (config.router_aux_loss_coef, switch_loss(records, context.token_mask(records)))
+        if config.routing_strategy == "mixlora-switch" and config.router_z_loss_coef != 0:
+            terms["router_z_loss"] = (config.router_z_loss_coef, pooled_z_loss(records, context.token_mask(records)))
+        return terms
 
 
 class LoraMoeModel(LoraExpertTuner):
