@@ -19,8 +19,9 @@ from hf_moe import (
 )
 
 EXPECTED_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "deepseek_moe",
-                    "deepseek_v2", "deepseek_v3", "qwen2_moe")
-MIXTRAL_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice")
+                    "deepseek_v2", "deepseek_v3", "qwen2_moe", "glam", "soft_moe", "soft_moe_causal")
+MIXTRAL_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "soft_moe", "soft_moe_causal")
+NOT_CAUSAL_PRESETS = ("expert_choice", "soft_moe")  # generate refuses them
 
 TINY_MIXTRAL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "num_local_experts": 4, "max_position_embeddings": 256,
@@ -43,6 +44,9 @@ TINY_OVERRIDES = {
     "deepseek_v2": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "num_device_groups": 4, **TINY_MLA},
     "deepseek_v3": {"num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, **TINY_MLA},
     "qwen2_moe": {},  # top-4 of 8, all layers sparse
+    "glam": {},  # top-2 of 8, layers 0 and 2 sparse
+    "soft_moe": {},
+    "soft_moe_causal": {},
 }
 
 
@@ -87,7 +91,7 @@ def greedy(model, input_ids, use_cache: bool, new_tokens: int = 6):
 def trained(request):
     """(preset name, tiny model after 3 training steps in eval mode, the 3 losses, its router weights before)."""
     model = tiny_model(request.param)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "mlp.slot_embeds"))}
     losses = train_three_steps(model)
     return request.param, model.eval(), losses, before
 
@@ -162,7 +166,8 @@ def test_preset_reloads_through_auto_model_with_identical_eval_logits(trained, t
         assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("trained", [name for name in EXPECTED_PRESETS if name != "expert_choice"], indirect=True)
+@pytest.mark.parametrize("trained", [name for name in EXPECTED_PRESETS if name not in NOT_CAUSAL_PRESETS],
+                         indirect=True)
 def test_preset_greedy_generation_with_cache_matches_without_cache(trained, request):
     name, model, _, _ = trained
     prompt = random_input_ids(2, 4, seed=6)

@@ -449,6 +449,8 @@ def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
         ("noisy_gating", not config.noisy_gating, f"{fmt} routers have no noise projection (allowed: False)"),
         ("eval_capacity_factor", config.eval_capacity_factor is None,
          f"{fmt} never drops tokens at inference (allowed: None)"),
+        ("moe_block_type", config.moe_block_type == "routed",
+         f"{fmt} routes tokens to experts (allowed: 'routed')"),
         ("attention_type", config.attention_type == "gqa",
          f"{fmt} has no multi-head latent attention (allowed: 'gqa'; export to deepseek_v2 or deepseek_v3)"),
         ("o_proj_bias", not config.o_proj_bias, f"{fmt} has no o_proj bias (allowed: False)"),
@@ -690,7 +692,8 @@ def _round_trip_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
     except ConversionError as error:
         return [str(error)]
     ours, theirs = _computed_fields(config), _computed_fields(back)
-    return [f"`{name}`={ours.get(name)!r}: {fmt} can only hold {theirs.get(name)!r}"
+    return [f"`{name}`={ours.get(name)!r}: " + (f"{fmt} can only hold {theirs[name]!r}" if name in theirs
+                                                else f"{fmt} has no use for it")
             for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
 
 

@@ -38,6 +38,10 @@ from .routing import ROUTER_TYPES, SCORING_FUNCS
 logger = logging.get_logger(__name__)
 
 MLP_LAYER_TYPES = ("sparse", "dense")
+# What a "sparse" layer is (`moe_block_type`): routed = a router picks experts per token (routing.py); soft_moe =
+# Soft MoE slots (Puigcerver et al. 2023, not causal); soft_merging = per-token soft merging of the experts' weights
+# (causal). See MoESoftBlock and MoESoftMergingBlock in modeling_hf_moe.py.
+MOE_BLOCK_TYPES = ("routed", "soft_moe", "soft_merging")
 ATTENTION_TYPES = ("gqa", "mla")  # grouped-query (MHA and MQA included) / multi-head latent attention (DeepSeek-V2)
 # The fields that only multi-head latent attention reads: None unless attention_type="mla".
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
@@ -272,10 +276,15 @@ class MoEDecoderConfig(PreTrainedConfig):
     num_device_groups: int = 1
     sequence_balance_loss_coef: float = 0.0
     router_bias_update_rate: float = 0.0
+    # the kind of sparse block (MOE_BLOCK_TYPES); Soft MoE's slots per expert (None unless moe_block_type="soft_moe")
+    moe_block_type: str = "routed"
+    num_slots: int | None = None
 
     def __post_init__(self, **kwargs):
         # `kwargs` holds every keyword that is not a dataclass field; transformers keeps them as attributes
         check_unknown_fields(type(self), kwargs, strict=False)
+        if self.moe_block_type == "soft_moe" and self.num_slots is None:
+            self.num_slots = 1  # Soft MoE's default: one slot per expert
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -317,6 +326,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         )
         _check_number("routed_scaling_factor", self.routed_scaling_factor, above=0)
         self.check_routing_fields()
+        self.check_soft_block_fields()
         self.check_experts_fields()
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.n_shared_experts > 0:
@@ -492,6 +502,29 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check(self.router_bias_update_rate == 0 or self.router_selection_bias, "router_bias_update_rate",
                self.router_bias_update_rate, "aux-loss-free balancing needs router_selection_bias=True")
 
+    def check_soft_block_fields(self) -> None:
+        """`moe_block_type` and `num_slots`. Soft blocks have no discrete routing: the options of the top-k router
+        (capacity, noise, random routing, selection bias, groups, sigmoid scores, expert choice) must stay off."""
+        _check(self.moe_block_type in MOE_BLOCK_TYPES, "moe_block_type", self.moe_block_type,
+               f"allowed: {MOE_BLOCK_TYPES}")
+        if self.moe_block_type == "soft_moe":
+            _check(isinstance(self.num_slots, int) and not isinstance(self.num_slots, bool) and self.num_slots >= 1,
+                   "num_slots", self.num_slots, "must be a positive integer (slots per expert; Soft MoE: 1)")
+        else:
+            _check(self.num_slots is None, "num_slots", self.num_slots,
+                   "only moe_block_type='soft_moe' reads it (slots per expert): set that, or leave it None")
+        if self.moe_block_type == "routed":
+            return
+        allowed = f"moe_block_type={self.moe_block_type!r} mixes all experts softly, with no top-k router"
+        _check(self.router_type == "token_choice", "router_type", self.router_type, allowed + ": leave 'token_choice'")
+        _check(self.scoring_func == "softmax", "scoring_func", self.scoring_func, allowed + ": its weights are softmaxes")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            _check(getattr(self, name) is None, name, getattr(self, name), allowed + ": nothing is dropped, leave None")
+        for name in ("noisy_gating", "random_routing", "router_selection_bias", "router_bias"):
+            _check(not getattr(self, name), name, getattr(self, name), allowed + ": leave it False")
+        _check(self.router_jitter_noise == 0, "router_jitter_noise", self.router_jitter_noise, allowed + ": leave 0")
+        _check(self.n_group == 1, "n_group", self.n_group, allowed + ": leave 1")
+
     @classmethod
     def from_preset(cls, name: str, **overrides):
         """A config with the routing and balancing settings of a paper (see `hf_moe.list_presets()`), plus any
@@ -517,7 +550,10 @@ class MoEDecoderConfig(PreTrainedConfig):
 
     @property
     def base_model_ep_plan(self) -> dict[str, str]:
-        """transformers' expert-parallel plan: experts sharded by expert, with their biases if any."""
+        """transformers' expert-parallel plan: experts sharded by expert, with their biases if any. Soft blocks send
+        every token (or slot) to every expert, which the expert-parallel dispatch does not do: no plan."""
+        if self.moe_block_type != "routed":
+            return {}
         return dict(_EXPERT_BIAS_EP_PLAN if self.expert_bias else _EP_PLAN)
 
     @property
@@ -535,7 +571,7 @@ class MoEDecoderConfig(PreTrainedConfig):
                 plan.update(_QK_NORM_TP_PLAN)
             if self.attention_sinks:
                 plan.update(_SINKS_TP_PLAN)
-        if "sparse" in self.mlp_layer_types:
+        if "sparse" in self.mlp_layer_types and self.moe_block_type == "routed":  # soft blocks stay replicated
             if not self.expert_bias:  # no rule shards the expert biases: biased experts stay replicated
                 plan.update(_EXPERTS_TP_PLAN)
             if self.n_shared_experts > 0:
@@ -572,6 +608,26 @@ class MixtralMoEConfig(MoEDecoderConfig):
         output_router_logits (`bool`, defaults to `False`): return router logits and add the load-balancing loss
             to `loss`. Turn it on for training.
         router_aux_loss_coef (`float`, defaults to 0.001): weight of the load-balancing loss.
+        moe_block_type (`str`, defaults to `"routed"`): what each sparse layer is.
+            - `"routed"`: a router sends each token to its top-k experts (every routing knob above).
+            - `"soft_moe"`: Soft MoE (Puigcerver et al. 2023). Each expert processes `num_slots` slots. Slot
+              logits are `L = scale * l2norm(x) . l2norm(phi_j)`. Each slot is a softmax-over-tokens
+              (dispatch) average of the tokens of its sequence, with padding masked out. Each token output is a
+              softmax-over-slots (combine) average of the slot outputs. It is NOT causal: a token reads slots that
+              mix later tokens, so `generate` refuses it. Use it for sequence classification and bidirectional
+              training.
+            - `"soft_merging"`: the causal soft variant. Each token merges the experts' weights with its own router
+              probabilities, `p = softmax(W_r x)`, then runs one FFN with the merged weights:
+              `y = (sum_e p_e D_e) act((sum_e p_e G_e) x) * ((sum_e p_e U_e) x)`. This is SMEAR (Muqeeth et al.
+              2023) routed per token rather than per example. It looks at no other token, so it is causal, generates
+              with a KV cache, and needs no balancing loss. It costs E dense FFNs per token. Lory's segment-level
+              routing was not chosen: it needs its routing decision carried across decoding steps, and its first
+              segment needs a convention the paper does not make causal.
+            Soft blocks have no top-k router: capacity, noise, random routing, selection bias, groups, sigmoid
+            scores and expert choice must stay off, and the balancing losses do not apply (no router decisions are
+            recorded). Shared experts and expert biases (DeepSeekMoEConfig) add to both.
+        num_slots (`int`, *optional*): slots per expert with `moe_block_type="soft_moe"` (defaults to 1, the paper's
+            choice; the paper sizes experts * slots near the number of tokens); None otherwise.
 
     Example:
 
@@ -694,7 +750,9 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
             experts and dense layers always use `"glu"`.
         swiglu_alpha, swiglu_limit (`float`, *optional*): alpha and limit of `"clamped_swiglu"` (defaults 1.702 and
             7.0, gpt-oss); None with `"glu"`.
-        router_jitter_noise, output_router_logits, router_aux_loss_coef: as in [`MixtralMoEConfig`].
+        router_jitter_noise, output_router_logits, router_aux_loss_coef, moe_block_type, num_slots: as in
+            [`MixtralMoEConfig`]; `moe_block_type` applies to the "sparse" layers of `mlp_layer_types` (Soft MoE in
+            the second half of the layers, as the paper: `first_k_dense_replace=num_hidden_layers // 2`).
 
     Example:
 
@@ -838,6 +896,19 @@ PRESETS = {
                         dict(n_routed_experts=60, num_experts_per_tok=4, n_shared_experts=1, shared_expert_gate=True,
                              first_k_dense_replace=0, norm_topk_prob=False, qkv_bias=True,
                              router_aux_loss_coef=0.001)),
+    "glam": Preset("DeepSeekMoEConfig", "GLaM (Du et al. 2022): every other layer sparse, the first one "
+                   "included, 64 experts top-2 renormalised (GShard gating), no shared experts, load-balancing "
+                   "loss 0.01; its FFNs are gated GELU (hidden_act='gelu') and its experts as wide as the dense FFN "
+                   "(moe_intermediate_size=intermediate_size).",
+                   {"n_routed_experts": 64, "num_experts_per_tok": 2, "n_shared_experts": 0, "first_k_dense_replace": 0,
+                    "moe_layer_freq": 2, "norm_topk_prob": True, "router_aux_loss_coef": 0.01}),
+    "soft_moe": Preset("MixtralMoEConfig", "Soft MoE (Puigcerver et al. 2023): 1 slot per expert, dispatch softmax "
+                       "over the tokens of each sequence and combine softmax over slots, L2-normalised logits with a "
+                       "learned scale, no balancing loss; not causal, so it cannot generate.",
+                       {"moe_block_type": "soft_moe", "num_slots": 1, "router_aux_loss_coef": 0.0}),
+    "soft_moe_causal": Preset("MixtralMoEConfig", "Causal soft MoE: each token merges the experts' weights with its "
+                              "own router softmax (SMEAR per token), then runs one FFN; no balancing loss; generates.",
+                              {"moe_block_type": "soft_merging", "router_aux_loss_coef": 0.0}),
 }
 
 

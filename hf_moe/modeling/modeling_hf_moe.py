@@ -172,6 +172,98 @@ class MoESparseBlock(nn.Module):
         return output.reshape(input_shape)
 
 
+class MoESoftBlock(nn.Module):
+    """Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts"), per sequence.
+
+    For the m tokens X [m, H] of one sequence, n experts of p = `num_slots` slots and slot parameters phi [H, n*p]:
+        L = scale * l2norm_rows(X) @ l2norm_cols(phi)                       [m, n*p]  (the paper's normalisation)
+        D = softmax over tokens of L (each column; padding masked out)      dispatch
+        C = softmax over slots of L (each row)                              combine
+        slot s = D[:, s]^T X, processed by expert s // p;    Y = C @ expert outputs
+    No token is dropped and there is no auxiliary loss. NOT causal: every slot mixes every token of the sequence,
+    so `generate` refuses it.
+    """
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__()
+        self.num_experts, self.num_slots = config.num_experts, config.num_slots
+        self.slot_embeds = nn.Parameter(torch.empty(config.hidden_size, self.num_experts * self.num_slots))  # [H, n*p]
+        self.scale = nn.Parameter(torch.ones(()))  # learned scalar of the normalised logits, init 1
+        self.experts = MoEBiasedExperts(config) if config.expert_bias else MoEExperts(config)
+        self.shared_experts = (
+            MoEMLP(config, config.shared_expert_intermediate_size) if config.n_shared_experts > 0 else None
+        )
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, _, hidden = hidden_states.shape  # [B, S, H]; token_mask [B, S], 0 at padding
+        # without the normalisation the logits grow with H and both softmaxes collapse to one-hot (the paper, 2.3)
+        logits = torch.einsum("bsh,hn->bsn", F.normalize(hidden_states, dim=-1),
+                              self.scale * F.normalize(self.slot_embeds, dim=0))  # [B, S, n*p]
+        dispatch_logits = logits
+        if token_mask is not None:  # padding takes no part in any slot (a finite fill: no NaN for an all-pad row)
+            dispatch_logits = logits.masked_fill(~token_mask.bool()[..., None], torch.finfo(logits.dtype).min)
+        dispatch = dispatch_logits.softmax(dim=1, dtype=torch.float32).to(hidden_states.dtype)
+        combine = logits.softmax(dim=-1, dtype=torch.float32).to(hidden_states.dtype)
+        slots = torch.einsum("bsn,bsh->bnh", dispatch, hidden_states)  # [B, n*p, H]
+        # slot s goes to expert s // p, with weight 1: the routed experts' kernels run it
+        expert_of_slot = torch.arange(self.num_experts, device=slots.device).repeat_interleave(self.num_slots)
+        expert_of_slot = expert_of_slot.repeat(batch)[:, None]  # [B*n*p, 1]
+        slot_outputs = self.experts(slots.reshape(-1, hidden), expert_of_slot,
+                                    torch.ones(expert_of_slot.shape, dtype=slots.dtype, device=slots.device))
+        output = torch.einsum("bsn,bnh->bsh", combine, slot_outputs.reshape(batch, -1, hidden))
+        return output + _shared_output(self, hidden_states)
+
+
+class MoESoftMergingBlock(nn.Module):
+    """Causal soft mixture: each token merges the experts' weights with its own router probabilities, then runs one
+    FFN with the merged weights (SMEAR, Muqeeth et al. 2023, "Soft Merging of Experts with Adaptive Routing", which
+    routes once per example; here per token, so that no token reads another and the block is causal).
+
+        p = softmax(W_r x)                                                  [E]
+        y = (sum_e p_e D_e) act((sum_e p_e G_e) x) * ((sum_e p_e U_e) x)    (+ sum_e p_e b_e for expert biases)
+
+    The merged matrices are never built: a linear map is linear in its weights, so (sum_e p_e W_e) v =
+    sum_e p_e (W_e v). That costs E dense FFNs per token, but memory [T, E, 2I] rather than [T, 2I, H].
+    """
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # W_r [E, H]
+        self.experts = MoEBiasedExperts(config) if config.expert_bias else MoEExperts(config)
+        self.shared_experts = (
+            MoEMLP(config, config.shared_expert_intermediate_size) if config.n_shared_experts > 0 else None
+        )
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, S, H]
+        experts = self.experts
+        probs = self.gate(hidden_states).softmax(dim=-1, dtype=torch.float32).to(hidden_states.dtype)  # [B, S, E]
+        gate_up = torch.einsum("bse,bsei->bsi", probs,
+                               torch.einsum("bsh,eih->bsei", hidden_states, experts.gate_up_proj))  # [B, S, 2I]
+        if experts.gate_up_proj_bias is not None:
+            gate_up = gate_up + probs @ experts.gate_up_proj_bias
+        intermediate = experts._apply_gate(gate_up)  # [B, S, I]
+        output = torch.einsum("bse,bseh->bsh", probs,
+                              torch.einsum("bsi,ehi->bseh", intermediate, experts.down_proj))  # [B, S, H]
+        if experts.down_proj_bias is not None:
+            output = output + probs @ experts.down_proj_bias
+        return output + _shared_output(self, hidden_states)
+
+
+def _shared_output(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | float:
+    """The always-on shared experts of a soft block (0 without), gated as in MoESparseBlock."""
+    if block.shared_experts is None:
+        return 0.0
+    shared_output = block.shared_experts(hidden_states)
+    if block.shared_expert_gate is not None:
+        shared_output = torch.sigmoid(block.shared_expert_gate(hidden_states)) * shared_output
+    return shared_output
+
+
+SPARSE_BLOCK_CLASSES = {"routed": MoESparseBlock, "soft_moe": MoESoftBlock, "soft_merging": MoESoftMergingBlock}
+
+
 class MoERMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -558,7 +650,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
         if config.mlp_layer_types[layer_idx] == "sparse":
-            self.mlp = MoESparseBlock(config)
+            self.mlp = SPARSE_BLOCK_CLASSES[config.moe_block_type](config)
         else:
             self.mlp = MoEMLP(config, config.intermediate_size)
         self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -572,8 +664,13 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        r"""
+        token_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 at real tokens, 0 at padding: Soft MoE keeps padding out of its slots (other blocks ignore it).
+        """
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -586,7 +683,11 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if isinstance(self.mlp, MoESoftBlock):
+            hidden_states = self.mlp(hidden_states, token_mask)
+        else:
+            hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 
 
@@ -640,6 +741,9 @@ class MoEPreTrainedModel(PreTrainedModel):
             if module.gate_up_proj_bias is not None:  # gpt-oss: zeros
                 init.zeros_(module.gate_up_proj_bias)
                 init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MoESoftBlock):
+            init.normal_(module.slot_embeds, mean=0.0, std=module.slot_embeds.shape[0] ** -0.5)  # LeCun normal
+            init.ones_(module.scale)
         elif isinstance(module, MoEAttention) and module.sinks is not None:
             init.normal_(module.sinks, mean=0.0, std=std)  # gpt-oss
         elif isinstance(module, TopKRouter):
@@ -716,6 +820,10 @@ class MoEModel(MoEPreTrainedModel):
             for layer_type in dict.fromkeys(layer_types)
         }
 
+        # the padding mask of this forward's tokens, for Soft MoE's slots (a 4D mask given by the caller has none)
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
@@ -726,6 +834,7 @@ class MoEModel(MoEPreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                token_mask=token_mask,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -916,6 +1025,13 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
                 "batch, so a token's routing depends on later tokens (not causal). Use it for training and "
                 "sequence classification, or set router_type='token_choice' (e.g. a copy of the config with "
                 "capacity_factor=None) to generate with the same weights."
+            )
+        if self.config.moe_block_type == "soft_moe" and "sparse" in self.config.mlp_layer_types:
+            raise ValueError(
+                "`moe_block_type`='soft_moe' cannot generate: each Soft MoE slot averages ALL tokens of the sequence "
+                "(dispatch softmax over tokens), so a token's output depends on later tokens (not causal). Use it for "
+                "sequence classification and bidirectional training, or moe_block_type='soft_merging' (preset "
+                "'soft_moe_causal') for a soft mixture that generates."
             )
         if self.config.eval_capacity_factor is not None:
             raise ValueError(
