@@ -135,8 +135,10 @@ def add_presets_command(subparsers) -> None:
 
 
 def run_presets(args: argparse.Namespace) -> int:
-    for name, summary in list_presets().items():
-        print(f"{name:14s} {summary}")
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, summary in presets.items():
+        print(f"{name:{width}s} {summary}")
     return 0
 
 
@@ -176,8 +178,8 @@ def add_upcycle_command(subparsers) -> None:
             "are the option names (and src, out); flags given on the command line win."
         ),
     )
-    parser.add_argument("src", nargs="?", metavar="SRC", help="dense checkpoint folder or Hub repository id (when "
-                        "--config names src, a single positional is OUT)")
+    parser.add_argument("src", nargs="?", metavar="SRC", help="dense checkpoint folder, Hub repository id or GGUF file "
+                        "(when --config names src, a single positional is OUT)")
     parser.add_argument("out", nargs="?", metavar="OUT", help="folder to create for the MoE checkpoint")
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (keys as the flags, plus src and out)")
     for option in fields(UpcycleOptions):
@@ -235,7 +237,7 @@ def add_verify_command(subparsers) -> None:
             "when the relative error is above it."
         ),
     )
-    parser.add_argument("dense", metavar="DENSE", help="dense source checkpoint folder")
+    parser.add_argument("dense", metavar="DENSE", help="dense source checkpoint folder or GGUF file")
     parser.add_argument("moe", metavar="MOE", help="converted checkpoint folder (same vocabulary)")
     parser.add_argument("--num-prompts", type=int, default=3, help="number of prompts")
     parser.add_argument("--prompt-length", type=int, default=32, help="tokens per random prompt")
@@ -411,6 +413,9 @@ def add_quickstart_command(subparsers) -> None:
                              "numbers)")
     parser.add_argument("--max-steps", type=int, metavar="N", default=defaults.max_steps,
                         help="MixLoRA optimizer steps")
+    parser.add_argument("--base", metavar="PATH", default=None,
+                        help="dense checkpoint folder (Llama, Mistral, Qwen2, Qwen3) or GGUF file to run it on "
+                             "(default: the shipped tiny Llama)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an earlier quickstart")
     parser.set_defaults(run=run_quickstart)
 
@@ -418,8 +423,8 @@ def add_quickstart_command(subparsers) -> None:
 def run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import QuickstartSettings, run_quickstart
 
-    run_quickstart(QuickstartSettings(output_dir=args.output, seed=args.seed, max_steps=args.max_steps,
-                                      overwrite=args.overwrite))
+    run_quickstart(QuickstartSettings(output_dir=args.output, base=args.base, seed=args.seed,
+                                      max_steps=args.max_steps, overwrite=args.overwrite))
     return 0
 
 

@@ -8,6 +8,10 @@
                  checked to compute the adapter model's logits
     6. summary   summary.json and a printed table; every folder has its card (expert-load heatmap, loss plot)
 
+`base` (`hf-moe quickstart --base PATH`) runs the same steps on another dense checkpoint folder (Llama, Mistral,
+Qwen2, Qwen3) or GGUF file; a GGUF file is first dequantized to an fp32 checkpoint in DIR/dense-dequantized, which
+the steps (and the adapter, as its base) then use.
+
 Steps 1 and 3-5 are the two ways to an MoE from a dense model: full-rank experts that continued pretraining will
 specialise (1), and low-rank experts trained on a task mix (3-5), served in the same format.
 
@@ -26,6 +30,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,7 @@ logger = logging.get_logger(__name__)
 DATA_FORMAT = {"prompt_field": "prompt", "response_field": "answer", "prompt_template": "{prompt}", "max_length": 64}
 MATERIALIZE_TOLERANCE = 1e-5  # max |logits materialized - logits adapter| / max |logits adapter|, fp32
 OUTPUTS = {"upcycled": "moe-upcycled", "adapter": "mixlora-adapter", "materialized": "moe-mixlora"}
+DEQUANTIZED = "dense-dequantized"  # the fp32 checkpoint of a GGUF base
 SUMMARY = "summary.json"
 
 
@@ -47,6 +53,7 @@ class QuickstartSettings:
     """The knobs of the run; the defaults take about 2-10 minutes on 2 CPU cores, depending on the CPU."""
 
     output_dir: str = "hf-moe-quickstart"
+    base: str | None = None  # a dense checkpoint folder or GGUF file; None: the shipped tiny Llama
     seed: int = 0
     num_experts: int = 8
     top_k: int = 2
@@ -69,7 +76,18 @@ class QuickstartSettings:
         if self.eval_examples_per_task is not None and self.eval_examples_per_task < 1:
             raise ValueError(f"`eval_examples_per_task`={self.eval_examples_per_task!r} is invalid: must be None "
                              f"(the whole eval split) or an integer >= 1")
-        check_output_dir(self.output_dir, self.overwrite)
+        if self.base is not None:
+            from .conversion.dense import read_dense_source
+            from .conversion.gguf import check_gguf_file, find_gguf_file
+
+            if not Path(self.base).exists():
+                raise ValueError(f"`base`={self.base!r} is invalid: must be a dense checkpoint folder or GGUF file")
+            gguf_file = find_gguf_file(self.base)
+            if gguf_file is not None:
+                check_gguf_file(gguf_file)
+            else:
+                read_dense_source(self.base)  # refuses what cannot be upcycled
+        check_output_dir(self.output_dir, self.overwrite, sources=[self.base])
 
 
 @dataclass
@@ -190,15 +208,21 @@ def run_quickstart(settings: QuickstartSettings | None = None, **overrides) -> Q
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from .conversion import upcycle
+    from .conversion.gguf import find_gguf_file, write_dense_checkpoint
     from .data import tiny_llama_path
     from .finetune.lora_moe.materialize import materialize
     from .finetune.recipes import quiet_peft_deprecations, run_recipe
 
     settings = settings or QuickstartSettings(**overrides)
     settings.check()
-    output = prepare_output_dir(settings.output_dir, "quickstart", settings.overwrite,
-                                files=[*OUTPUTS.values(), SUMMARY])
-    base = tiny_llama_path()
+    base = Path(settings.base) if settings.base is not None else tiny_llama_path()
+    gguf_file = find_gguf_file(base)
+    output = prepare_output_dir(settings.output_dir, "quickstart", settings.overwrite, sources=[base],
+                                files=[*OUTPUTS.values(), SUMMARY, *([DEQUANTIZED] if gguf_file else [])])
+    if gguf_file is not None:
+        print(f"hf-moe quickstart: dequantizing {gguf_file.name} into {DEQUANTIZED}")
+        base = output / DEQUANTIZED
+        write_dense_checkpoint(gguf_file, base)
     folders = {name: output / folder for name, folder in OUTPUTS.items()}
 
     print(f"hf-moe quickstart [1/6]: upcycling {base.name} to {settings.num_experts} experts, top-{settings.top_k}")

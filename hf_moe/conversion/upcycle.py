@@ -54,6 +54,7 @@ from ..cards import UPCYCLE_FILE, conversion_heatmap, format_report, write_card
 from ..modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from ..outputs import atomic_output_dir, check_output_dir
 from .dense import SOURCE_FILES_NOT_COPIED, DenseSource, layer_prefix, read_dense_source, resolve_source
+from .gguf import dense_source_folder, find_gguf_file
 from .layout import (
     EXPORT_FORMATS,
     LAYOUTS,
@@ -865,15 +866,28 @@ class UpcycleResult:
 
 
 def upcycle(src: str | os.PathLike, out: str | os.PathLike | None, verbose: bool = True, **options) -> UpcycleResult:
-    """Upcycle the dense checkpoint SRC (folder or Hub id) into a mixture of experts at OUT.
+    """Upcycle the dense checkpoint SRC (folder, Hub id or GGUF file) into a mixture of experts at OUT.
 
     `options` are the fields of `UpcycleOptions` (see `hf-moe upcycle --help`). Every option is checked against the
     source before anything is written (`ConversionError` otherwise); the plan is printed when `verbose`; with
     `dry_run=True` nothing is written. The weights are streamed layer by layer into a temporary folder next to OUT
     that becomes OUT only when everything (verification included) succeeded. Exact modes whose verified relative
     logit error exceeds 1e-5 raise `VerificationError` and leave no OUT.
+
+    SRC may also be a GGUF file, or a folder holding one (`hf_moe.conversion.gguf`): its header is checked first,
+    then it is dequantized to fp32 into a temporary checkpoint that is upcycled and verified against, then removed.
     """
-    plan = plan_upcycle(src, out, **options)
+    gguf_file = find_gguf_file(src)
+    o = options_from_dict(options)
+    if gguf_file is not None and out is not None and not o.dry_run:  # before the dequantization
+        check_output_dir(out, o.overwrite, sources=[gguf_file, o.calibration_file])
+    with dense_source_folder(src) as folder:
+        plan = plan_upcycle(folder, out, **options)
+        plan.source.name = str(src)
+        return _upcycle_plan(plan, out, verbose)
+
+
+def _upcycle_plan(plan: UpcyclePlan, out: str | os.PathLike | None, verbose: bool) -> UpcycleResult:
     o = plan.options
     if verbose:
         print(plan.describe())

@@ -36,6 +36,7 @@ from ..cards import VERIFICATION_FILE, format_report, quiet_loading  # noqa: F40
 from ..modeling.configuration_hf_moe import MoEDecoderConfig
 from ..modeling.modeling_hf_moe import MoEDecoderLayer, MoERMSNorm, MoERotaryEmbedding
 from .dense import SUPPORTED_SOURCES, dense_config, dense_fields
+from .gguf import dense_source_folder
 from .layout import (
     EXPORT_FORMATS,
     OUR_CONFIG_CLASSES,
@@ -235,10 +236,18 @@ def verify(
     Raises `ConversionError` when a folder is not a readable safetensors checkpoint (`hf_moe.preflight`) or the
     vocabularies differ, and `VerificationError`
     when `moe` does not load cleanly.
+    `dense` may also be a GGUF file, or a folder holding one: the comparison is then with its dequantized (fp32)
+    weights, read through a temporary checkpoint (`hf_moe.conversion.gguf`).
     """
+    with dense_source_folder(dense) as dense_folder:
+        return _verify(Path(dense_folder), Path(moe), num_prompts, prompt_length, seed, tolerance, attn_implementation,
+                       mode)
+
+
+def _verify(dense: Path, moe: Path, num_prompts: int, prompt_length: int, seed: int, tolerance: float | None,
+            attn_implementation: str, mode: str) -> dict:
     from ..preflight import check_checkpoint_folder
 
-    dense, moe = Path(dense), Path(moe)
     if mode not in MODES:
         raise ConversionError(f"`mode`={mode!r} is invalid (allowed: {', '.join(MODES)})")
     configs = {role: check_checkpoint_folder(path, role) for role, path in (("DENSE", dense), ("MOE", moe))}
