@@ -287,8 +287,11 @@ def test_router_stats_are_absent_unless_requested():
 # --------------------------------------------------------------------------------------------------------------
 
 TINY_DEEPSEEK = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
-                     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "n_routed_experts": 8,
-                     "max_position_embeddings": 256, "pad_token_id": PAD_TOKEN_ID}
+                     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": None, "n_routed_experts": 8,
+                     "max_position_embeddings": 256, "pad_token_id": PAD_TOKEN_ID,
+                     # the preset's multi-head latent attention, shrunk
+                     "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                     "v_head_dim": 6}
 BIAS_KEYS = [f"model.layers.{layer}.mlp.gate.e_score_correction_bias" for layer in (1, 2)]
 
 
