@@ -19,8 +19,9 @@ from hf_moe import (
 )
 
 EXPECTED_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "deepseek_moe",
-                    "deepseek_v2", "deepseek_v3", "qwen2_moe", "glam", "soft_moe", "soft_moe_causal")
-MIXTRAL_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "soft_moe", "soft_moe_causal")
+                    "deepseek_v2", "deepseek_v3", "qwen2_moe", "glam", "soft_moe", "soft_moe_causal", "mixture_of_depths")
+MIXTRAL_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "soft_moe", "soft_moe_causal",
+                   "mixture_of_depths")
 NOT_CAUSAL_PRESETS = ("expert_choice", "soft_moe")  # generate refuses them
 
 TINY_MIXTRAL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -47,6 +48,7 @@ TINY_OVERRIDES = {
     "glam": {},  # top-2 of 8, layers 0 and 2 sparse
     "soft_moe": {},
     "soft_moe_causal": {},
+    "mixture_of_depths": {},  # layer 1 of 2 routed
 }
 
 

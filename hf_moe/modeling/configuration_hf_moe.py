@@ -279,12 +279,19 @@ class MoEDecoderConfig(PreTrainedConfig):
     # the kind of sparse block (MOE_BLOCK_TYPES); Soft MoE's slots per expert (None unless moe_block_type="soft_moe")
     moe_block_type: str = "routed"
     num_slots: int | None = None
+    # Mixture-of-Depths (Raposo et al. 2024): fraction of each sequence that a routed layer processes (None = off),
+    # the routed layers (None = every other layer from layer 1) and the weight of the router's BCE loss
+    mod_capacity: float | int | None = None
+    mod_layers: list[int] | None = None
+    mod_aux_loss_coef: float | int = 0.01
 
     def __post_init__(self, **kwargs):
         # `kwargs` holds every keyword that is not a dataclass field; transformers keeps them as attributes
         check_unknown_fields(type(self), kwargs, strict=False)
         if self.moe_block_type == "soft_moe" and self.num_slots is None:
             self.num_slots = 1  # Soft MoE's default: one slot per expert
+        if self.mod_capacity is not None and self.mod_layers is None:  # the paper routes every other block
+            self.mod_layers = list(range(1, self.num_hidden_layers, 2))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -327,6 +334,7 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check_number("routed_scaling_factor", self.routed_scaling_factor, above=0)
         self.check_routing_fields()
         self.check_soft_block_fields()
+        self.check_depth_fields()
         self.check_experts_fields()
         _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
         if self.n_shared_experts > 0:
@@ -525,6 +533,28 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check(self.router_jitter_noise == 0, "router_jitter_noise", self.router_jitter_noise, allowed + ": leave 0")
         _check(self.n_group == 1, "n_group", self.n_group, allowed + ": leave 1")
 
+    def check_depth_fields(self) -> None:
+        """Mixture-of-Depths: `mod_capacity`, `mod_layers`, `mod_aux_loss_coef`."""
+        _check_number("mod_aux_loss_coef", self.mod_aux_loss_coef, at_least=0)
+        if self.mod_capacity is None:
+            _check(self.mod_layers is None, "mod_layers", self.mod_layers,
+                   "only read with mod_capacity (Mixture-of-Depths): set mod_capacity, or leave it None")
+            return
+        _check_number("mod_capacity", self.mod_capacity, above=0, none_means="no Mixture-of-Depths")
+        _check(self.mod_capacity <= 1, "mod_capacity", self.mod_capacity,
+               "must be None (no Mixture-of-Depths) or a fraction of the sequence in (0, 1], e.g. 0.125")
+        layers = self.mod_layers
+        _check(isinstance(layers, list) and len(layers) > 0
+               and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+               and layers == sorted(set(layers)) and 1 <= layers[0] and layers[-1] < self.num_hidden_layers,
+               "mod_layers", layers, f"must be a non-empty increasing list of layer indices in [1, "
+               f"num_hidden_layers={self.num_hidden_layers}); layer 0 always processes every token (the model reads "
+               f"the cache length from it)")
+        attention_types = self.layer_types or (
+            ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers)
+        _check(all(attention_types[i] == "full_attention" for i in layers), "mod_layers", layers,
+               "routed layers must be 'full_attention' layers (see layer_types / sliding_window)")
+
     @classmethod
     def from_preset(cls, name: str, **overrides):
         """A config with the routing and balancing settings of a paper (see `hf_moe.list_presets()`), plus any
@@ -628,6 +658,22 @@ class MixtralMoEConfig(MoEDecoderConfig):
             recorded). Shared experts and expert biases (DeepSeekMoEConfig) add to both.
         num_slots (`int`, *optional*): slots per expert with `moe_block_type="soft_moe"` (defaults to 1, the paper's
             choice; the paper sizes experts * slots near the number of tokens); None otherwise.
+        mod_capacity (`float`, *optional*): Mixture-of-Depths (Raposo et al. 2024); None = off. In each layer of
+            `mod_layers` a router `r = w . x` (Linear(H, 1)) picks the tokens that the whole decoder block processes:
+            `x + r * f(x)` for a chosen token, where `f(x)` is the block's attention + feed-forward update, and `x`
+            (the block skipped) for the others. The block's attention runs among the chosen tokens only (causal by
+            position, RoPE at the original positions). In training each sequence chooses its top `ceil(c * S)`
+            tokens by `r` (not causal: it compares with later tokens); in evaluation and `generate` each token is
+            chosen iff `r > 0` (`sigmoid(r) > 0.5`), a causal decision that the BCE loss (`mod_aux_loss_coef`)
+            teaches the router to make like the top-C choice. A skipped token's key is stored as zeros in the KV
+            cache and zero keys are masked, so a cached decoding step equals the full forward. The paper: 0.125.
+            The blocks still compute every token (the masks select): no compute is saved yet.
+        mod_layers (`list[int]`, *optional*): the routed layers, increasing, each in [1, num_hidden_layers) and a
+            full-attention layer (layer 0 always processes every token). Defaults with `mod_capacity` to every
+            other layer from layer 1, as the paper; None without it.
+        mod_aux_loss_coef (`float`, defaults to 0.01): weight of the MoD router loss, the mean over the routed
+            layers of `BCE(r, 1[token in the sequence's top-C])` over the real tokens (added in training, with
+            `output_router_logits`, like the balancing losses).
 
     Example:
 
@@ -750,7 +796,8 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
             experts and dense layers always use `"glu"`.
         swiglu_alpha, swiglu_limit (`float`, *optional*): alpha and limit of `"clamped_swiglu"` (defaults 1.702 and
             7.0, gpt-oss); None with `"glu"`.
-        router_jitter_noise, output_router_logits, router_aux_loss_coef, moe_block_type, num_slots: as in
+        router_jitter_noise, output_router_logits, router_aux_loss_coef, moe_block_type, num_slots, mod_capacity,
+            mod_layers, mod_aux_loss_coef: as in
             [`MixtralMoEConfig`]; `moe_block_type` applies to the "sparse" layers of `mlp_layer_types` (Soft MoE in
             the second half of the layers, as the paper: `first_k_dense_replace=num_hidden_layers // 2`).
 
@@ -909,6 +956,11 @@ PRESETS = {
     "soft_moe_causal": Preset("MixtralMoEConfig", "Causal soft MoE: each token merges the experts' weights with its "
                               "own router softmax (SMEAR per token), then runs one FFN; no balancing loss; generates.",
                               {"moe_block_type": "soft_merging", "router_aux_loss_coef": 0.0}),
+    "mixture_of_depths": Preset("MixtralMoEConfig", "Mixture-of-Depths (Raposo et al. 2024): every other block "
+                                "processes the top 12.5% of each sequence's tokens (router weight times the block "
+                                "update), BCE router loss 0.01 so that decoding decides per token (r > 0); "
+                                "generates.",
+                                {"mod_capacity": 0.125, "mod_aux_loss_coef": 0.01}),
 }
 
 

@@ -49,6 +49,7 @@ from .experts_kernels import AUTO, SORTED_MM  # importing it registers "sorted_m
 from .routing import (
     TopKRouter,
     accumulate_router_statistics,
+    depth_router_loss,
     micro_batch_share,
     router_losses,
     router_statistics,
@@ -645,6 +646,54 @@ class MoEMultiLatentAttention(nn.Module):
 ATTENTION_CLASSES = {"gqa": MoEAttention, "mla": MoEMultiLatentAttention}
 
 
+class MoDRouter(nn.Module):
+    """Mixture-of-Depths router (Raposo et al. 2024, "Mixture-of-Depths: Dynamically allocating compute in
+    transformer-based language models"): one scalar `r_i = w . x_i` per token (Linear(H, 1), no bias).
+
+    Which tokens the block processes:
+        training:          the top C = ceil(mod_capacity * S) real tokens of each sequence by r (not causal)
+        evaluation/decode: every real token with r_i > 0, i.e. sigmoid(r_i) > 0.5 (causal: token i alone decides)
+    Padding is never chosen. The loss `routing.depth_router_loss` teaches the second rule to follow the first.
+    Returns (logits [B, S], chosen [B, S] bool, the decision recorded for that loss)."""
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__()
+        self.capacity = config.mod_capacity
+        self.proj = nn.Linear(config.hidden_size, 1, bias=False)  # w [1, H]
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
+        logits = self.proj(hidden_states).squeeze(-1)  # [B, S]
+        real = torch.ones_like(logits, dtype=torch.bool) if token_mask is None else token_mask.bool()
+        if self.training:
+            capacity = min(logits.shape[1], math.ceil(self.capacity * logits.shape[1]))
+            scores = logits.detach().masked_fill(~real, -torch.inf)
+            chosen = torch.zeros_like(real).scatter(1, scores.topk(capacity, dim=1).indices, True) & real
+        else:
+            chosen = (logits > 0) & real
+        return logits, chosen, (logits, chosen, real, self.training)
+
+
+def depth_attention_mask(chosen: torch.Tensor, cache: Cache | None, layer_idx: int, dtype: torch.dtype):
+    """The additive [B, 1, S, P + S] mask of a Mixture-of-Depths layer: causal, and a key counts only if its token
+    was chosen, so the chosen tokens attend among themselves. A skipped query sees only itself (its output is
+    discarded; no empty softmax row). The P cached keys were chosen iff they are not all zero: a routed layer stores
+    the keys of its skipped tokens as zeros (`MoEDecoderLayer`), which keeps the cache of every layer one entry per
+    token and survives the cache's reordering and cropping."""
+    batch, seq_len = chosen.shape
+    layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+    if layer is not None and getattr(layer, "is_initialized", False) and layer.keys.numel() > 0:
+        past_chosen = layer.keys.ne(0).any(dim=-1).any(dim=1)  # [B, P]
+    else:
+        past_chosen = chosen.new_zeros(batch, 0)
+    past = past_chosen.shape[1]
+    key_chosen = torch.cat((past_chosen, chosen), dim=1)  # [B, P + S]
+    query_pos = torch.arange(seq_len, device=chosen.device)[:, None] + past
+    key_pos = torch.arange(past + seq_len, device=chosen.device)[None, :]
+    allowed = (key_pos <= query_pos) & (key_chosen[:, None, :] | (key_pos == query_pos))  # [B, S, P + S]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=chosen.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 class MoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoEDecoderConfig, layer_idx: int):
         super().__init__()
@@ -655,6 +704,9 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
             self.mlp = MoEMLP(config, config.intermediate_size)
         self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.layer_idx = layer_idx
+        # Mixture-of-Depths: this block processes only the tokens its router chooses (MoDRouter)
+        self.mod_router = MoDRouter(config) if layer_idx in (config.mod_layers or ()) else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -671,6 +723,9 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         token_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 at real tokens, 0 at padding: Soft MoE keeps padding out of its slots (other blocks ignore it).
         """
+        if self.mod_router is not None:
+            return self.depth_routed_forward(hidden_states, position_embeddings, position_ids, cache, token_mask,
+                                             **kwargs)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -682,13 +737,40 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        residual = hidden_states
+        return hidden_states + self.feed_forward(hidden_states, token_mask)
+
+    def feed_forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         hidden_states = self.post_attention_layernorm(hidden_states)
         if isinstance(self.mlp, MoESoftBlock):
-            hidden_states = self.mlp(hidden_states, token_mask)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states
+            return self.mlp(hidden_states, token_mask)
+        return self.mlp(hidden_states)
+
+    def depth_routed_forward(self, hidden_states, position_embeddings, position_ids, cache, token_mask, **kwargs):
+        """Mixture-of-Depths (Raposo et al. 2024): x + r * f(x) for a chosen token, x for the others, where
+        f(x) = a + m is the block's update (a: attention among the chosen tokens at their original positions,
+        m: the feed-forward of x + a) and r the router logit (`MoDRouter`), which puts the router on the gradient
+        path. Every token is computed and the masks select; the keys of skipped tokens are zeroed in the cache."""
+        implementation = self.self_attn.config._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"`attn_implementation`={implementation!r} cannot run a Mixture-of-Depths layer "
+                             "(`mod_layers`), whose attention mask depends on the router: use 'eager' or 'sdpa'.")
+        router_logits, chosen, _ = self.mod_router(hidden_states, token_mask)
+        attention, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=depth_attention_mask(chosen, cache, self.layer_idx, hidden_states.dtype),
+            position_ids=position_ids,
+            cache=cache,
+            **kwargs,
+        )
+        if cache is not None:  # a skipped token leaves a zero key (the mark that depth_attention_mask reads)
+            layer, seq_len = cache.layers[self.layer_idx], chosen.shape[1]
+            skipped = ~chosen[:, None, :, None]
+            layer.keys = torch.cat((layer.keys[:, :, :-seq_len], layer.keys[:, :, -seq_len:].masked_fill(skipped, 0)),
+                                   dim=2)
+        update = attention + self.feed_forward(hidden_states + attention, token_mask)
+        routed = hidden_states + router_logits[..., None].to(update.dtype) * update
+        return torch.where(chosen[..., None], routed, hidden_states)
 
 
 @auto_docstring(custom_intro="Base class of the hf-moe decoders: weight init, output capture, kernel flags.")
@@ -709,6 +791,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
+        "depth_decisions": OutputRecorder(MoDRouter, index=2),  # Mixture-of-Depths, for its router loss
         "hidden_states": MoEDecoderLayer,
         "attentions": [MoEAttention, MoEMultiLatentAttention],
     }
@@ -908,6 +991,7 @@ class _RouterLossMixin:
             attention_mask=attention_mask,
             output_router_logits=output_router_logits,
             output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
+            output_depth_decisions=bool(output_router_logits and self.config.mod_capacity is not None),
             **model_kwargs,
         )
         losses, statistics = self.routing_outputs(
@@ -918,13 +1002,18 @@ class _RouterLossMixin:
     def routing_outputs(self, outputs, attention_mask, batch_size, output_router_logits, output_router_stats):
         """-> (losses, statistics). In training, also adds this forward's counts to each router's counters (for
         aux-loss-free bias updates and logged metrics; read with `routing.collect_router_statistics`)."""
+        losses = {}
+        depth_loss = depth_router_loss(outputs.get("depth_decisions") or ()) if output_router_logits else None
+        if depth_loss is not None:
+            losses["mod_aux_loss_coef"] = depth_loss
         decisions = outputs.get("router_decisions") or ()
         if not decisions:
-            return {}, None
+            return losses, None
         token_mask = token_mask_for_router_rows(attention_mask, decisions[0].probs.shape[0])
         if self.training:
             accumulate_router_statistics(self.model.routers(), decisions, token_mask)
-        losses = router_losses(decisions, self.config, attention_mask, batch_size) if output_router_logits else {}
+        if output_router_logits:
+            losses = {**router_losses(decisions, self.config, attention_mask, batch_size), **losses}
         statistics = router_statistics(decisions, token_mask) if output_router_stats else None
         return losses, statistics
 

@@ -409,6 +409,24 @@ def micro_batch_share(labels: torch.Tensor, num_items_in_batch, shift_labels: to
     return counted.ne(-100).sum() / num_items_in_batch
 
 
+def depth_router_loss(decisions) -> torch.Tensor | None:
+    """Mixture-of-Depths auxiliary router loss (Raposo et al. 2024, section 3.5, the first of its two causal-sampling
+    methods): binary cross-entropy with the router logits r as logits and top-C membership as targets,
+
+        loss = mean over routed layers of  mean over real tokens i of  BCE(sigmoid(r_i), 1[i in its sequence's top-C])
+
+    so that the causal rule `r_i > 0` (`sigmoid(r_i) > 0.5`) learns to agree with the top-C choice. `decisions` are
+    the recorded `(logits [B, S], chosen [B, S], real [B, S], top_c)` of the routed layers; only top-C (training)
+    decisions have targets. None when there are none."""
+    per_layer = []
+    for logits, chosen, real, top_c in decisions:
+        if not top_c:
+            continue
+        bce = F.binary_cross_entropy_with_logits(logits.float(), chosen.float(), reduction="none")
+        per_layer.append((bce * real).sum() / real.sum().clamp(min=1))
+    return torch.stack(per_layer).mean() if per_layer else None
+
+
 def router_losses(decisions, config, attention_mask=None, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Every balancing loss whose coefficient is non-zero, unweighted, keyed by its config coefficient's name.
     `router_aux_loss_coef` (the Switch loss) is always computed: it is the `aux_loss` of the model output."""

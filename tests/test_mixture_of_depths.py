@@ -1,0 +1,297 @@
+"""Mixture-of-Depths (`mod_capacity`, Raposo et al. 2024): a routed layer against the paper's formula written out on
+the gathered chosen tokens (training top-C and the causal r > 0 rule), causality, cached generation, the router loss,
+save/load and remote code, gradient checkpointing, Trainer and config validation.
+
+Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 experts of width 64).
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PAD_TOKEN_ID, make_deepseek_config, make_mixtral_config, random_input_ids, randomize_weights_
+from test_trainer import causal_lm_rows, train_one_step
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from hf_moe import DeepSeekMoEConfig, DeepSeekMoEForCausalLM, MixtralMoEConfig, MixtralMoEForCausalLM
+from hf_moe.modeling.modeling_hf_moe import MoDRouter
+
+ATOL = 1e-5
+
+
+def mod_model(family: str = "mixtral", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        config = make_mixtral_config(num_hidden_layers=4, mod_capacity=0.5, **overrides)
+        model = MixtralMoEForCausalLM(config)
+    else:
+        config = make_deepseek_config(num_hidden_layers=4, mod_capacity=0.5, **overrides)
+        model = DeepSeekMoEForCausalLM(config)
+    return randomize_weights_(model).eval()
+
+
+def greedy(model, prompt, use_cache: bool, attention_mask=None, new_tokens: int = 6):
+    return model.generate(prompt, attention_mask=attention_mask, do_sample=False, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=PAD_TOKEN_ID, use_cache=use_cache)
+
+
+def gathered_block_reference(layer, x, cos, sin, chosen, r):
+    """The paper's update on the gathered chosen tokens of each sequence: x~ = x[chosen] (original order and
+    positions), f = a + m with a = attn(norm(x~)) causal among x~ and m = mlp(norm(x~ + a)); then
+    out[chosen] = x~ + r[chosen] * f and out = x elsewhere."""
+    out = x.clone()
+    for b in range(x.shape[0]):
+        idx = chosen[b].nonzero().squeeze(-1)
+        xs = x[b, idx][None]
+        n = idx.numel()
+        causal = torch.zeros(n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(x.dtype).min)
+        attention, _ = layer.self_attn(layer.input_layernorm(xs), position_embeddings=(cos[b, idx][None],
+                                       sin[b, idx][None]), attention_mask=causal[None, None])
+        update = attention + layer.mlp(layer.post_attention_layernorm(xs + attention))
+        out[b, idx] = (xs + r[b, idx][None, :, None] * update)[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The routed layer against its formula
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+@pytest.mark.parametrize("training", [True, False])
+def test_routed_layer_matches_the_block_on_the_gathered_chosen_tokens(family, training):
+    model = mod_model(family, attn_implementation="eager")
+    layer = model.model.layers[1]
+    assert layer.mod_router is not None and model.model.layers[0].mod_router is None
+    x = torch.randn(2, 8, 32)
+    cos, sin = model.model.rotary_emb(x, torch.arange(8)[None].expand(2, -1))
+    layer.train(training)
+    with torch.no_grad():
+        r = x @ layer.mod_router.proj.weight[0]  # [B, S]
+        if training:  # top C = ceil(0.5 * 8) = 4 per sequence
+            chosen = torch.zeros(2, 8, dtype=torch.bool).scatter(1, r.topk(4, dim=1).indices, True)
+        else:  # causal: r > 0, i.e. sigmoid(r) > 0.5
+            chosen = r > 0
+        assert chosen.any() and not chosen.all()
+        expected = gathered_block_reference(layer, x, cos, sin, chosen, r)
+        got = layer(x, position_embeddings=(cos, sin), position_ids=torch.arange(8)[None])
+    assert_close(got, expected, atol=ATOL, rtol=0)
+    assert torch.equal(got[~chosen], x[~chosen])  # a skipped token passes unchanged
+
+
+def test_training_chooses_ceil_capacity_tokens_per_sequence_and_never_padding():
+    torch.manual_seed(0)
+    router = MoDRouter(make_mixtral_config(num_hidden_layers=4, mod_capacity=0.3)).train()
+    x, token_mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.long)
+    token_mask[1, :8] = 0  # row 1 has two real tokens, fewer than C = ceil(0.3 * 10) = 3
+    _, chosen, _ = router(x, token_mask)
+    assert chosen[0].sum() == math.ceil(0.3 * 10)
+    assert torch.equal(chosen[1], token_mask[1].bool())
+    _, chosen_eval, _ = router.eval()(x, token_mask)
+    assert not chosen_eval[1, :8].any()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Causal inference and generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+def test_inference_never_leaks_a_later_token_into_earlier_logits(family):
+    model = mod_model(family)
+    input_ids = random_input_ids(1, 8)
+    changed = input_ids.clone()
+    changed[0, -1] = changed[0, -1] % 100 + 1
+    with torch.no_grad():
+        logits, changed_logits = model(input_ids).logits, model(changed).logits
+    assert_close(changed_logits[:, :-1], logits[:, :-1], atol=1e-6, rtol=0)
+    assert (changed_logits[:, -1] - logits[:, -1]).abs().max() > 1e-4
+
+
+def test_training_top_c_is_not_causal():
+    model = mod_model().train()
+    input_ids = random_input_ids(1, 8)
+    changed = input_ids.clone()
+    changed[0, -1] = changed[0, -1] % 100 + 1
+    with torch.no_grad():
+        differences = [(model(ids).logits[:, :-1]) for ids in (input_ids, changed)]
+    assert (differences[0] - differences[1]).abs().max() > 1e-4  # the top-C choice compares with the last token
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_greedy_generation_with_cache_matches_without_cache(family, attn_implementation):
+    model = mod_model(family, attn_implementation=attn_implementation)
+    prompt = random_input_ids(2, 4, seed=6)
+    mask = torch.ones_like(prompt)
+    prompt[0, 0], mask[0, 0] = PAD_TOKEN_ID, 0  # one left-padded row
+    with torch.no_grad():
+        with_cache = greedy(model, prompt, True, mask)
+        without_cache = greedy(model, prompt, False, mask)
+        # the cached forward's logits equal the full forward's, step after step
+        full = model(with_cache, attention_mask=torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1)).logits
+        cache_out = model(with_cache[:, :6], attention_mask=torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1),
+                          use_cache=True)
+        cache, steps = cache_out.past_key_values, [cache_out.logits]
+        for t in range(6, 10):
+            step_mask = torch.cat([mask, torch.ones(2, t - 3, dtype=torch.long)], 1)
+            steps.append(model(with_cache[:, t:t + 1], attention_mask=step_mask, cache=cache,
+                               use_cache=True).logits)
+    assert with_cache.shape == (2, 10)
+    assert torch.equal(with_cache, without_cache)
+    real = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], 1).bool()
+    assert_close(torch.cat(steps, 1)[real], full[real], atol=ATOL, rtol=0)
+    keys = cache.layers[1].keys  # the routed layer stores the keys of its skipped tokens as zeros
+    skipped = keys.eq(0).all(-1).all(1)
+    assert skipped[0, 0] and skipped[real].any() and not skipped.all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The router loss
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_router_loss_is_the_bce_of_the_logits_against_top_c_and_is_added_with_its_coefficient():
+    model = mod_model(output_router_logits=True, router_aux_loss_coef=0.0).train()
+    input_ids = random_input_ids(2, 8)
+    logits_by_layer = []
+    hooks = [layer.mod_router.register_forward_hook(lambda m, i, o: logits_by_layer.append(o[0].detach()))
+             for layer in model.model.layers if layer.mod_router is not None]
+    output = model(input_ids, labels=input_ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(logits_by_layer) == 2  # layers 1 and 3
+    expected = torch.stack([
+        F.binary_cross_entropy_with_logits(r, torch.zeros_like(r).scatter(1, r.topk(4, dim=1).indices, 1.0))
+        for r in logits_by_layer
+    ]).mean()
+    assert_close(output.router_losses["mod_aux_loss_coef"], expected, atol=1e-6, rtol=0)
+    model.config.mod_aux_loss_coef = 0.0
+    without = model(input_ids, labels=input_ids).loss
+    assert_close(output.loss - without, 0.01 * expected, atol=1e-6, rtol=0)
+    assert "mod_aux_loss_coef" not in (model.eval()(input_ids, labels=input_ids).router_losses or {})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Save/load, remote code, gradient checkpointing, Trainer
+# --------------------------------------------------------------------------------------------------------------
+
+CHILD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    inputs = torch.load(sys.argv[1], weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    generated = model.generate(inputs["prompt"], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated, "module": type(model.model.layers[1].mod_router).__module__},
+               sys.argv[3])
+    """
+)
+
+
+def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
+    model = mod_model("deepseek", seed=1)
+    input_ids = random_input_ids(2, 7)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -2:] = 0
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": random_input_ids(2, 4, seed=3)}
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert loaded.config.mod_capacity == 0.5 and loaded.config.mod_layers == [1, 3]
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "child.py").write_text(CHILD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    (tmp_path / "cwd").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "inputs.pt"), str(tmp_path / "model"),
+         str(tmp_path / "out.pt")],
+        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    child = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert child["module"].startswith("transformers_modules.")
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask).logits
+    assert_close(child["logits"], expected, atol=1e-6, rtol=0)
+    assert torch.equal(child["generated"], greedy(model, inputs["prompt"], True))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    input_ids = random_input_ids(2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        model = mod_model(output_router_logits=True).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(input_ids, labels=input_ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.layers.1.mod_router.proj.weight" in grads[0]
+    for name, grad in grads[0].items():
+        assert_close(grads[1][name], grad, atol=1e-6, rtol=0)
+
+
+def test_one_trainer_step_with_the_router_loss_updates_the_mod_router(tmp_path):
+    model = mod_model(output_router_logits=True)
+    before = model.model.layers[1].mod_router.proj.weight.detach().clone()
+    result = train_one_step(model.train(), causal_lm_rows(), tmp_path)
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.model.layers[1].mod_router.proj.weight, before)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config validation and the preset
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_mod_layers_default_to_every_other_layer_from_layer_one():
+    assert MixtralMoEConfig(num_hidden_layers=6, mod_capacity=0.125).mod_layers == [1, 3, 5]
+    assert DeepSeekMoEConfig(num_hidden_layers=4, mod_capacity=0.125, mod_layers=[2]).mod_layers == [2]
+    assert MixtralMoEConfig().mod_capacity is None and MixtralMoEConfig().mod_layers is None
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"mod_capacity": 0.0}, "mod_capacity"),
+    ({"mod_capacity": 1.5}, "mod_capacity"),
+    ({"mod_layers": [1]}, "mod_layers"),
+    ({"mod_capacity": 0.5, "mod_layers": [0, 1]}, "mod_layers"),
+    ({"mod_capacity": 0.5, "mod_layers": [3, 1]}, "mod_layers"),
+    ({"mod_capacity": 0.5, "mod_layers": [4]}, "mod_layers"),
+    ({"mod_capacity": 0.5, "sliding_window": 16}, "mod_layers"),
+    ({"mod_aux_loss_coef": -0.1}, "mod_aux_loss_coef"),
+])
+def test_invalid_mod_settings_raise_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        MixtralMoEConfig(num_hidden_layers=4, **overrides)
+
+
+def test_other_attention_kernels_raise_naming_the_setting():
+    model = mod_model()
+    model.config._attn_implementation = "flex_attention"
+    x = torch.randn(1, 4, 32)
+    with pytest.raises(ValueError, match="attn_implementation.*Mixture-of-Depths"):
+        model.model.layers[1](x, position_embeddings=model.model.rotary_emb(x, torch.arange(4)[None]))
+
+
+def test_preset_builds_routed_layers():
+    config = MixtralMoEConfig.from_preset("mixture_of_depths", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                          num_local_experts=4)
+    assert config.mod_capacity == 0.125 and config.mod_aux_loss_coef == 0.01
+    model = MixtralMoEForCausalLM(config)
+    assert [layer.mod_router is not None for layer in model.model.layers] == [False, True, False, True]
