@@ -30,7 +30,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -633,12 +633,14 @@ def _ours_to_olmoe(config: MoEDecoderConfig) -> OlmoeConfig:
 
 
 def _ours_to_gpt_oss(config: MoEDecoderConfig) -> GptOssConfig:
+    # constants our config leaves unset (glu experts) take GptOssConfig's defaults: the round trip then names
+    # `experts_activation` rather than a constant
+    constants = {name: getattr(config, name) for name in ("swiglu_alpha", "swiglu_limit") if getattr(config, name)}
     return build_config(
         GptOssConfig, "gpt_oss export", **_native_family_fields(config), head_dim=config.head_dim,
         intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
         attention_bias=config.qkv_bias, sliding_window=config.sliding_window, layer_types=effective_layer_types(config),
-        swiglu_alpha=config.swiglu_alpha, swiglu_limit=config.swiglu_limit,
-        router_aux_loss_coef=config.router_aux_loss_coef,
+        router_aux_loss_coef=config.router_aux_loss_coef, **constants,
     )
 
 
@@ -666,7 +668,10 @@ _NOT_COMPARED = {
 def _computed_fields(config: MoEDecoderConfig) -> dict:
     """The fields of `config` that decide what it computes at inference, with unused ones left out and defaults
     spelled out, so that two configs computing the same model compare equal."""
-    fields = {name: value for name, value in config.to_dict().items() if name not in _NOT_COMPARED}
+    # DeepSeekMoEConfig's fields, which MixtralMoEConfig answers too (fixed values for those it cannot hold)
+    names = [field.name for field in dataclass_fields(DeepSeekMoEConfig) if field.name not in _NOT_COMPARED]
+    fields = {name: getattr(config, name, None) for name in names if name != "n_routed_experts"}
+    fields["num_experts"] = config.num_experts
     fields["layer_types"] = effective_layer_types(config)
     fields["sliding_window"] = config.sliding_window if "sliding_attention" in fields["layer_types"] else None
     rope = dict(config.rope_parameters)
@@ -677,6 +682,8 @@ def _computed_fields(config: MoEDecoderConfig) -> dict:
         fields.pop("intermediate_size", None)
     if config.n_shared_experts == 0:
         fields.pop("shared_expert_intermediate_size", None)
+    if config.experts_activation != "clamped_swiglu":
+        fields.pop("swiglu_alpha", None), fields.pop("swiglu_limit", None)
     return fields
 
 
@@ -694,7 +701,7 @@ def _round_trip_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
     ours, theirs = _computed_fields(config), _computed_fields(back)
     return [f"`{name}`={ours.get(name)!r}: " + (f"{fmt} can only hold {theirs[name]!r}" if name in theirs
                                                 else f"{fmt} has no use for it")
-            for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+            for name in sorted(ours) if ours[name] != theirs.get(name)]  # what only theirs uses differs elsewhere
 
 
 _OURS_TO_NATIVE = {
