@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 
 register_auto_classes()
 register_checkpoint_conversions()
-# MIXLORA, LORAMOE, MOLA: get_peft_model / PeftModel.from_pretrained find them. peft takes seconds to import, so they
+# MIXLORA, LORAMOE, MOLA, MOELORA: get_peft_model / PeftModel.from_pretrained find them. peft takes seconds to import, so they
 # are registered when peft is imported (now, if it already is).
 register_peft_methods_when_peft_is_imported()
 
@@ -51,6 +51,7 @@ _LAZY = {
     "MixLoraConfig": "finetune.lora_moe",
     "LoraMoeConfig": "finetune.lora_moe",
     "MolaConfig": "finetune.lora_moe",
+    "MoeLoraConfig": "finetune.lora_moe",
     "MoERouterCallback": "finetune.trainer",
     "add_router_callback": "finetune.trainer",
 }
@@ -71,24 +72,25 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "MixtralMoEConfig",
-    "MixtralMoEModel",
-    "MixtralMoEForCausalLM",
-    "MixtralMoEForSequenceClassification",
-    "MixtralMoEForTokenClassification",
-    "MixtralMoEForQuestionAnswering",
     "DeepSeekMoEConfig",
-    "DeepSeekMoEModel",
     "DeepSeekMoEForCausalLM",
+    "DeepSeekMoEForQuestionAnswering",
     "DeepSeekMoEForSequenceClassification",
     "DeepSeekMoEForTokenClassification",
-    "DeepSeekMoEForQuestionAnswering",
-    "list_presets",
-    "collect_router_statistics",
-    "update_router_bias",
-    "MoERouterCallback",
-    "add_router_callback",
-    "MixLoraConfig",
+    "DeepSeekMoEModel",
     "LoraMoeConfig",
+    "MixLoraConfig",
+    "MixtralMoEConfig",
+    "MixtralMoEForCausalLM",
+    "MixtralMoEForQuestionAnswering",
+    "MixtralMoEForSequenceClassification",
+    "MixtralMoEForTokenClassification",
+    "MixtralMoEModel",
+    "MoERouterCallback",
+    "MoeLoraConfig",
     "MolaConfig",
+    "add_router_callback",
+    "collect_router_statistics",
+    "list_presets",
+    "update_router_bias",
 ]

@@ -1,7 +1,7 @@
 """A fine-tune from one YAML recipe: recipe -> datasets -> model + PEFT method -> Trainer -> adapter or full model.
 
     model: path/to/model                 # local folder or Hub id
-    method: mixlora                      # full | lora | mixlora | loramoe | mola
+    method: mixlora                      # full | lora | mixlora | loramoe | mola | moelora
     peft: {r: 8, num_experts: 8}         # the method's config fields (peft's LoraConfig for `lora`)
     data: {train_file: train.jsonl, prompt_field: instruction, response_field: output, max_length: 512}
     training: {learning_rate: 2.0e-4, max_steps: 1000, per_device_train_batch_size: 4}   # TrainingArguments
@@ -33,12 +33,15 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "lora", "mixlora", "loramoe", "mola")
-LORA_MOE_METHODS = ("mixlora", "loramoe", "mola")
+METHODS = ("full", "lora", "mixlora", "loramoe", "mola", "moelora")
+LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora")
+# token routers, measured for the card's expert-load picture (MOELoRA's gate needs task ids, not only tokens)
+ROUTED_METHODS = ("mixlora", "loramoe", "mola")
 MOE_MODEL_TYPES = ("hf_moe_mixtral", "hf_moe_deepseek")
 RECIPE_FIELDS = ("model", "trust_remote_code", "method", "peft", "data", "training", "output_dir")
 DATA_FIELDS = ("train_file", "dataset", "dataset_config", "split", "eval_file", "eval_split", "text_field",
-               "prompt_field", "response_field", "prompt_template", "messages_field", "type_field", "max_length")
+               "prompt_field", "response_field", "prompt_template", "messages_field", "type_field", "task_field",
+               "max_length")
 DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Alpaca's template; `{prompt}` is replaced by the prompt field. The loss sees only the response tokens.
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -151,9 +154,10 @@ class _Problems(list):
 def peft_config_class(method: str):
     from peft import LoraConfig
 
-    from .lora_moe import LoraMoeConfig, MixLoraConfig, MolaConfig
+    from .lora_moe import LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
 
-    return {"lora": LoraConfig, "mixlora": MixLoraConfig, "loramoe": LoraMoeConfig, "mola": MolaConfig}[method]
+    return {"lora": LoraConfig, "mixlora": MixLoraConfig, "loramoe": LoraMoeConfig, "mola": MolaConfig,
+            "moelora": MoeLoraConfig}[method]
 
 
 def build_peft_config(method: str, options: dict):
@@ -262,6 +266,10 @@ def _check_data(data: dict, method, problems: _Problems) -> None:
                    "a string containing {prompt}")
     problems.check("type_field" not in data or method == "loramoe", "data.type_field", data.get("type_field"),
                    "LoRAMoE's sample types: only with method 'loramoe'")
+    problems.check("task_field" not in data or method == "moelora", "data.task_field", data.get("task_field"),
+                   "MOELoRA's task column: only with method 'moelora'")
+    problems.check(method != "moelora" or isinstance(data.get("task_field"), str), "data.task_field",
+                   data.get("task_field"), "method 'moelora' needs the name of the data's task column")
     max_length = data["max_length"]
     problems.check(isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 1,
                    "data.max_length", max_length, "an integer > 1")
@@ -278,6 +286,8 @@ def _as_list(value) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: load, then tokenize into input_ids / attention_mask / labels (-100 where no loss)
+
+TASK_IDS_COLUMN = "task_ids"  # MOELoRA: the id of the row's task in peft.task_names
 
 
 def load_data(data: dict):
@@ -297,6 +307,11 @@ def load_data(data: dict):
         parts = train.train_test_split(test_size=data["eval_split"], seed=0)
         train, evaluation = parts["train"], parts["test"]
     return train, evaluation
+
+
+def task_names_of(dataset, column: str) -> list[str]:
+    """MOELoRA's task names: the distinct values of the task column, sorted (a task's id is its index)."""
+    return sorted({str(value) for value in dataset[column]})
 
 
 def tokenize_example(example: dict, tokenizer, data: dict) -> dict:
@@ -325,6 +340,8 @@ def tokenize_example(example: dict, tokenizer, data: dict) -> dict:
     row = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
     if "type_field" in data:
         row[data["type_field"]] = int(example[data["type_field"]])
+    if "task_field" in data:
+        row[TASK_IDS_COLUMN] = data["task_names"].index(str(example[data["task_field"]]))
     return row
 
 
@@ -332,10 +349,15 @@ def tokenize_dataset(dataset, tokenizer, data: dict):
     if "messages_field" in data and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"recipe field `data.messages_field`={data['messages_field']!r} is invalid: the tokenizer "
                          "has no chat template; use prompt_field/response_field or text_field.")
-    for name in ("text_field", "prompt_field", "response_field", "messages_field", "type_field"):
+    for name in ("text_field", "prompt_field", "response_field", "messages_field", "type_field", "task_field"):
         if name in data and data[name] not in dataset.column_names:
             raise ValueError(f"recipe field `data.{name}`={data[name]!r} is invalid: the data's columns are "
                              f"{dataset.column_names}.")
+    if "task_field" in data:
+        unknown = sorted({str(value) for value in dataset[data["task_field"]]} - set(data["task_names"]))
+        if unknown:
+            raise ValueError(f"recipe field `peft.task_names`={data['task_names']!r} is invalid: the data's "
+                             f"`{data['task_field']}` column also has {unknown}.")
     return dataset.map(tokenize_example, fn_kwargs={"tokenizer": tokenizer, "data": data},
                        remove_columns=dataset.column_names, desc="tokenizing")
 
@@ -429,7 +451,7 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     )
 
     from ..cards import RECIPE_FILE
-    from .lora_moe import TypeIdsCollator, add_lora_moe_callback
+    from .lora_moe import TaskIdsCollator, TypeIdsCollator, add_lora_moe_callback
     from .trainer import add_router_callback
 
     method, data, output_dir = recipe["method"], recipe["data"], recipe["output_dir"]
@@ -447,11 +469,17 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_raw, eval_raw = load_data(data)
+    if method == "moelora":  # task names -> ids, saved in the adapter config so that the ids keep their meaning
+        recipe["peft"] = {**recipe["peft"], "task_names": recipe["peft"].get("task_names")
+                          or task_names_of(train_raw, data["task_field"])}
+        data = {**data, "task_names": recipe["peft"]["task_names"]}
     train_dataset = tokenize_dataset(train_raw, tokenizer, data)
     eval_dataset = tokenize_dataset(eval_raw, tokenizer, data) if eval_raw is not None else None
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     if "type_field" in data:
         collator = TypeIdsCollator(collator, column=data["type_field"])
+    if "task_field" in data:
+        collator = TaskIdsCollator(collator, column=TASK_IDS_COLUMN)
 
     # model: hf-moe bases return router logits so that their load-balancing loss reaches the training loss.
     # Seeded first: the adapter's (and any newly initialised weight's) values come from this seed; Trainer seeds
@@ -494,7 +522,7 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
         tokenizer.save_pretrained(output_dir)
         with open(recipe_path, "w", encoding="utf-8") as file:
             yaml.safe_dump(recipe, file, sort_keys=False)
-    card = describe_run(trainer, output_dir, method, routed=is_moe or method in LORA_MOE_METHODS)
+    card = describe_run(trainer, output_dir, method, routed=is_moe or method in ROUTED_METHODS)
     if trainer.is_world_process_zero():
         write_owner_record(output_dir, "finetune")
     result = RecipeResult(output_dir=output_dir, train_loss=train_output.training_loss, eval_loss=eval_loss,

@@ -1,4 +1,5 @@
-"""LoRA-expert PEFT methods for dense decoders: MixLoRA, LoRAMoE and MoLA, registered with peft by `import hf_moe`.
+"""LoRA-expert PEFT methods for dense decoders: MixLoRA, LoRAMoE, MoLA and MOELoRA, registered with peft by
+`import hf_moe`.
 
     import hf_moe
     from peft import get_peft_model
@@ -8,20 +9,21 @@
 
 Files, following peft's split: `config.py` (what is saved), `layer.py` (what an adapted module computes, shared maths
 in `functional.py`), `model.py` (which module gets which layer; which auxiliary losses), `losses.py` and
-`aux_loss.py` (how those losses are computed and reach `outputs.loss`), `data.py` (LoRAMoE's type ids from a dataset
-column), `registration.py`. `materialize.py` (MixLoRA adapter + base -> standalone MoE checkpoint) is imported on
-demand: `from hf_moe.finetune.lora_moe.materialize import materialize`.
+`aux_loss.py` (how those losses are computed and reach `outputs.loss`), `data.py` (LoRAMoE's type ids and MOELoRA's
+task ids from a dataset column), `registration.py`. `materialize.py` (MixLoRA adapter + base -> standalone MoE
+checkpoint) is imported on demand: `from hf_moe.finetune.lora_moe.materialize import materialize`.
 """
 
 from .aux_loss import TYPE_IDS_KWARG, LoraMoeLossCallback, add_lora_moe_callback, pop_logged_aux_losses
-from .config import MOLA_PRESETS, LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
-from .data import TypeIdsCollator
-from .layer import LoraMoeLinear, MixLoraFeedForward, MixLoraLinear, MolaLinear, RoutedLoraLinear
-from .model import LoraMoeModel, MixLoraModel, MolaModel
+from .config import MOLA_PRESETS, LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
+from .data import TaskIdsCollator, TypeIdsCollator
+from .layer import LoraMoeLinear, MixLoraFeedForward, MixLoraLinear, MoeLoraLinear, MolaLinear, RoutedLoraLinear
+from .model import TASK_IDS_KWARG, LoraMoeModel, MixLoraModel, MoeLoraModel, MolaModel
 from .registration import register_lora_moe_methods
 
 __all__ = [
     "MOLA_PRESETS",
+    "TASK_IDS_KWARG",
     "TYPE_IDS_KWARG",
     "LoraExpertConfig",
     "LoraMoeConfig",
@@ -32,10 +34,14 @@ __all__ = [
     "MixLoraFeedForward",
     "MixLoraLinear",
     "MixLoraModel",
+    "MoeLoraConfig",
+    "MoeLoraLinear",
+    "MoeLoraModel",
     "MolaConfig",
     "MolaLinear",
     "MolaModel",
     "RoutedLoraLinear",
+    "TaskIdsCollator",
     "TypeIdsCollator",
     "add_lora_moe_callback",
     "pop_logged_aux_losses",

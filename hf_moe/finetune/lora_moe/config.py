@@ -1,10 +1,11 @@
-"""Configurations of the three LoRA-expert methods: every hyperparameter is a field saved in adapter_config.json.
+"""Configurations of the LoRA-expert methods: every hyperparameter is a field saved in adapter_config.json.
 
 | config | `peft_type` | experts live in | routing | auxiliary loss |
 |---|---|---|---|---|
 | `MixLoraConfig` | MIXLORA | each FFN block: expert e = frozen FFN + its own LoRA on gate/up/down; plain LoRA on the targeted attention projections | top-k per token, renormalised (Mixtral) | Switch load balancing, `router_aux_loss_coef` |
 | `LoraMoeConfig` | LORAMOE | each targeted Linear: frozen W + N LoRA experts | dense softmax over all experts | Localized Balancing Constraint, `lbc_weight` / `lbc_delta` |
 | `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
+| `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence | none |
 
 Defaults follow the papers' reference code (see each class). `target_modules=None` picks the method's default
 modules for Llama, Mistral, Qwen2, Qwen3 and Gemma bases (`model.TARGET_MODULES`).
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from .peft_types import LORAMOE, MIXLORA, MOLA
+from .peft_types import LORAMOE, MIXLORA, MOELORA, MOLA
 
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # MixLoRA's routing strategies, named as in MoE-PEFT: top-k (Mixtral), top-p (dynamic), top-1 (Switch)
@@ -292,3 +293,67 @@ class MolaConfig(LoraExpertConfig):
         for layer, (k, count) in enumerate(zip(top_k, experts)):
             _require(k <= count, "top_k", self.top_k, f"layer {layer} has {count} experts, so k must be <= {count}")
         return top_k
+
+
+@dataclass
+class MoeLoraConfig(LoraExpertConfig):
+    """MOELoRA (Liu et al. 2024, arXiv 2310.18339): every targeted Linear gets N LoRA experts that split the rank r
+    (each expert has rank r / N) and a task-motivated gate: the sample's task id picks a learned task embedding, and a
+    Linear without bias followed by a softmax turns it into expert weights. Every token of a sample uses its sample's
+    weights (no token routing), so decoding is causal by construction.
+
+        w_b = softmax(W_gate e[task_b])                                     [N]   e: Embedding(num_tasks, dim)
+        y   = W x + b + lora_alpha / r * sum_i w_b,i B_i A_i dropout(x)      A_i [r/N, in], B_i [out, r/N]
+
+    As the reference code (`MMOELoraLinear` of liuqidong07/MOELoRA-peft): the scaling uses the total rank r; A ~
+    N(0, 0.01), B = 0; the task embedding ~ N(0, 1) (nn.Embedding), the gate kaiming-uniform (nn.Linear); each
+    adapted Linear owns its task embedding and gate. Task ids are a model input: pass `task_ids` ([batch_size] ints in
+    [0, num_tasks)) to forward and once to `generate`; a forward without them raises (there is no default task).
+    `task_names` maps names to ids (task_names[i] has id i) and is saved with the adapter.
+    Defaults: the reference's experiment script (r 16 split over 8 experts, dropout 0.1; alpha 32 and task embedding
+    dim 64 from its argument defaults), on every attention and FFN projection.
+    """
+
+    r: int = field(default=16, metadata=_help("Total LoRA rank of a Linear, split over the experts: each expert has "
+                                              "rank r / num_experts."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator: lora_alpha / r (total rank)."))
+    lora_dropout: float = field(default=0.1, metadata=_help("Dropout on the LoRA inputs."))
+    num_experts: int = field(default=8, metadata=_help("LoRA experts per targeted Linear; must divide r."))
+    num_tasks: int | None = field(
+        default=None, metadata=_help("Number of tasks (rows of the task embedding); None = len(task_names). One of "
+                                     "the two is needed before the adapter is built."))
+    task_names: list[str] | None = field(
+        default=None, metadata=_help("Task names by id (task_names[i] has id i), e.g. the values of a dataset's task "
+                                     "column; saved so that the ids keep their meaning."))
+    task_embedding_dim: int = field(default=64, metadata=_help("Dimension of the task embedding fed to the gate."))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = MOELORA
+        _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
+        _require(self.r % self.num_experts == 0, "r", self.r,
+                 f"must be a multiple of num_experts={self.num_experts} (each expert has rank r / num_experts)")
+        _require(_positive_int(self.task_embedding_dim), "task_embedding_dim", self.task_embedding_dim,
+                 "must be a positive integer")
+        if self.task_names is not None:
+            names = self.task_names
+            _require(isinstance(names, (list, tuple)) and len(names) > 0
+                     and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names),
+                     "task_names", names, "must be None or a non-empty list of distinct non-empty strings")
+            self.task_names = list(names)
+            if self.num_tasks is None:
+                self.num_tasks = len(self.task_names)
+            _require(self.num_tasks == len(self.task_names), "num_tasks", self.num_tasks,
+                     f"must equal the number of task_names ({len(self.task_names)})")
+        _require(self.num_tasks is None or _positive_int(self.num_tasks), "num_tasks", self.num_tasks,
+                 "must be None (= len(task_names)) or a positive integer")
+
+    @property
+    def expert_rank(self) -> int:
+        return self.r // self.num_experts
+
+    def task_id(self, name: str) -> int:
+        """The id of the task `name` in `task_names`."""
+        _require(self.task_names is not None and name in self.task_names, "task_names", self.task_names,
+                 f"has no task {name!r}")
+        return self.task_names.index(name)

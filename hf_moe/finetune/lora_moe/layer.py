@@ -1,14 +1,15 @@
-"""The layers of the three methods: what each adapted module computes.
+"""The layers of the LoRA-expert methods: what each adapted module computes.
 
 | layer | wraps | used by |
 |---|---|---|
 | `LoraMoeLinear`, `MolaLinear` (one `RoutedLoraLinear`) | an nn.Linear | LoRAMoE (dense gates), MoLA (top-k gates) |
 | `MixLoraFeedForward` | an FFN block (gate_proj, up_proj, down_proj, act_fn) | MixLoRA's experts |
 | `MixLoraLinear` | an nn.Linear | MixLoRA's plain LoRA on attention projections |
+| `MoeLoraLinear` | an nn.Linear | MOELoRA (rank split over experts, per-sample task gates) |
 
 Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in], held in
 `nn.ParameterDict`s keyed by adapter name whose attribute names start with the method's prefix (`mixlora_`,
-`loramoe_`, `mola_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`), every router
+`loramoe_`, `mola_`, `moelora_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`), every router
 call appends a `RoutingRecord` that the auxiliary losses read after the forward.
 """
 
@@ -376,3 +377,87 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
                 continue
             merged[name] = base + scaling * torch.bmm(weights[f"{name}_B"], weights[f"{name}_A"])
         return merged
+
+
+class MoeLoraLinear(nn.Module, LoraExpertLayer):
+    """MOELoRA's layer: a frozen Linear plus N LoRA experts of rank r / N mixed by per-sample task weights,
+
+        w_b = softmax(W_gate e[task_ids[b]])                                       [B, N]
+        y[b, s] = W x[b, s] + b + (alpha / r) * sum_i w_b,i B_i A_i dropout(x[b, s])
+
+    Since the experts split one rank-r LoRA, the mix is one rank-r LoRA whose r inner features are scaled by their
+    expert's weight: two matmuls, whatever N. `task_ids` [B] is set by the tuner's forward pre-hook on the model
+    (`model.install_task_ids_hook`) before every forward; a forward without it raises.
+    """
+
+    adapter_layer_names = ("moelora_task_embedding", "moelora_gate", "moelora_A", "moelora_B")
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_index: int | None = None):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} adapts nn.Linear modules, got {type(base_layer).__name__}: "
+                            f"check `target_modules`.")
+        self._init_layer(base_layer, layer_index)
+        self.task_ids: torch.Tensor | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config, **_) -> None:
+        base, experts, rank = self.get_base_layer(), config.num_experts, config.expert_rank
+        shapes = {"moelora_task_embedding": (config.num_tasks, config.task_embedding_dim),
+                  "moelora_gate": (experts, config.task_embedding_dim),
+                  "moelora_A": (experts, rank, base.in_features), "moelora_B": (experts, base.out_features, rank)}
+        self._add_adapter(adapter_name, config, shapes, num_experts=experts, top_k=None)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, config) -> None:
+        """As the reference: task embedding ~ N(0, 1) (nn.Embedding), gate kaiming-uniform(a=sqrt(5)) (nn.Linear) or
+        N(0, router_init_std), A ~ N(0, 0.01), B zero (N(0, 0.01) too with init_lora_weights=False)."""
+        nn.init.normal_(self.moelora_task_embedding[adapter_name])
+        gate = self.moelora_gate[adapter_name]
+        if config.router_init_std is not None:
+            nn.init.normal_(gate, std=config.router_init_std)
+        else:
+            nn.init.kaiming_uniform_(gate, a=math.sqrt(5))
+        nn.init.normal_(self.moelora_A[adapter_name], std=0.01)
+        if config.init_lora_weights:
+            nn.init.zeros_(self.moelora_B[adapter_name])
+        else:
+            nn.init.normal_(self.moelora_B[adapter_name], std=0.01)
+
+    def expert_weights(self, adapter_name: str, task_ids: torch.Tensor) -> torch.Tensor:
+        """w = softmax(W_gate e[task_ids]) in fp32, [B, N]."""
+        weights = self.adapter_tensors(adapter_name)
+        num_tasks = weights["task_embedding"].shape[0]
+        if task_ids.dim() != 1 or task_ids.dtype.is_floating_point or task_ids.is_complex():
+            raise ValueError(f"MOELoRA's `task_ids` must be a 1-D integer tensor [batch_size], got dtype "
+                             f"{task_ids.dtype} and shape {tuple(task_ids.shape)}.")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+            raise ValueError(f"MOELoRA's `task_ids`={task_ids.tolist()} are invalid: ids must be in [0, "
+                             f"num_tasks={num_tasks}).")
+        embedding = F.embedding(task_ids.to(weights["A"].device), weights["task_embedding"])  # [B, dim]
+        return torch.softmax(F.linear(embedding, weights["gate"]).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._adapters_to_run():
+            result = result + self._experts(x, adapter_name).to(result.dtype)
+        return result
+
+    def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self.task_ids is None:
+            raise ValueError("MOELoRA needs the task of every sample: pass `task_ids` ([batch_size] ints in [0, "
+                             "num_tasks)) to the model's forward, or once to `generate`.")
+        batch = _batch_size(x)
+        if self.task_ids.shape[:1] != (batch,):
+            raise ValueError(f"MOELoRA's `task_ids` has shape {tuple(self.task_ids.shape)}, but the batch has {batch} "
+                             f"samples: give one task id per sample.")
+        weights = self.adapter_tensors(adapter_name)
+        lora_a, lora_b = weights["A"], weights["B"]  # [N, r/N, in], [N, out, r/N]
+        experts, rank = lora_a.shape[:2]
+        gates = self.expert_weights(adapter_name, self.task_ids).to(lora_a.dtype)  # [B, N]
+        tokens = x.reshape(batch, -1, x.shape[-1]).to(lora_a.dtype)  # [B, S, in]
+        hidden = F.linear(self.lora_dropout[adapter_name](tokens), lora_a.reshape(experts * rank, -1))  # [B, S, r]
+        hidden = hidden * gates.repeat_interleave(rank, dim=-1).unsqueeze(1)
+        delta = F.linear(hidden, lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1)) * self.scaling[adapter_name]
+        return delta.view(*x.shape[:-1], -1)

@@ -1,4 +1,4 @@
-"""The tuners of the three methods: which modules get which layer, and which auxiliary losses each method adds.
+"""The tuners of the LoRA-expert methods: which modules get which layer, and which auxiliary losses each method adds.
 
 Everything else comes from peft's `BaseTuner`: target matching (`target_modules`, `exclude_modules`,
 `layers_to_transform`), freezing the base, several adapters and `set_adapter`, `delete_adapter`, `unload`, and the
@@ -8,11 +8,12 @@ adapter state dict (every tensor on our layers except the wrapped base module), 
 import re
 from contextlib import contextmanager
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .aux_loss import install_aux_loss_hooks, remove_aux_loss_hooks
-from .config import LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
+from .config import LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
 from .layer import (
     FFN_PROJECTIONS,
     LoraExpertLayer,
@@ -20,6 +21,7 @@ from .layer import (
     MixLoraFeedForward,
     MixLoraLayer,
     MixLoraLinear,
+    MoeLoraLinear,
     MolaLinear,
 )
 from .losses import AuxLossContext, layerwise_switch_loss, lbc_loss, pooled_z_loss, switch_loss
@@ -32,7 +34,10 @@ TARGET_MODULES = {
     "MIXLORA": {model_type: ["mlp", *ATTENTION] for model_type in SUPPORTED_MODEL_TYPES},
     "LORAMOE": {model_type: FFN for model_type in SUPPORTED_MODEL_TYPES},
     "MOLA": {model_type: ATTENTION + FFN for model_type in SUPPORTED_MODEL_TYPES},
+    "MOELORA": {model_type: ATTENTION + FFN for model_type in SUPPORTED_MODEL_TYPES},
 }
+TASK_IDS_KWARG = "task_ids"
+FORWARDED_TASK_IDS_KWARG = "moelora_task_ids"  # how PeftModelForCausalLM.forward hands task_ids on (registration.py)
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -198,3 +203,99 @@ class MolaModel(LoraExpertTuner):
             return {}
         value = layerwise_switch_loss(records, context.token_mask(records))
         return {"router_aux_loss": (config.router_aux_loss_coef, value)}
+
+
+def _set_task_ids(model, args, kwargs):
+    """Forward pre-hook: pop `task_ids` (or its forwarded name) and hand it to every MOELoRA layer (None when absent,
+    so that a forward without it raises rather than reusing an earlier batch's ids). The ids stay set after the
+    forward, for the recomputation of activation checkpointing in the backward pass."""
+    task_ids = kwargs.pop(TASK_IDS_KWARG, None)
+    forwarded = kwargs.pop(FORWARDED_TASK_IDS_KWARG, None)
+    task_ids = forwarded if forwarded is not None else task_ids
+    if task_ids is None:
+        task_ids = _generation_task_ids(model, args, kwargs)
+    if task_ids is not None and not isinstance(task_ids, torch.Tensor):
+        task_ids = torch.as_tensor(task_ids)
+    for module in model.modules():
+        if isinstance(module, MoeLoraLinear):
+            module.task_ids = task_ids
+    return args, kwargs
+
+
+_GENERATION_ATTRIBUTE = "_moelora_generation_task_ids"
+
+
+def _generation_task_ids(model, args, kwargs):
+    """The ids given to `generate` (see `generation_task_ids`), repeated for the beams and `num_return_sequences`
+    as generate repeats the inputs (repeat_interleave); None outside generate."""
+    task_ids = model.__dict__.get(_GENERATION_ATTRIBUTE)
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+    if task_ids is None or inputs is None or task_ids.numel() == 0 or inputs.shape[0] % task_ids.shape[0]:
+        return task_ids
+    return task_ids.repeat_interleave(inputs.shape[0] // task_ids.shape[0], dim=0)
+
+
+@contextmanager
+def generation_task_ids(model: nn.Module, task_ids):
+    """Within the block, every forward of `model` without `task_ids` uses these (one per prompt). transformers'
+    generate refuses model kwargs its model's forward does not name, so `task_ids` is taken out of generate's
+    arguments (registration.py) and given to the decoding steps here: the same ids for the prefill and every new
+    token, with or without a cache."""
+    if not isinstance(task_ids, torch.Tensor):
+        task_ids = torch.as_tensor(task_ids)
+    model.__dict__[_GENERATION_ATTRIBUTE] = task_ids
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_GENERATION_ATTRIBUTE, None)
+
+
+def install_task_ids_hook(model: nn.Module) -> None:
+    """Make `model(..., task_ids=...)` reach the MOELoRA layers. The hook sits on the adapted transformers model, so
+    it sees every forward however the model is called: through `PeftModel` or `PeftModelForCausalLM`, by Trainer, and
+    by `generate` at every decoding step (through `generation_task_ids`)."""
+    if _set_task_ids not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_set_task_ids, with_kwargs=True)
+
+
+def remove_task_ids_hook(model: nn.Module) -> None:
+    for key in [key for key, hook in model._forward_pre_hooks.items() if hook is _set_task_ids]:
+        del model._forward_pre_hooks[key]
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+class MoeLoraModel(LoraExpertTuner):
+    """MOELoRA: Linears -> `MoeLoraLinear` (N LoRA experts of rank r / N, mixed by per-sample task gates). The model
+    takes `task_ids` ([batch_size] ints) in forward and generate; no auxiliary loss."""
+
+    prefix = "moelora_"
+    tuner_layer_cls = MoeLoraLinear
+    target_module_mapping = TARGET_MODULES["MOELORA"]
+
+    def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        if peft_config.num_tasks is None:
+            raise ValueError("MOELoRA's `num_tasks` is None and so is `task_names`: set one of them (the number of "
+                             "tasks, or their names by id).")
+        return peft_config
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        install_task_ids_hook(model)
+
+    def _layer_options(self, config: MoeLoraConfig, key, layer_index) -> dict:
+        return {}
+
+    def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
+        return MoeLoraLinear(target, adapter_name, config, layer_index=layer_index)
+
+    def _check_merge_allowed(self):
+        raise ValueError("MoeLoraModel: the experts' mix depends on each sample's task id, so the adapter cannot be "
+                         "merged into the base weights.")
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        remove_task_ids_hook(self.model)
+        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)

@@ -1,4 +1,4 @@
-"""The three PEFT types of this package, added as members of peft's closed enum `peft.utils.PeftType`.
+"""The four PEFT types of this package, added as members of peft's closed enum `peft.utils.PeftType`.
 
 `peft.utils.register_peft_method` only accepts names that are members of `PeftType`, and transformers'
 `load_adapter` reads `config.peft_type.value`, so a plain string is not enough. The members equal and hash like the
@@ -30,3 +30,4 @@ def add_peft_type(name: str) -> PeftType:
 MIXLORA = add_peft_type("MIXLORA")
 LORAMOE = add_peft_type("LORAMOE")
 MOLA = add_peft_type("MOLA")
+MOELORA = add_peft_type("MOELORA")

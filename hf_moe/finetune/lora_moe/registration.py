@@ -1,4 +1,4 @@
-"""Registration of MIXLORA, LORAMOE and MOLA as PEFT methods, so that stock peft saves and loads them.
+"""Registration of MIXLORA, LORAMOE, MOLA and MOELORA as PEFT methods, so that stock peft saves and loads them.
 
 PEFT 0.21 keeps its methods in dicts filled by `peft.utils.register_peft_method` (config class, tuner class,
 parameter prefix). After `register_lora_moe_methods()` (called by `import hf_moe`):
@@ -11,19 +11,22 @@ peft has no plugin discovery: every process that loads such an adapter must impo
 idempotent; a reloaded module (new class objects) replaces its stale registration.
 """
 
+import functools
+
+from peft import PeftModelForCausalLM
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from .config import LoraMoeConfig, MixLoraConfig, MolaConfig
-from .model import LoraMoeModel, MixLoraModel, MolaModel
-from .peft_types import LORAMOE, MIXLORA, MOLA
+from .config import LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
+from .model import FORWARDED_TASK_IDS_KWARG, LoraMoeModel, MixLoraModel, MoeLoraModel, MolaModel, generation_task_ids
+from .peft_types import LORAMOE, MIXLORA, MOELORA, MOLA
 
 METHODS = {MIXLORA: (MixLoraConfig, MixLoraModel), LORAMOE: (LoraMoeConfig, LoraMoeModel),
-           MOLA: (MolaConfig, MolaModel)}
+           MOLA: (MolaConfig, MolaModel), MOELORA: (MoeLoraConfig, MoeLoraModel)}
 
 
 def register_lora_moe_methods() -> None:
-    """Make MIXLORA, LORAMOE and MOLA known to peft."""
+    """Make MIXLORA, LORAMOE, MOLA and MOELORA known to peft."""
     for peft_type, (config_class, model_class) in METHODS.items():
         if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_class:
             continue
@@ -31,3 +34,33 @@ def register_lora_moe_methods() -> None:
         PEFT_TYPE_TO_TUNER_MAPPING.pop(peft_type, None)
         register_peft_method(name=peft_type.lower(), config_cls=config_class, model_cls=model_class,
                              prefix=model_class.prefix)
+    forward_task_ids_to_moelora()
+
+
+def forward_task_ids_to_moelora() -> None:
+    """`PeftModelForCausalLM.forward` has a `task_ids` argument of its own, which it hands on to POLY adapters only
+    and drops otherwise. Wrap it (once) so that with an active MOELORA adapter the ids travel on, under
+    `FORWARDED_TASK_IDS_KWARG`, to the adapted model, whose forward pre-hook gives them to the MOELoRA layers.
+    `generate` passes unknown model kwargs to transformers, which refuses them: wrap it too, so that `task_ids` given
+    once to generate reach every decoding step (`model.generation_task_ids`)."""
+    forward, generate = PeftModelForCausalLM.forward, PeftModelForCausalLM.generate
+    if getattr(forward, "_forwards_task_ids_to_moelora", False):
+        return
+
+    @functools.wraps(forward)
+    def forward_with_task_ids(self, *args, task_ids=None, **kwargs):
+        if task_ids is not None and self.active_peft_config.peft_type == MOELORA:
+            kwargs[FORWARDED_TASK_IDS_KWARG] = task_ids
+            task_ids = None
+        return forward(self, *args, task_ids=task_ids, **kwargs)
+
+    @functools.wraps(generate)
+    def generate_with_task_ids(self, *args, **kwargs):
+        if kwargs.get("task_ids") is None or self.active_peft_config.peft_type != MOELORA:
+            return generate(self, *args, **kwargs)
+        with generation_task_ids(self.get_base_model(), kwargs.pop("task_ids")):
+            return generate(self, *args, **kwargs)
+
+    forward_with_task_ids._forwards_task_ids_to_moelora = True
+    PeftModelForCausalLM.forward = forward_with_task_ids
+    PeftModelForCausalLM.generate = generate_with_task_ids
