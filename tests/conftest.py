@@ -6,8 +6,12 @@ vocab 128, hidden 32, 2-3 layers, 4-8 experts. `pad_token_id` is 0, so test inpu
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +129,23 @@ def random_input_ids(batch_size: int, seq_len: int, seed: int = 1) -> torch.Long
     """Token ids in [1, VOCAB_SIZE): never the pad token."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+
+
+def run_child_without_hf_moe(script: str, args: list, tmp_path: Path) -> dict:
+    """Run `script` in a fresh Python process with `args` and then the path of the file it must `torch.save` its
+    results to; return those results. The child runs in another working directory, with its own HF_MODULES_CACHE,
+    offline; the script itself blocks `import hf_moe` (`sys.modules["hf_moe"] = None`) before anything else."""
+    (tmp_path / "child.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    (tmp_path / "cwd").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py"), *map(str, args), str(tmp_path / "out.pt")],
+        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True)
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,10 @@ tensors to ours (`to_our_tensors`: names and layouts). Models are tiny, fp32 and
 norms, sinks and the selection bias included); logits must agree within 1e-5 absolute.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import PAD_TOKEN_ID, VOCAB_SIZE, random_input_ids, randomize_weights_
+from conftest import PAD_TOKEN_ID, VOCAB_SIZE, random_input_ids, randomize_weights_, run_child_without_hf_moe
 from test_mla import CHILD_SCRIPT
 from test_modeling import _plan_regex
 from torch.testing import assert_close
@@ -404,18 +401,7 @@ def test_gpt_oss_like_model_loads_as_remote_code_without_hf_moe(tmp_path):
     model.save_pretrained(tmp_path / "model")
     inputs = {"input_ids": random_input_ids(2, 7), "prompt": random_input_ids(2, 4, seed=3)}
     torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "child.py").write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    (tmp_path / "cwd").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "model"), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "out.pt")],
-        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    child = torch.load(tmp_path / "out.pt", weights_only=True)
+    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "model", tmp_path / "inputs.pt"], tmp_path)
     assert child["attention_class"].startswith("transformers_modules.")
     with torch.no_grad():
         assert_close(child["logits"], model(inputs["input_ids"]).logits, atol=1e-6, rtol=0)

@@ -5,14 +5,11 @@ Every model is tiny and fp32: hidden 32, 4 heads, q rank 24, kv rank 16, nope 8 
 (v != q/k head dim, as in DeepSeek, where 128 != 192).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import PAD_TOKEN_ID, make_deepseek_config, random_input_ids, randomize_weights_
+from conftest import PAD_TOKEN_ID, make_deepseek_config, random_input_ids, randomize_weights_, run_child_without_hf_moe
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_trainer import causal_lm_rows, train_one_step
 from torch.testing import assert_close
@@ -321,18 +318,7 @@ def test_saved_model_loads_as_remote_code_without_hf_moe(tmp_path):
     model.save_pretrained(tmp_path / "model")
     inputs = {"input_ids": random_input_ids(2, 7), "prompt": random_input_ids(2, 4, seed=3)}
     torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "child.py").write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    (tmp_path / "cwd").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "model"), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "out.pt")],
-        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    child = torch.load(tmp_path / "out.pt", weights_only=True)
+    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "model", tmp_path / "inputs.pt"], tmp_path)
     assert child["attention_class"].startswith("transformers_modules.")
     assert child["attention_class"].endswith("modeling_hf_moe.MoEMultiLatentAttention")
     with torch.no_grad():

@@ -5,15 +5,19 @@ caching, save/load and remote code, gradient checkpointing, Trainer and config v
 Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 experts of width 64, 2 layers).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PAD_TOKEN_ID, make_deepseek_config, make_mixtral_config, random_input_ids, randomize_weights_
+from conftest import (
+    PAD_TOKEN_ID,
+    make_deepseek_config,
+    make_mixtral_config,
+    random_input_ids,
+    randomize_weights_,
+    run_child_without_hf_moe,
+)
 from test_trainer import causal_lm_rows, classification_rows, train_one_step
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
@@ -202,18 +206,7 @@ def test_soft_models_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
         for key, tensor in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], tensor), (kind, key)
     torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "child.py").write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    (tmp_path / "cwd").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "inputs.pt"), str(tmp_path / "models"),
-         str(tmp_path / "out.pt")],
-        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    child = torch.load(tmp_path / "out.pt", weights_only=True)
+    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "models"], tmp_path)
     for kind, class_name in (("soft_moe", "MoESoftBlock"), ("soft_merging", "MoESoftMergingBlock")):
         assert child[kind + "_class"].startswith("transformers_modules.")
         assert child[kind + "_class"].endswith("modeling_hf_moe." + class_name)
