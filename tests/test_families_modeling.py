@@ -66,6 +66,7 @@ def glm4_moe_config_to_ours(native: Glm4MoeConfig) -> DeepSeekMoEConfig:
         intermediate_size=native.intermediate_size, moe_intermediate_size=native.moe_intermediate_size,
         n_routed_experts=native.n_routed_experts, n_shared_experts=native.n_shared_experts,
         first_k_dense_replace=native.first_k_dense_replace, scoring_func="sigmoid", router_selection_bias=True,
+        router_in_fp32=True,  # as Glm4MoeTopkRouter: identical in fp32, transformers' numbers in bf16
         n_group=native.n_group, topk_group=native.topk_group, norm_topk_prob=native.norm_topk_prob,
         routed_scaling_factor=native.routed_scaling_factor, qkv_bias=native.attention_bias,
         qk_norm=native.use_qk_norm, router_aux_loss_coef=0.0,  # glm4_moe computes no balancing loss

@@ -308,7 +308,7 @@ def _deepseek_v2_to_ours(native: DeepseekV2Config) -> DeepSeekMoEConfig:
         DeepSeekMoEConfig, "deepseek_v2 config", **{**_common_fields(native), **_mla_fields(native, True)},
         intermediate_size=native.intermediate_size, moe_intermediate_size=native.moe_intermediate_size,
         n_routed_experts=native.n_routed_experts, **_shared_expert_fields(native),
-        first_k_dense_replace=native.first_k_dense_replace, scoring_func="softmax",
+        first_k_dense_replace=native.first_k_dense_replace, scoring_func="softmax", router_in_fp32=True,
         n_group=native.n_group if grouped else 1, topk_group=native.topk_group if grouped else 1,
         norm_topk_prob=False,  # DeepseekV2TopkRouter never renormalises, whatever `norm_topk_prob` says
         routed_scaling_factor=native.routed_scaling_factor,
@@ -317,7 +317,8 @@ def _deepseek_v2_to_ours(native: DeepseekV2Config) -> DeepSeekMoEConfig:
 
 def _v3_router_fields(native: PreTrainedConfig) -> dict:
     """DeepSeek-V3's router, shared by GLM-4.5: sigmoid scores, a selection bias, groups by their top-2 sum."""
-    return {"scoring_func": "sigmoid", "router_selection_bias": True, "n_group": native.n_group,
+    return {"scoring_func": "sigmoid", "router_selection_bias": True, "router_in_fp32": True,
+            "n_group": native.n_group,
             "topk_group": native.topk_group, "norm_topk_prob": native.norm_topk_prob,
             "routed_scaling_factor": native.routed_scaling_factor}
 
@@ -345,8 +346,9 @@ def _glm4_moe_to_ours(native: Glm4MoeConfig) -> DeepSeekMoEConfig:
 def _olmoe_to_ours(native: OlmoeConfig) -> DeepSeekMoEConfig:
     head_dim = getattr(native, "head_dim", None) or native.hidden_size // native.num_attention_heads
     if head_dim * native.num_attention_heads != native.hidden_size:
+        allowed = native.hidden_size / native.num_attention_heads
         raise refuse("olmoe", "head_dim", head_dim, f"OlmoeAttention sizes its q/k norms by hidden_size "
-                     f"(allowed: hidden_size / num_attention_heads = {native.hidden_size / native.num_attention_heads})")
+                     f"(allowed: hidden_size / num_attention_heads = {allowed})")
     return build_config(
         DeepSeekMoEConfig, "olmoe config", **_common_fields(native),
         intermediate_size=native.intermediate_size, moe_intermediate_size=native.intermediate_size,
@@ -660,6 +662,7 @@ _NOT_COMPARED = {
     "expert_balance_loss_coef", "device_balance_loss_coef", "num_device_groups", "sequence_balance_loss_coef",
     "router_bias_update_rate", "aux_loss_per_layer", "output_router_logits", "router_jitter_noise",
     "capacity_factor", "random_routing", "dispatch_groups", "initializer_range", "use_cache", "attention_dropout",
+    "router_in_fp32",  # precision only: the same numbers in float32
     "first_k_dense_replace", "moe_layer_freq",  # compared as `mlp_layer_types`
     "dtype", "architectures", "auto_map", "transformers_version", "_name_or_path", "model_type",
 }

@@ -258,6 +258,7 @@ class MoEDecoderConfig(PreTrainedConfig):
     n_group: int = 1
     topk_group: int = 1
     router_selection_bias: bool = False
+    router_in_fp32: bool = False
     router_jitter_noise: float = 0.0
     noisy_gating: bool = False
     random_routing: bool = False
@@ -475,6 +476,7 @@ class MoEDecoderConfig(PreTrainedConfig):
 
     def check_routing_fields(self) -> None:
         num_experts, top_k = self.num_experts, self.num_experts_per_tok
+        _check(isinstance(self.router_in_fp32, bool), "router_in_fp32", self.router_in_fp32, "allowed: True, False")
         _check(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"allowed: {ROUTER_TYPES}")
         _check(self.scoring_func in SCORING_FUNCS, "scoring_func", self.scoring_func, f"allowed: {SCORING_FUNCS}")
         _check(isinstance(self.n_group, int) and self.n_group >= 1 and num_experts % self.n_group == 0, "n_group",
@@ -788,6 +790,8 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
             softmax as one more column whose probability is dropped, so a query may attend to nothing (gpt-oss).
         router_bias (`bool`, defaults to `False`): a learned bias on the router's logits (`mlp.gate.bias [E]`,
             gpt-oss), which also enters the balancing losses; not the selection-only `router_selection_bias`.
+        router_in_fp32 (`bool`, defaults to `False`): keep the router weight in float32 when the model loads in
+            bf16/fp16 and compute its logits in float32 (DeepSeek-V2/V3, GLM-4.5); identical in float32.
         expert_bias (`bool`, defaults to `False`): biases on the routed experts' projections,
             `gate_up_proj_bias [E, 2I]` ([gate; up], as `gate_up_proj`) and `down_proj_bias [E, H]` (gpt-oss).
         experts_activation (`str`, defaults to `"glu"`): the routed experts' gated unit: `"glu"`,

@@ -797,8 +797,10 @@ class MoEPreTrainedModel(PreTrainedModel):
     }
 
     def post_init(self):
-        if not self.config.router_selection_bias:  # no e_score_correction_bias to keep in fp32
-            self._keep_in_fp32_modules_strict = []
+        # kept in fp32 when loading in bf16/fp16: the selection bias, and the router weight with `router_in_fp32`
+        config = self.config
+        self._keep_in_fp32_modules_strict = (["e_score_correction_bias"] if config.router_selection_bias else []) + (
+            ["mlp.gate.weight"] if config.router_in_fp32 else [])
         super().post_init()
 
     def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):

@@ -84,7 +84,11 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(hidden_states).uniform_(1.0 - config.router_jitter_noise,
                                                              1.0 + config.router_jitter_noise)
             hidden_states = hidden_states * noise
-        router_logits = F.linear(hidden_states, self.weight, self.bias)  # [T, E]
+        if config.router_in_fp32:  # DeepSeek-V2/V3 and GLM-4.5 route in float32 whatever the model's dtype
+            bias = None if self.bias is None else self.bias.float()
+            router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)  # [T, E]
+        else:
+            router_logits = F.linear(hidden_states, self.weight, self.bias)  # [T, E]
         clean_scores = scores_from_logits(router_logits, config.scoring_func)  # [T, E] fp32
         probs = probabilities_from_scores(clean_scores, config.scoring_func)
 
