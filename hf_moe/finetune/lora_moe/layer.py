@@ -9,8 +9,8 @@
 
 Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in], held in
 `nn.ParameterDict`s keyed by adapter name whose attribute names start with the method's prefix (`mixlora_`,
-`loramoe_`, `mola_`, `moelora_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`), every router
-call appends a `RoutingRecord` that the auxiliary losses read after the forward.
+`loramoe_`, `mola_`, `moelora_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`),
+every router call appends a `RoutingRecord` that the auxiliary losses read after the forward.
 """
 
 import math
@@ -133,7 +133,24 @@ def _batch_size(x: torch.Tensor) -> int:
     return x.shape[0] if x.dim() > 2 else 1
 
 
-class RoutedLoraLinear(nn.Module, LoraExpertLayer):
+class LinearWithExperts(nn.Module, LoraExpertLayer):
+    """A frozen nn.Linear plus the LoRA experts of each active adapter: y = base(x) + sum of `_experts(x, adapter)`.
+    Subclasses create the adapters' tensors and compute `_experts`."""
+
+    def _init_linear(self, base_layer: nn.Module, layer_index: int | None) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{type(self).__name__} adapts nn.Linear modules, got {type(base_layer).__name__}: "
+                            f"check `target_modules`.")
+        self._init_layer(base_layer, layer_index)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._adapters_to_run():
+            result = result + self._experts(x, adapter_name).to(result.dtype)
+        return result
+
+
+class RoutedLoraLinear(LinearWithExperts):
     """A frozen Linear plus routed LoRA experts (LoRAMoE and MoLA):
 
         y = W x + b + (alpha / r) * sum_e g_e(x) B_e A_e dropout(x),   g = gates of softmax(W_router x)
@@ -144,10 +161,7 @@ class RoutedLoraLinear(nn.Module, LoraExpertLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config, num_experts: int, top_k: int | None,
                  layer_index: int | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__} adapts nn.Linear modules, got {type(base_layer).__name__}: "
-                            f"check `target_modules`.")
-        self._init_layer(base_layer, layer_index)
+        self._init_linear(base_layer, layer_index)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, num_experts=num_experts, top_k=top_k)
 
@@ -157,12 +171,6 @@ class RoutedLoraLinear(nn.Module, LoraExpertLayer):
         shapes = {router: (num_experts, base.in_features), lora_a: (num_experts, config.r, base.in_features),
                   lora_b: (num_experts, base.out_features, config.r)}
         self._add_adapter(adapter_name, config, shapes, num_experts, top_k)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self._adapters_to_run():
-            result = result + self._experts(x, adapter_name).to(result.dtype)
-        return result
 
     def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         weights = self.adapter_tensors(adapter_name)
@@ -379,7 +387,7 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         return merged
 
 
-class MoeLoraLinear(nn.Module, LoraExpertLayer):
+class MoeLoraLinear(LinearWithExperts):
     """MOELoRA's layer: a frozen Linear plus N LoRA experts of rank r / N mixed by per-sample task weights,
 
         w_b = softmax(W_gate e[task_ids[b]])                                       [B, N]
@@ -394,10 +402,7 @@ class MoeLoraLinear(nn.Module, LoraExpertLayer):
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_index: int | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__} adapts nn.Linear modules, got {type(base_layer).__name__}: "
-                            f"check `target_modules`.")
-        self._init_layer(base_layer, layer_index)
+        self._init_linear(base_layer, layer_index)
         self.task_ids: torch.Tensor | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -437,12 +442,6 @@ class MoeLoraLinear(nn.Module, LoraExpertLayer):
                              f"num_tasks={num_tasks}).")
         embedding = F.embedding(task_ids.to(weights["A"].device), weights["task_embedding"])  # [B, dim]
         return torch.softmax(F.linear(embedding, weights["gate"]).float(), dim=-1)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self._adapters_to_run():
-            result = result + self._experts(x, adapter_name).to(result.dtype)
-        return result
 
     def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if self.task_ids is None:
