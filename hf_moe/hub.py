@@ -23,7 +23,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers.utils import logging
 
 from .cards import CARD_FILE, card_kind, card_text
-from .conversion.native import OUR_CONFIG_CLASSES
+from .conversion.layout import OUR_CONFIG_CLASSES, remote_code_files
 from .conversion.safetensors_io import FOREIGN_WEIGHT_SUFFIXES
 from .preflight import ADAPTER_CONFIG_NAME, check_adapter_folder, check_checkpoint_folder
 from .registration import AUTO_CLASSES
@@ -36,13 +36,12 @@ REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoMod
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", ".*", "*/.*", *(f"*{suffix}" for suffix in FOREIGN_WEIGHT_SUFFIXES)]
 
 
-def _missing_code_files(folder: Path, auto_map: dict) -> list[str]:
-    """The Python files that `auto_map` points at, and those they import with relative imports, that `folder` lacks
-    (the files of the hf-moe version that saved the folder: an older one may have fewer)."""
+def _missing_code_files(folder: Path, config: dict) -> list[str]:
+    """The Python files that the config's `auto_map` points at, and those they import with relative imports, that
+    `folder` lacks (the files of the hf-moe version that saved the folder: an older one may have fewer)."""
     from transformers.dynamic_module_utils import get_relative_imports
 
-    references = [value for value in auto_map.values() if isinstance(value, str)]
-    needed = {reference.split("--")[-1].split(".")[0] + ".py" for reference in references}
+    needed = remote_code_files(config)
     to_read = list(needed)
     while to_read:
         path = folder / to_read.pop()
@@ -63,7 +62,7 @@ def _check_remote_code(folder: Path, config: dict) -> None:
     if missing := [auto_class.__name__ for auto_class in AUTO_CLASSES if auto_class.__name__ not in auto_map]:
         logger.warning(f"{folder}/config.json was saved before hf-moe had the heads of {', '.join(missing)}: the "
                        f"published model will not load through them; re-save it with save_pretrained to add them")
-    if missing := _missing_code_files(folder, auto_map):
+    if missing := _missing_code_files(folder, config):
         raise ValueError(f"{folder} lacks the modeling files {', '.join(missing)} that `auto_map` points at; re-save "
                          f"the model with save_pretrained")
 
