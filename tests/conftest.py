@@ -136,16 +136,23 @@ def run_child_without_hf_moe(script: str, args: list, tmp_path: Path) -> dict:
     results to; return those results. The child runs in another working directory, with its own HF_MODULES_CACHE,
     offline; the script itself blocks `import hf_moe` (`sys.modules["hf_moe"] = None`) before anything else."""
     (tmp_path / "child.py").write_text(script)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     (tmp_path / "cwd").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "child.py"), *map(str, args), str(tmp_path / "out.pt")],
-        cwd=tmp_path / "cwd", env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+    run_fresh_python(sys.executable, [tmp_path / "child.py", *args, tmp_path / "out.pt"], cwd=tmp_path / "cwd",
+                     modules_cache=tmp_path / "modules")
     return torch.load(tmp_path / "out.pt", weights_only=True)
+
+
+def run_fresh_python(python: str | Path, args: list, cwd: Path, modules_cache: Path,
+                     timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python args...` as a user without this checkout would: in `cwd` (not the repository, so `hf_moe/` is
+    not importable from it), without PYTHONPATH / PYTHONHOME / VIRTUAL_ENV, with its own HF_MODULES_CACHE, offline and
+    without stdin. Asserts that it exits 0 (showing the end of its stderr otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_MODULES_CACHE=str(modules_cache), HF_HUB_OFFLINE="1")
+    result = subprocess.run([str(python), *map(str, args)], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import venv
 
 import pytest
 import torch
-from conftest import FAMILIES, random_input_ids
+from conftest import FAMILIES, random_input_ids, run_fresh_python
 from torch.testing import assert_close
 
 NEW_TOKENS = 6
@@ -114,15 +114,8 @@ def _save_checkpoints(work):
 def _run_child(python, work, tmp_path_factory, *flags):
     script = work / "child.py"
     script.write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["HF_MODULES_CACHE"] = str(tmp_path_factory.mktemp("hf_modules_cache"))
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [python, str(script), str(work), *flags],
-        cwd=tmp_path_factory.mktemp("child_cwd"),  # not the repository: `hf_moe/` must not be importable from cwd
-        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+    run_fresh_python(python, [script, work, *flags], cwd=tmp_path_factory.mktemp("child_cwd"),
+                     modules_cache=tmp_path_factory.mktemp("hf_modules_cache"))
     report = json.loads((work / "child_report.json").read_text())
     outputs = torch.load(work / "child_outputs.pt", weights_only=True)
     return report, outputs

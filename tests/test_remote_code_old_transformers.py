@@ -8,7 +8,6 @@ computes: logits, greedy generation with and without a cache, and the gradients 
 """
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, random_input_ids
+from conftest import FAMILIES, random_input_ids, run_fresh_python
 from torch.testing import assert_close
 
 from hf_moe.modeling.transformers_compat import MIN_TRANSFORMERS_VERSION, check_transformers_version
@@ -140,15 +139,8 @@ def _save_models(work: Path) -> dict:
 def _run_child(python: Path, work: Path, tmp_path_factory):
     script = work / "child.py"
     script.write_text(CHILD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["HF_MODULES_CACHE"] = str(tmp_path_factory.mktemp("hf_modules_cache"))
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [str(python), str(script), str(work)],
-        cwd=tmp_path_factory.mktemp("child_cwd"),  # not the repository: `hf_moe/` must not be importable from cwd
-        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+    result = run_fresh_python(python, [script, work], cwd=tmp_path_factory.mktemp("child_cwd"),
+                              modules_cache=tmp_path_factory.mktemp("hf_modules_cache"), timeout=600)
     report = json.loads((work / "child_report.json").read_text())
     return report, torch.load(work / "child_outputs.pt", weights_only=True), result.stderr
 
