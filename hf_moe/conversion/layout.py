@@ -30,7 +30,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields as dataclass_fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -463,7 +464,7 @@ def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
         ("expert_bias", not config.expert_bias, f"{fmt} experts have no biases (allowed: False)"),
         ("experts_activation", config.experts_activation == "glu",
          f"{fmt} experts compute act(gate) * up (allowed: 'glu')"),
-        ("layer_types", len(set(effective_layer_types(config))) == 1,
+        ("layer_types", len(set(config.attention_layer_types())) == 1,
          f"{fmt} gives every layer the same attention (allowed: None, or one kind for every layer)"),
         ("rope_parameters", config.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0,
          f"{fmt} rotates the whole head (allowed: no partial_rotary_factor, or 1.0)"),
@@ -641,18 +642,10 @@ def _ours_to_gpt_oss(config: MoEDecoderConfig) -> GptOssConfig:
     return build_config(
         GptOssConfig, "gpt_oss export", **_native_family_fields(config), head_dim=config.head_dim,
         intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
-        attention_bias=config.qkv_bias, sliding_window=config.sliding_window, layer_types=effective_layer_types(config),
+        attention_bias=config.qkv_bias, sliding_window=config.sliding_window,
+        layer_types=config.attention_layer_types(),
         router_aux_loss_coef=config.router_aux_loss_coef, **constants,
     )
-
-
-def effective_layer_types(config: MoEDecoderConfig) -> list[str]:
-    """The attention of every layer: `layer_types`, or what None means (every layer sliding when `sliding_window`
-    is set, else full)."""
-    if config.layer_types is not None:
-        return list(config.layer_types)
-    kind = "full_attention" if config.sliding_window is None else "sliding_attention"
-    return [kind] * config.num_hidden_layers
 
 
 # What a round trip through a family format may change without changing what the model computes at inference:
@@ -675,7 +668,7 @@ def _computed_fields(config: MoEDecoderConfig) -> dict:
     names = [field.name for field in dataclass_fields(DeepSeekMoEConfig) if field.name not in _NOT_COMPARED]
     fields = {name: getattr(config, name, None) for name in names if name != "n_routed_experts"}
     fields["num_experts"] = config.num_experts
-    fields["layer_types"] = effective_layer_types(config)
+    fields["layer_types"] = config.attention_layer_types()
     fields["sliding_window"] = config.sliding_window if "sliding_attention" in fields["layer_types"] else None
     rope = dict(config.rope_parameters)
     if rope.get("partial_rotary_factor") == 1.0:

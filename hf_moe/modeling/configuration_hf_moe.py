@@ -412,6 +412,13 @@ class MoEDecoderConfig(PreTrainedConfig):
             _check(not getattr(self, name), name, getattr(self, name),
                    "not available with attention_type='mla' (grouped-query attention only)")
 
+    def attention_layer_types(self) -> list[str]:
+        """The attention of every layer: `layer_types`, or what None means (every layer sliding when
+        `sliding_window` is set, else full)."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        return ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers
+
     def check_layer_types(self) -> None:
         """`layer_types`: None (every layer sliding if `sliding_window` is set, else full) or one entry per layer."""
         if self.layer_types is None:
@@ -552,8 +559,7 @@ class MoEDecoderConfig(PreTrainedConfig):
                "mod_layers", layers, f"must be a non-empty increasing list of layer indices in [1, "
                f"num_hidden_layers={self.num_hidden_layers}); layer 0 always processes every token (the model reads "
                f"the cache length from it)")
-        attention_types = self.layer_types or (
-            ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers)
+        attention_types = self.attention_layer_types()
         _check(all(attention_types[i] == "full_attention" for i in layers), "mod_layers", layers,
                "routed layers must be 'full_attention' layers (see layer_types / sliding_window)")
 

@@ -447,13 +447,6 @@ def attention_function(implementation: str, sinks: torch.Tensor | None) -> Calla
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
-def attention_layer_types(config: MoEDecoderConfig) -> list[str]:
-    """`config.layer_types`, or, when None, every layer sliding if `sliding_window` is set and full otherwise."""
-    if config.layer_types is not None:
-        return config.layer_types
-    return ["sliding_attention" if config.sliding_window else "full_attention"] * config.num_hidden_layers
-
-
 def clip(states: torch.Tensor, limit: float | None) -> torch.Tensor:
     """OLMoE's `clip_qkv`: clamp to [-limit, limit]; None = no clipping."""
     return states if limit is None else states.clamp(min=-limit, max=limit)
@@ -473,7 +466,7 @@ class MoEAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        sliding = attention_layer_types(config)[layer_idx] == "sliding_attention"
+        sliding = config.attention_layer_types()[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         self.is_causal = True
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.qkv_bias)
@@ -577,7 +570,7 @@ class MoEMultiLatentAttention(nn.Module):
         self.num_key_value_groups = 1  # every query head has its own key and value
         self.scaling = mla_softmax_scale(config)
         self.attention_dropout = config.attention_dropout
-        sliding = attention_layer_types(config)[layer_idx] == "sliding_attention"
+        sliding = config.attention_layer_types()[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         self.is_causal = True
         hidden, num_heads = config.hidden_size, config.num_attention_heads
@@ -893,7 +886,7 @@ class MoEModel(MoEPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        layer_types = attention_layer_types(self.config)
+        layer_types = self.config.attention_layer_types()
         causal_masks = {  # one mask per attention layer type present: full causal, or causal within the window
             layer_type: MASK_FUNCTIONS[layer_type](
                 config=self.config,
