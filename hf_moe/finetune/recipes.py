@@ -5,6 +5,7 @@
     peft: {r: 8, num_experts: 8}         # the method's config fields (peft's LoraConfig for `lora`)
     data: {train_file: train.jsonl, prompt_field: instruction, response_field: output, max_length: 512}
     training: {learning_rate: 2.0e-4, max_steps: 1000, per_device_train_batch_size: 4}   # TrainingArguments
+    parameter_groups: {freeze: [router], learning_rates: {experts: 1.0e-4}}              # optional, see below
     output_dir: runs/mixlora
 
     from hf_moe.finetune.recipes import run_recipe
@@ -18,6 +19,14 @@ recipe and one seed give bit-identical results on one machine. The output folder
 (adapter_model.safetensors) or the full model (model.safetensors), the tokenizer, `recipe.yaml` (the recipe as it ran,
 overrides applied), Trainer's results (all_results.json, trainer_state.json) and the model card (README.md, with
 loss.png and, for models with routers, expert_load.png measured on the eval split).
+
+`parameter_groups` (optional) splits the trainable parameters into three groups (`trainer.parameter_groups`):
+`router` (the routers: an MoE model's routers, the LoRA-expert methods' routers and MOELoRA's task gate), `experts`
+(an MoE model's routed and shared experts and any LoRA on them, the LoRA experts) and `other` (everything else
+that trains: attention, embeddings, MixLoRA's attention LoRA, ...). `freeze` lists groups left untrained (ST-MoE:
+freezing the MoE layers, [router, experts], fine-tunes almost as well as training everything; freezing everything but
+them, [other], does much worse); `learning_rates` maps groups to their own learning rate (the others keep
+`training.learning_rate`, and the schedule scales each).
 """
 
 import copy
@@ -38,7 +47,8 @@ LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora")
 # token routers, measured for the card's expert-load picture (MOELoRA's gate needs task ids, not only tokens)
 ROUTED_METHODS = ("mixlora", "loramoe", "mola")
 MOE_MODEL_TYPES = ("hf_moe_mixtral", "hf_moe_deepseek")
-RECIPE_FIELDS = ("model", "trust_remote_code", "method", "peft", "data", "training", "output_dir")
+RECIPE_FIELDS = ("model", "trust_remote_code", "method", "peft", "data", "training", "parameter_groups", "output_dir")
+PARAMETER_GROUP_FIELDS = ("freeze", "learning_rates")
 DATA_FIELDS = ("train_file", "dataset", "dataset_config", "split", "eval_file", "eval_split", "text_field",
                "prompt_field", "response_field", "prompt_template", "messages_field", "type_field", "task_field",
                "max_length")
@@ -222,8 +232,46 @@ def validate_recipe(recipe: dict) -> dict:
                        "training.resume_from_checkpoint", checkpoint,
                        "true (the last checkpoint in output_dir) or a folder")
         recipe["training"] = training
+
+    if "parameter_groups" in recipe:
+        section = recipe["parameter_groups"] or {}
+        if problems.check(isinstance(section, dict), "parameter_groups", section,
+                          f"a mapping with the fields {list(PARAMETER_GROUP_FIELDS)}"):
+            recipe["parameter_groups"] = section
+            _check_parameter_groups(section, problems)
     problems.raise_if_any()
     return recipe
+
+
+def _check_parameter_groups(section: dict, problems: _Problems) -> None:
+    """`parameter_groups.freeze` (normalised to a list) and `parameter_groups.learning_rates`."""
+    from .trainer import PARAMETER_GROUPS
+
+    groups = list(PARAMETER_GROUPS)
+    for key, value in section.items():
+        problems.check(key in PARAMETER_GROUP_FIELDS, f"parameter_groups.{key}", value,
+                       f"allowed fields: {list(PARAMETER_GROUP_FIELDS)}")
+    freeze = section.get("freeze") or []
+    frozen = [freeze] if isinstance(freeze, str) else freeze
+    if problems.check(isinstance(frozen, list) and all(group in groups for group in frozen)
+                      and len(set(frozen)) == len(frozen), "parameter_groups.freeze", freeze,
+                      f"a list of distinct groups from {groups}"):
+        problems.check(len(frozen) < len(groups), "parameter_groups.freeze", freeze,
+                       "freezing every group leaves nothing to train")
+        section["freeze"] = list(frozen)
+    else:
+        frozen = []
+    rates = section.get("learning_rates") or {}
+    if not problems.check(isinstance(rates, dict), "parameter_groups.learning_rates", rates,
+                          f"a mapping of groups from {groups} to learning rates"):
+        return
+    for group, rate in rates.items():
+        name = f"parameter_groups.learning_rates.{group}"
+        if not problems.check(group in groups, name, rate, f"allowed groups: {groups}"):
+            continue
+        if problems.check(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0, name, rate,
+                          "a learning rate > 0 (YAML reads 1e-4 as text: write 1.0e-4)"):
+            problems.check(group not in frozen, name, rate, "the group is frozen (parameter_groups.freeze)")
 
 
 def _model_problems(model: str, trust_remote_code: bool) -> list[str]:
@@ -425,6 +473,27 @@ def check_resume_checkpoint(checkpoint, output_dir: str, method: str, trust_remo
         check_adapter_folder(checkpoint, role)
 
 
+def apply_parameter_groups(model, section: dict, method: str) -> dict[str, float]:
+    """Freeze the recipe's `parameter_groups.freeze` groups of `model` (before the Trainer is built) and return
+    `parameter_groups.learning_rates` for `MoETrainer`. A group named in either that has no trainable parameter in
+    this model with this method is an error naming the field (a dense model has no router or experts of its own)."""
+    from .trainer import freeze_parameter_groups, parameter_groups
+
+    freeze = section.get("freeze") or []
+    frozen = freeze_parameter_groups(model, freeze)
+    empty = [group for group in freeze if not frozen[group]]
+    _require(not empty, "parameter_groups.freeze", freeze,
+             f"this model has no trainable parameter in {empty} with method {method!r}")
+    _require(any(param.requires_grad for param in model.parameters()), "parameter_groups.freeze", freeze,
+             f"it leaves no parameter to train with method {method!r}")
+    rates = dict(section.get("learning_rates") or {})
+    groups = parameter_groups(model)
+    for group, rate in rates.items():
+        _require(any(param.requires_grad for _, param in groups[group]), f"parameter_groups.learning_rates.{group}",
+                 rate, f"this model has no trainable parameter in the group {group!r} with method {method!r}")
+    return rates
+
+
 def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResult:
     """Validate, load the model and data, train, save. Overrides as in `load_recipe`.
 
@@ -446,13 +515,12 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForSeq2Seq,
-        Trainer,
         TrainingArguments,
     )
 
     from ..cards import RECIPE_FILE
     from .lora_moe import TaskIdsCollator, TypeIdsCollator, add_lora_moe_callback
-    from .trainer import add_router_callback
+    from .trainer import MoETrainer, add_router_callback
 
     method, data, output_dir = recipe["method"], recipe["data"], recipe["output_dir"]
     training = {**TRAINING_DEFAULTS, **recipe["training"]}
@@ -494,14 +562,16 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     if method != "full":
         with quiet_peft_deprecations():
             model = get_peft_model(model, build_peft_config(method, recipe["peft"]))
+    group_learning_rates = apply_parameter_groups(model, recipe.get("parameter_groups") or {}, method)
+    if method != "full":
         model.print_trainable_parameters()
 
     # trainer
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_output_dir(output_dir, "finetune", overwrite, output_sources, resuming)
     args = TrainingArguments(output_dir=output_dir, **training)
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator)
+    trainer = MoETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=collator, group_learning_rates=group_learning_rates)
     if is_moe:
         add_router_callback(trainer)
     if method in LORA_MOE_METHODS:

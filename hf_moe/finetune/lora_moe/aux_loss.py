@@ -66,7 +66,7 @@ def remove_aux_loss_hooks(model: torch.nn.Module) -> None:
 def _begin_forward(model, args, kwargs):
     model.__dict__[_TYPE_IDS_ATTRIBUTE] = kwargs.pop(TYPE_IDS_KWARG, None)
     for layer in expert_layers(model):
-        layer.start_recording()
+        layer.start_recording(kwargs.get("attention_mask"))
     return args, kwargs
 
 

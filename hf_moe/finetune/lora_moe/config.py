@@ -7,6 +7,10 @@
 | `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
 | `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence | none |
 
+MixLoRA, LoRAMoE and MoLA can add MoELoRA's contrastive loss among experts too (`ContrastiveLossFields`, off by
+default). MOELoRA cannot: its gate is a function of the task id alone, so no token is routed, and the loss's purpose
+(telling experts apart so that a token router can choose between them) does not arise.
+
 Defaults follow the papers' reference code (see each class). `target_modules=None` picks the method's default
 modules for Llama, Mistral, Qwen2, Qwen3 and Gemma bases (`model.TARGET_MODULES`).
 """
@@ -97,13 +101,40 @@ class LoraExpertConfig(PeftConfig):
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
 
+@dataclass
+class ContrastiveLossFields:
+    """MoELoRA's contrastive loss among experts (Luo et al. 2024, arXiv 2402.12851), for the methods whose router
+    chooses experts per token (MixLoRA, LoRAMoE, MoLA). Outputs of one expert, on different tokens, are positives;
+    outputs of other experts are negatives. `losses.expert_contrastive_loss` states the formula; the layers compute
+    the expert outputs it reads only when `contrastive_loss_coef` > 0, so the default leaves the method unchanged.
+    The temperature and the token sample are our choices (the paper's values were not checked here): 0.07 is the
+    usual InfoNCE temperature; sweep 0.05-0.2 and coefficients 0.01-0.1."""
+
+    contrastive_loss_coef: float = field(
+        default=0.0, metadata=_help("Weight of the contrastive loss among experts in the training loss; 0 = off."))
+    contrastive_temperature: float = field(
+        default=0.07, metadata=_help("Temperature tau of the contrastive loss: logits = cosine similarity / tau."))
+    contrastive_max_tokens: int = field(
+        default=64, metadata=_help("Tokens per sequence whose expert outputs enter the loss, per adapted module (a "
+                                   "random subset of the real tokens of a longer sequence): bounds the memory, "
+                                   "quadratic in this number times the experts per token."))
+
+    def _check_contrastive_fields(self) -> None:
+        _require(_number(self.contrastive_loss_coef) and self.contrastive_loss_coef >= 0, "contrastive_loss_coef",
+                 self.contrastive_loss_coef, "must be >= 0 (0 = off)")
+        _require(_number(self.contrastive_temperature) and self.contrastive_temperature > 0,
+                 "contrastive_temperature", self.contrastive_temperature, "must be > 0")
+        _require(_positive_int(self.contrastive_max_tokens), "contrastive_max_tokens", self.contrastive_max_tokens,
+                 "must be a positive integer")
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass
-class MixLoraConfig(LoraExpertConfig):
+class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields):
     """MixLoRA (Li et al. 2024, arXiv 2404.15159): each targeted FFN block becomes a sparse MoE whose experts share the
     frozen FFN and add their own LoRA on gate/up/down; targeted Linears (attention projections) get plain LoRA.
 
@@ -155,6 +186,7 @@ class MixLoraConfig(LoraExpertConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MIXLORA
+        self._check_contrastive_fields()
         _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
         _require(_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k", self.top_k,
                  f"must be between 1 and num_experts={self.num_experts}")
@@ -194,7 +226,7 @@ class MixLoraConfig(LoraExpertConfig):
 
 
 @dataclass
-class LoraMoeConfig(LoraExpertConfig):
+class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields):
     """LoRAMoE (Dou et al. 2024, arXiv 2312.09979): every targeted Linear gets N LoRA experts and a dense router.
 
         y = W x + b + lora_alpha / r * sum_e softmax(W_route x)_e B_e A_e x
@@ -225,6 +257,7 @@ class LoraMoeConfig(LoraExpertConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = LORAMOE
+        self._check_contrastive_fields()
         _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
         _require(_positive_int(self.lbc_num_types) and self.num_experts % self.lbc_num_types == 0, "lbc_num_types",
                  self.lbc_num_types, f"must be a positive divisor of num_experts={self.num_experts}")
@@ -233,7 +266,7 @@ class LoraMoeConfig(LoraExpertConfig):
 
 
 @dataclass
-class MolaConfig(LoraExpertConfig):
+class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
     """MoLA (Gao et al. 2024, arXiv 2402.08562): every targeted Linear gets E_l LoRA experts with a top-k router,
     with a number of experts that depends on the decoder layer l.
 
@@ -258,6 +291,7 @@ class MolaConfig(LoraExpertConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MOLA
+        self._check_contrastive_fields()
         if isinstance(self.num_experts, str):
             _require(self.num_experts in MOLA_PRESETS, "num_experts", self.num_experts,
                      f"allowed presets: {sorted(MOLA_PRESETS)}, or an int, or one int per layer")

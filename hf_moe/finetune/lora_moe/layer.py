@@ -10,7 +10,9 @@
 Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in], held in
 `nn.ParameterDict`s keyed by adapter name whose attribute names start with the method's prefix (`mixlora_`,
 `loramoe_`, `mola_`, `moelora_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`),
-every router call appends a `RoutingRecord` that the auxiliary losses read after the forward.
+every router call appends a `RoutingRecord` that the auxiliary losses read after the forward; with MoELoRA's
+contrastive loss on (`contrastive_loss_coef` > 0), the record also carries the Gram matrix of sampled expert outputs
+(`ExpertOutputSample`), computed in that forward.
 """
 
 import math
@@ -21,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from ...modeling.routing import token_mask_for_router_rows
 from .config import FFN_PROJECTIONS
 from .functional import (
     expert_gates,
@@ -35,6 +38,16 @@ from .functional import (
 
 
 @dataclass
+class ExpertOutputSample:
+    """What MoELoRA's contrastive loss reads of one router call: for each sequence b, N (token, expert) pairs o_n =
+    the output of expert experts[b, n] on one of the sampled tokens, given by their dot products."""
+
+    gram: torch.Tensor  # [B, N, N] fp32: gram[b, n, m] = o_n . o_m
+    experts: torch.Tensor  # [B, N] the expert of each pair
+    valid: torch.Tensor  # [B, N] bool: a real token and one of its routed experts (False: padding, unused top-p slot)
+
+
+@dataclass
 class RoutingRecord:
     """One router call of one layer during a forward."""
 
@@ -44,6 +57,30 @@ class RoutingRecord:
     top_k_index: torch.Tensor | None  # [T, k] chosen experts; None for dense routing (LoRAMoE)
     batch_size: int  # B, with T = B * S
     valid: torch.Tensor | None = None  # [T, k] bool: the slot is one of the token's choices (top-p); None = all
+    contrastive: ExpertOutputSample | None = None  # with the contrastive loss on: sampled expert outputs
+
+
+def _saved_as_usual(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+_SAMPLING_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def sampling_generator(device: torch.device) -> torch.Generator:
+    """The random numbers of the contrastive loss's token sample, one generator per device seeded from torch's seed
+    at first use. Not torch's default generator: drawing from it would shift the dropout masks that follow, and the
+    recomputation of activation checkpointing, which draws no sample, would replay other masks than the forward's."""
+    if device not in _SAMPLING_GENERATORS:
+        _SAMPLING_GENERATORS[device] = torch.Generator(device).manual_seed(torch.initial_seed())
+    return _SAMPLING_GENERATORS[device]
+
+
+def outside_activation_checkpointing():
+    """Tensors that autograd saves inside this block are kept as usual, even within an activation-checkpointed
+    region: the recomputation in the backward pass runs with recording off, so it does not redo what a layer computes
+    only while recording (the contrastive loss's sample), and must not be asked to."""
+    return torch.autograd.graph.saved_tensors_hooks(_saved_as_usual, _saved_as_usual)
 
 
 class LoraExpertLayer(BaseTunerLayer):
@@ -51,7 +88,7 @@ class LoraExpertLayer(BaseTunerLayer):
     stacked parameters, and recording of router outputs. Subclasses list their containers in `adapter_layer_names`
     (router first when there is one)."""
 
-    other_param_names = ("lora_dropout", "scaling", "num_experts", "top_k")
+    other_param_names = ("lora_dropout", "scaling", "num_experts", "top_k", "contrastive_tokens")
 
     def _init_layer(self, base_layer: nn.Module, layer_index: int | None) -> None:
         self.base_layer = base_layer
@@ -60,11 +97,13 @@ class LoraExpertLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.num_experts: dict[str, int] = {}
         self.top_k: dict[str, int | None] = {}
+        self.contrastive_tokens: dict[str, int] = {}  # tokens per sequence sampled for the contrastive loss; 0 = off
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         self._disable_adapters = False
         self.merged_adapters = []
         self._records: list[RoutingRecord] | None = None
+        self._attention_mask: torch.Tensor | None = None  # of the forward being recorded
 
     def _reference_weight(self) -> torch.Tensor:
         """A weight of the wrapped module: new adapter tensors take its device and dtype."""
@@ -80,6 +119,8 @@ class LoraExpertLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling if scaling is None else scaling
         self.num_experts[adapter_name] = num_experts
         self.top_k[adapter_name] = top_k
+        contrastive = getattr(config, "contrastive_loss_coef", 0) > 0  # a method without the fields has no such loss
+        self.contrastive_tokens[adapter_name] = config.contrastive_max_tokens if contrastive else 0
         self.reset_parameters(adapter_name, config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -100,6 +141,11 @@ class LoraExpertLayer(BaseTunerLayer):
                 for matrix in param.view(-1, *param.shape[-2:]):
                     nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
 
+    def parameter_group(self, layer_name: str) -> str:
+        """The group of a recipe's `parameter_groups` (router, experts or other) that the tensors of the container
+        `layer_name` (one of `adapter_layer_names`) belong to: routers are "router", LoRA experts "experts"."""
+        return "router" if layer_name.endswith("router") else "experts"
+
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """This adapter's parameters by attribute name without the method prefix (`router`, `A`, `gate_A`, ...)."""
         return {name.split("_", 1)[1]: getattr(self, name)[adapter_name] for name in self.adapter_layer_names
@@ -111,11 +157,12 @@ class LoraExpertLayer(BaseTunerLayer):
         return [name for name in self.active_adapters if name in getattr(self, self.adapter_layer_names[0])]
 
     # Recording (driven by the hooks of aux_loss.py)
-    def start_recording(self) -> None:
+    def start_recording(self, attention_mask: torch.Tensor | None = None) -> None:
         self._records = []
+        self._attention_mask = attention_mask
 
     def stop_recording(self) -> list[RoutingRecord]:
-        records, self._records = self._records or [], None
+        records, self._records, self._attention_mask = self._records or [], None, None
         return records
 
     @property
@@ -124,9 +171,43 @@ class LoraExpertLayer(BaseTunerLayer):
         return self._records[-1] if self._records else None
 
     def _record(self, adapter_name: str, logits: torch.Tensor, top_k_index: torch.Tensor | None, batch_size: int,
-                valid: torch.Tensor | None = None):
-        if self._records is not None:
-            self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size, valid))
+                valid: torch.Tensor | None = None) -> RoutingRecord | None:
+        """Append this router call's record while recording is on, and return it (None when off)."""
+        if self._records is None:
+            return None
+        self._records.append(RoutingRecord(adapter_name, self.layer_index, logits, top_k_index, batch_size, valid))
+        return self._records[-1]
+
+    def _wants_contrastive_sample(self, record: RoutingRecord | None) -> bool:
+        return record is not None and self.contrastive_tokens.get(record.adapter, 0) > 0
+
+    def _contrastive_slots(self, adapter_name: str, num_tokens: int, batch_size: int,
+                           top_k_index: torch.Tensor | None, valid: torch.Tensor | None = None):
+        """The (token, expert) pairs whose expert outputs enter the contrastive loss: up to `contrastive_max_tokens`
+        tokens m of each sequence (all of a shorter one; a uniformly random subset of the real tokens of a longer
+        one), each with the experts it was routed to (its top-k, or every expert with dense routing).
+
+        Returns rows [B, m] (the tokens' rows among the T = B * S), experts [B, m, k] and valid [B, m, k] (False
+        for padding and unused top-p slots)."""
+        device = top_k_index.device if top_k_index is not None else self._reference_weight().device
+        seq_len = num_tokens // batch_size
+        real = token_mask_for_router_rows(self._attention_mask, num_tokens)
+        if real is None or real.numel() != num_tokens:
+            real = torch.ones(num_tokens, dtype=torch.bool, device=device)
+        real = real.to(device=device, dtype=torch.bool).view(batch_size, seq_len)
+        limit = self.contrastive_tokens[adapter_name]
+        if seq_len <= limit:
+            positions = torch.arange(seq_len, device=device).expand(batch_size, -1)
+        else:
+            scores = torch.rand(batch_size, seq_len, device=device, generator=sampling_generator(device))
+            positions = scores.masked_fill(~real, -1.0).topk(limit).indices
+        rows = positions + seq_len * torch.arange(batch_size, device=device)[:, None]
+        real = real.gather(1, positions)
+        if top_k_index is None:
+            experts = torch.arange(self.num_experts[adapter_name], device=device).expand(*rows.shape, -1)
+            return rows, experts, real[..., None].expand_as(experts)
+        slot_valid = real[..., None] if valid is None else real[..., None] & valid[rows]
+        return rows, top_k_index[rows], slot_valid.expand(*rows.shape, top_k_index.shape[-1])
 
 
 def _batch_size(x: torch.Tensor) -> int:
@@ -177,10 +258,31 @@ class RoutedLoraLinear(LinearWithExperts):
         tokens = x.reshape(-1, x.shape[-1]).to(weights["A"].dtype)  # [T, in]
         logits = F.linear(tokens, weights["router"])  # [T, E]
         gates, top_k_index = expert_gates(logits, self.top_k[adapter_name])
-        self._record(adapter_name, logits, top_k_index, _batch_size(x))
+        record = self._record(adapter_name, logits, top_k_index, _batch_size(x))
+        if self._wants_contrastive_sample(record):
+            with outside_activation_checkpointing():
+                record.contrastive = self._contrastive_sample(tokens, top_k_index, _batch_size(x), adapter_name)
         dropped = self.lora_dropout[adapter_name](tokens)
         delta = lora_mixture(dropped, weights["A"], weights["B"], gates) * self.scaling[adapter_name]
         return delta.view(*x.shape[:-1], -1)
+
+    def _contrastive_sample(self, tokens, top_k_index, batch_size, adapter_name) -> ExpertOutputSample:
+        """The outputs B_e A_e x of the sampled (token, expert) pairs (without LoRA dropout and the alpha / r scale,
+        which a cosine similarity does not see), as their Gram matrix. The outputs [N, out] are never built: with u_n
+        the rank-r activation A_e x placed in expert e's block of the E * r stacked ranks and B_s = [B_1 .. B_E]
+        [out, E * r], o_n . o_m = u_n^T (B_s^T B_s) u_m."""
+        weights = self.adapter_tensors(adapter_name)
+        lora_a, lora_b = weights["A"], weights["B"]  # [E, r, in], [E, out, r]
+        num_experts, rank = lora_a.shape[:2]
+        rows, experts, valid = self._contrastive_slots(adapter_name, tokens.shape[0], batch_size, top_k_index)
+        hidden = F.linear(tokens[rows], lora_a.reshape(num_experts * rank, -1)).float()  # [B, m, E * r]
+        hidden = hidden.view(*rows.shape, num_experts, rank)
+        picked = hidden.gather(2, experts[..., None].expand(-1, -1, -1, rank))  # [B, m, k, r]
+        blocks = F.one_hot(experts, num_experts).to(picked.dtype)  # [B, m, k, E]
+        stacked = (blocks[..., None] * picked[..., None, :]).flatten(-2).flatten(1, 2)  # [B, N, E * r]
+        stacked_b = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_experts * rank).float()  # [out, E * r]
+        gram = stacked @ (stacked_b.T @ stacked_b) @ stacked.transpose(1, 2)
+        return ExpertOutputSample(gram, experts.flatten(1), valid.flatten(1))
 
 
 class LoraMoeLinear(RoutedLoraLinear):
@@ -209,6 +311,9 @@ class MixLoraLinear(nn.Module, MixLoraLayer):
         self._init_layer(base_layer, layer_index)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+
+    def parameter_group(self, layer_name: str) -> str:
+        return "other"  # a plain LoRA: neither router nor expert
 
     def update_layer(self, adapter_name: str, config, **_) -> None:
         base = self.get_base_layer()
@@ -327,8 +432,12 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         dtype = weights["router"].dtype
         logits = F.linear(router_input.to(dtype), weights["router"])  # [T, E]
         gate_weights, top_k_index, valid = self.route(logits, adapter_name)  # [T, k]
-        self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states), valid)
+        record = self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states), valid)
         gate, up = ffn.gate_proj(x).to(dtype), ffn.up_proj(x).to(dtype)  # shared by every expert: once per token
+        if self._wants_contrastive_sample(record):
+            with outside_activation_checkpointing():
+                record.contrastive = self._contrastive_sample(x.to(dtype), gate, up, top_k_index, valid,
+                                                              _batch_size(hidden_states), adapter_name)
         mix, down_lora = self._mix_experts(x.to(dtype), gate, up, gate_weights, top_k_index, adapter_name)
         out = ffn.down_proj(mix.to(hidden_states.dtype))
         if down_lora is not None:
@@ -373,6 +482,35 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         down_lora = to_tokens(grouped_lora(down_input, weights["down_A"], weights["down_B"], offsets, scaling))
         return mix, torch.bmm(slot_weights, down_lora).squeeze(1)
 
+    def _contrastive_sample(self, x, gate, up, top_k_index, valid, batch_size, adapter_name) -> ExpertOutputSample:
+        """What each sampled (token t, expert e) pair's expert adds to the frozen FFN, FFN_e(x_t) - FFN(x_t) [H]
+        (without LoRA dropout), as the Gram matrix of these outputs:
+
+            h_e = act(W_gate x + s B^g_e A^g_e x) * (W_up x + s B^u_e A^u_e x),   h = act(W_gate x) * (W_up x)
+            o   = W_down (h_e - h) + s B^d_e A^d_e h_e
+
+        The shared W_gate x and W_up x are this forward's; the LoRA products run on the sampled rows only, grouped by
+        expert as in `_mix_experts`."""
+        weights, scaling, ffn = self.adapter_tensors(adapter_name), self.scaling[adapter_name], self.base_layer
+        rows, experts, valid = self._contrastive_slots(adapter_name, x.shape[0], batch_size, top_k_index, valid)
+        token_rows = rows[..., None].expand_as(experts).reshape(-1)
+        order = experts.reshape(-1).argsort(stable=True)  # the pairs sorted by expert
+        offsets = torch.bincount(experts.reshape(-1), minlength=weights["router"].shape[0]).cumsum(0).to(torch.int32)
+        sorted_rows = token_rows[order]
+
+        def with_lora(inputs, name, base=0.0):
+            if f"{name}_A" not in weights:
+                return base
+            return base + grouped_lora(inputs, weights[f"{name}_A"], weights[f"{name}_B"], offsets, scaling)
+
+        inputs, gate, up = x[sorted_rows], gate[sorted_rows], up[sorted_rows]
+        hidden = ffn.act_fn(with_lora(inputs, "gate", gate)) * with_lora(inputs, "up", up)
+        difference = hidden - ffn.act_fn(gate) * up
+        down = ffn.down_proj.weight
+        outputs = with_lora(hidden, "down", F.linear(difference.to(down.dtype), down).to(hidden.dtype))
+        outputs = outputs[order.argsort()].view(*experts.shape[:2], -1, outputs.shape[-1]).flatten(1, 2).float()
+        return ExpertOutputSample(outputs @ outputs.transpose(1, 2), experts.flatten(1), valid.flatten(1))
+
     @torch.no_grad()
     def expert_weights(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Every expert's FFN with its LoRA merged: gate, up [E, I, H] and down [E, H, I], W + s B_e A_e."""
@@ -406,6 +544,9 @@ class MoeLoraLinear(LinearWithExperts):
         self.task_ids: torch.Tensor | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+
+    def parameter_group(self, layer_name: str) -> str:
+        return "router" if layer_name in ("moelora_task_embedding", "moelora_gate") else "experts"  # the task gate
 
     def update_layer(self, adapter_name: str, config, **_) -> None:
         base, experts, rank = self.get_base_layer(), config.num_experts, config.expert_rank

@@ -1,8 +1,9 @@
 """The auxiliary losses of the three methods, computed once per forward from the layers' `RoutingRecord`s.
 
 The Switch load-balancing loss is `routing.load_balancing_loss`, the formula our MoE models use; the LBC's squared
-coefficient of variation is `routing.cv_squared`. Which loss a method adds, with which coefficient, is decided by
-its tuner (`model.py`, `aux_losses`).
+coefficient of variation is `routing.cv_squared`; MoELoRA's contrastive loss among experts, which only LoRA experts
+use, is `expert_contrastive_loss` here. Which loss a method adds, with which coefficient, is decided by its tuner
+(`model.py`, `aux_losses`).
 """
 
 from collections import defaultdict
@@ -101,3 +102,49 @@ def lbc_loss(records, type_ids: torch.Tensor, delta: float, num_types: int) -> t
                              f"{record.batch_size} samples: pass one type id per sample, shape [batch_size].")
         losses.append(localized_balancing_loss(route_weights, type_ids, delta, num_types))
     return torch.stack(losses).sum()
+
+
+def expert_contrastive_loss(gram: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoELoRA's contrastive loss among experts (Luo et al. 2024, arXiv 2402.12851, "Contrastive Learning Guided
+    Mixture of Experts on Parameter-Efficient Fine-Tuning"): outputs of the same expert are positives, outputs of
+    different experts negatives, in the multi-positive InfoNCE form (Khosla et al. 2020, "Supervised Contrastive
+    Learning"). For one sequence with the valid expert outputs o_1..o_N (o_n from expert y_n):
+
+        s_nm  = cos(o_n, o_m) / temperature
+        P(n)  = {m != n : y_m = y_n}                            positives: the same expert on other tokens
+        l_n   = -1/|P(n)| sum_{p in P(n)} log( exp(s_np) / sum_{m != n} exp(s_nm) )
+        loss  = mean of l_n over the anchors n with a non-empty P(n)
+
+    gram [B, N, N] holds o_n . o_m per sequence, experts [B, N] the y_n, valid [B, N] which pairs exist. Returns
+    (loss [B], has_anchor [B] bool); a sequence without anchors has loss 0. An output of norm 0 (a LoRA expert whose
+    B is still zero) is similar to nothing and gets no gradient."""
+    gram = gram.float()
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # clamped before the root: finite gradients
+    logits = gram / (norms[..., :, None] * norms[..., None, :]) / temperature
+    others = valid[..., :, None] & valid[..., None, :] & ~torch.eye(gram.shape[-1], dtype=torch.bool,
+                                                                      device=gram.device)
+    positives = others & (experts[..., :, None] == experts[..., None, :])
+    log_prob = logits - logits.masked_fill(~others, torch.finfo(logits.dtype).min).logsumexp(dim=-1, keepdim=True)
+    count = positives.sum(dim=-1)
+    per_anchor = -torch.where(positives, log_prob, 0.0).sum(dim=-1) / count.clamp_min(1)
+    anchors = count > 0
+    loss = torch.where(anchors, per_anchor, 0.0).sum(dim=-1) / anchors.sum(dim=-1).clamp_min(1)
+    return loss, anchors.any(dim=-1)
+
+
+def contrastive_loss(records, temperature: float) -> torch.Tensor:
+    """MoELoRA's contrastive loss of one forward: `expert_contrastive_loss` of every recorded router call (every
+    adapted module of every layer) and every sequence, averaged over the (call, sequence) pairs that have an anchor
+    (0 when none has, e.g. a decoding step, whose one token has k distinct experts)."""
+    losses, has_anchor = [], []
+    for record in records:
+        if record.contrastive is not None:
+            sample = record.contrastive
+            loss, anchored = expert_contrastive_loss(sample.gram, sample.experts, sample.valid, temperature)
+            losses.append(loss)
+            has_anchor.append(anchored)
+    if not losses:
+        return records[0].logits.new_zeros((), dtype=torch.float32)
+    losses, has_anchor = torch.cat(losses), torch.cat(has_anchor)
+    return torch.where(has_anchor, losses, 0.0).sum() / has_anchor.sum().clamp_min(1)

@@ -24,7 +24,7 @@ from .layer import (
     MoeLoraLinear,
     MolaLinear,
 )
-from .losses import AuxLossContext, layerwise_switch_loss, lbc_loss, pooled_z_loss, switch_loss
+from .losses import AuxLossContext, contrastive_loss, layerwise_switch_loss, lbc_loss, pooled_z_loss, switch_loss
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -96,6 +96,15 @@ class LoraExpertTuner(BaseTuner):
         when its coefficient is non-zero."""
         return {}
 
+    @staticmethod
+    def contrastive_term(config, records) -> dict:
+        """MoELoRA's contrastive loss among experts, {"contrastive_loss": (coefficient, value)}, when the config has
+        it on (`ContrastiveLossFields`); {} otherwise."""
+        if getattr(config, "contrastive_loss_coef", 0) == 0:
+            return {}
+        return {"contrastive_loss": (config.contrastive_loss_coef,
+                                     contrastive_loss(records, config.contrastive_temperature))}
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:
@@ -118,7 +127,8 @@ class LoraExpertTuner(BaseTuner):
 class MixLoraModel(LoraExpertTuner):
     """MixLoRA: FFN blocks -> `MixLoraFeedForward` (a sparse MoE of LoRA experts over the frozen FFN), Linears ->
     `MixLoraLinear` (plain LoRA). Aux loss: Switch load balancing over all layers' router logits, plus the router
-    z-loss with "mixlora-switch" routing."""
+    z-loss with "mixlora-switch" routing, plus MoELoRA's contrastive loss among the FFN experts when
+    `contrastive_loss_coef` > 0 (an expert's output: what it adds to the frozen FFN)."""
 
     prefix = "mixlora_"
     tuner_layer_cls = MixLoraLayer
@@ -146,12 +156,13 @@ class MixLoraModel(LoraExpertTuner):
             terms["router_aux_loss"] = (config.router_aux_loss_coef, switch_loss(records, context.token_mask(records)))
         if config.routing_strategy == "mixlora-switch" and config.router_z_loss_coef != 0:
             terms["router_z_loss"] = (config.router_z_loss_coef, pooled_z_loss(records, context.token_mask(records)))
-        return terms
+        return {**terms, **cls.contrastive_term(config, records)}
 
 
 class LoraMoeModel(LoraExpertTuner):
     """LoRAMoE: Linears -> `LoraMoeLinear` (dense softmax over N LoRA experts). Aux loss: the Localized Balancing
-    Constraint, when the forward gets `lora_moe_type_ids`."""
+    Constraint, when the forward gets `lora_moe_type_ids`; MoELoRA's contrastive loss when `contrastive_loss_coef`
+    > 0 (dense routing: every expert's output on every sampled token)."""
 
     prefix = "loramoe_"
     tuner_layer_cls = LoraMoeLinear
@@ -165,15 +176,17 @@ class LoraMoeModel(LoraExpertTuner):
 
     @classmethod
     def aux_losses(cls, config: LoraMoeConfig, records, context: AuxLossContext) -> dict:
+        terms = cls.contrastive_term(config, records)
         if config.lbc_weight == 0 or context.type_ids is None:
-            return {}
+            return terms
         value = lbc_loss(records, context.type_ids, config.lbc_delta, config.lbc_num_types)
-        return {"lbc_loss": (config.lbc_weight, value)}
+        return {"lbc_loss": (config.lbc_weight, value), **terms}
 
 
 class MolaModel(LoraExpertTuner):
     """MoLA: Linears -> `MolaLinear` (top-k over E_l LoRA experts, E_l and k_l per decoder layer). Aux loss:
-    the per-layer Switch loss, when `router_aux_loss_coef` > 0."""
+    the per-layer Switch loss, when `router_aux_loss_coef` > 0; MoELoRA's contrastive loss when
+    `contrastive_loss_coef` > 0."""
 
     prefix = "mola_"
     tuner_layer_cls = MolaLinear
@@ -199,10 +212,11 @@ class MolaModel(LoraExpertTuner):
 
     @classmethod
     def aux_losses(cls, config: MolaConfig, records, context: AuxLossContext) -> dict:
+        terms = cls.contrastive_term(config, records)
         if config.router_aux_loss_coef == 0:
-            return {}
+            return terms
         value = layerwise_switch_loss(records, context.token_mask(records))
-        return {"router_aux_loss": (config.router_aux_loss_coef, value)}
+        return {"router_aux_loss": (config.router_aux_loss_coef, value), **terms}
 
 
 def _set_task_ids(model, args, kwargs):
@@ -267,7 +281,8 @@ def remove_task_ids_hook(model: nn.Module) -> None:
 
 class MoeLoraModel(LoraExpertTuner):
     """MOELoRA: Linears -> `MoeLoraLinear` (N LoRA experts of rank r / N, mixed by per-sample task gates). The model
-    takes `task_ids` ([batch_size] ints) in forward and generate; no auxiliary loss."""
+    takes `task_ids` ([batch_size] ints) in forward and generate; no auxiliary loss (nor MoELoRA's contrastive loss:
+    no token is routed, see config.py)."""
 
     prefix = "moelora_"
     tuner_layer_cls = MoeLoraLinear
