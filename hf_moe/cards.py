@@ -154,6 +154,8 @@ def _routers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             continue
         match = re.search(r"layers\.(\d+)\.(.+)", name)
         label = name if match is None else f"layer {match.group(1)}"
+        if match is not None and (block := re.match(r"blocks\.(\d+)\.", match.group(2))):  # a block_layout sub-block
+            label += f" block {block.group(1)}"
         if match is not None and is_lora_router:
             label += f" {match.group(2).split('.')[-1]}"
         routers.append((label, module))

@@ -126,6 +126,8 @@ def draw_config(seed: int):
             shared_expert_gate=n_shared > 0 and rng.random() < 0.5, first_k_dense_replace=rng.randint(0, num_layers),
             moe_layer_freq=rng.choice([1, 2]), qk_norm=rng.random() < 0.5, qkv_bias=rng.random() < 0.5,
         )
+        if "block_layout" in fields:  # the brainformer preset names every layer's feed-forwards itself
+            del fields["first_k_dense_replace"], fields["moe_layer_freq"]
         if fields.get("attention_type") == "mla":  # the DeepSeek-V2/V3 presets: tiny ranks, one kv head per head
             fields.update(
                 num_key_value_heads=heads, head_dim=None, qk_norm=False, qkv_bias=False,

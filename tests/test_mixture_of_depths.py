@@ -1,6 +1,7 @@
 """Mixture-of-Depths (`mod_capacity`, Raposo et al. 2024): a routed layer against the paper's formula written out on
-the gathered chosen tokens (training top-C and the causal r > 0 rule), causality, cached generation, the router loss,
-save/load and remote code, gradient checkpointing, Trainer and config validation.
+the gathered chosen tokens (training top-C and the causal r > 0 rule, rows shorter than C), the block computing those
+tokens only (nothing for a skipped decoding step), the balancing losses over the gathered real tokens, causality,
+cached generation, the router loss, save/load and remote code, gradient checkpointing, Trainer and config validation.
 
 Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 experts of width 64).
 """
@@ -89,6 +90,94 @@ def test_routed_layer_matches_the_block_on_the_gathered_chosen_tokens(family, tr
     assert torch.equal(got[~chosen], x[~chosen])  # a skipped token passes unchanged
 
 
+def test_training_with_a_row_shorter_than_the_capacity_matches_the_gathered_formula():
+    # C = 4 of S = 8, but row 1 has 3 real tokens: it gathers them and one padding slot whose result is dropped
+    model = mod_model(attn_implementation="eager")
+    layer = model.model.layers[1].train()
+    x = torch.randn(2, 8, 32)
+    token_mask = torch.ones(2, 8, dtype=torch.long)
+    token_mask[1, :5] = 0
+    cos, sin = model.model.rotary_emb(x, torch.arange(8)[None].expand(2, -1))
+    with torch.no_grad():
+        r = x @ layer.mod_router.proj.weight[0]
+        chosen = torch.zeros(2, 8, dtype=torch.bool).scatter(1, r.masked_fill(token_mask == 0, -torch.inf)
+                                                              .topk(4, dim=1).indices, True) & token_mask.bool()
+        expected = gathered_block_reference(layer, x, cos, sin, chosen, r)
+        got = layer(x, position_embeddings=(cos, sin), position_ids=torch.arange(8)[None], token_mask=token_mask)
+    assert chosen.sum(dim=1).tolist() == [4, 3]
+    assert_close(got, expected, atol=ATOL, rtol=0)
+    assert torch.equal(got[~chosen], x[~chosen])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_block_runs_on_the_gathered_tokens_only(training):
+    model = mod_model(attn_implementation="sdpa")
+    layer = model.model.layers[1].train(training)
+    seen = []
+    hooks = [module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (kwargs.get("hidden_states", args[0] if args else None)).shape), with_kwargs=True)
+        for module in (layer.self_attn, layer.mlp, layer.mlp.gate)]
+    x = torch.randn(2, 8, 32)
+    cos, sin = model.model.rotary_emb(x, torch.arange(8)[None].expand(2, -1))
+    with torch.no_grad():
+        layer(x, position_embeddings=(cos, sin), position_ids=torch.arange(8)[None])
+        chosen_eval = (x @ layer.mod_router.proj.weight[0]) > 0
+    for hook in hooks:
+        hook.remove()
+    # training: C = ceil(0.5 * 8) = 4 per row; evaluation: as many as the row with the most tokens with r > 0
+    capacity = 4 if training else int(chosen_eval.sum(dim=1).max())
+    assert capacity < 8
+    assert seen == [(2, capacity, 32), (2, capacity, 32), (2 * capacity, 32)]  # attention, MoE block, its router
+
+
+def test_a_decoding_step_whose_token_is_skipped_runs_nothing_and_caches_a_zero_key():
+    model = mod_model()
+    layer = model.model.layers[1]
+    calls = []
+    hooks = [module.register_forward_hook(lambda m, args, out: calls.append(m)) for module in (layer.self_attn,
+                                                                                               layer.mlp)]
+    with torch.no_grad():
+        out = model(random_input_ids(1, 5), use_cache=True)
+        layer.mod_router.proj.weight.fill_(0.0)  # r = 0 for every token: no token is chosen (r > 0 is needed)
+        calls.clear()
+        seen = {}
+        hook = layer.register_forward_hook(lambda m, args, kwargs, output: seen.update(input=args[0], output=output),
+                                           with_kwargs=True)
+        model(random_input_ids(1, 1, seed=4), cache=out.past_key_values, use_cache=True)
+        hook.remove()
+    for hook in hooks:
+        hook.remove()
+    assert calls == []  # neither the attention nor the MoE block of the routed layer ran
+    assert torch.equal(seen["output"], seen["input"])
+    keys = out.past_key_values.layers[1].keys
+    assert keys.shape[2] == 6 and keys[:, :, -1].eq(0).all()  # one entry per token, the new one a zero key
+
+
+def test_balancing_losses_of_a_routed_layer_count_its_gathered_real_tokens_only():
+    model = mod_model(output_router_logits=True, mod_layers=[1]).train()
+    input_ids = random_input_ids(2, 8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0  # row 1: 3 real tokens, fewer than C = 4
+    decisions = []
+    hook = model.model.layers[1].mlp.gate.register_forward_hook(lambda m, args, out: decisions.append(out[3]))
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    hook.remove()
+    logits = out.router_logits
+    assert [layer.shape[0] for layer in logits] == [16, 8, 16, 16]  # layer 1 routes 4 gathered tokens per row
+    real = attention_mask.reshape(-1).float()
+    masks = [real, decisions[0].token_mask.float(), real, real]
+    assert masks[1].tolist() == [1, 1, 1, 1, 1, 1, 1, 0]  # row 1's padding slot
+    # the Switch loss pooled over the layers, written out over their real rows
+    counts, prob_sums = torch.zeros(4), torch.zeros(4)
+    for layer_logits, mask in zip(logits, masks):
+        probs = layer_logits.detach().softmax(dim=-1)
+        chosen = F.one_hot(probs.topk(2, dim=-1).indices, 4).sum(dim=1).float()
+        counts += (chosen * mask[:, None]).sum(dim=0)
+        prob_sums += (probs * mask[:, None]).sum(dim=0)
+    total = sum(mask.sum() for mask in masks)
+    assert_close(out.aux_loss.detach(), 4 * torch.sum((counts / total) * (prob_sums / total)), atol=1e-6, rtol=0)
+
+
 def test_training_chooses_ceil_capacity_tokens_per_sequence_and_never_padding():
     torch.manual_seed(0)
     router = MoDRouter(make_mixtral_config(num_hidden_layers=4, mod_capacity=0.3)).train()
@@ -114,7 +203,9 @@ def test_inference_never_leaks_a_later_token_into_earlier_logits(family):
     changed[0, -1] = changed[0, -1] % 100 + 1
     with torch.no_grad():
         logits, changed_logits = model(input_ids).logits, model(changed).logits
-    assert_close(changed_logits[:, :-1], logits[:, :-1], atol=1e-6, rtol=0)
+    # to rounding: whether the last token is chosen changes how many tokens the gathered block runs on, hence the
+    # shapes of its matrix products
+    assert_close(changed_logits[:, :-1], logits[:, :-1], atol=ATOL, rtol=0)
     assert (changed_logits[:, -1] - logits[:, -1]).abs().max() > 1e-4
 
 
@@ -267,6 +358,7 @@ def test_mod_layers_default_to_every_other_layer_from_layer_one():
     ({"mod_capacity": 0.5, "mod_layers": [4]}, "mod_layers"),
     ({"mod_capacity": 0.5, "sliding_window": 16}, "mod_layers"),
     ({"mod_aux_loss_coef": -0.1}, "mod_aux_loss_coef"),
+    ({"mod_capacity": 0.5, "num_attention_experts": 4}, "num_attention_experts"),
 ])
 def test_invalid_mod_settings_raise_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):

@@ -19,10 +19,11 @@ from hf_moe import (
 )
 
 EXPECTED_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "deepseek_moe",
-                    "deepseek_v2", "deepseek_v3", "qwen2_moe", "glam", "soft_moe", "soft_moe_causal", "mixture_of_depths")
+                    "deepseek_v2", "deepseek_v3", "qwen2_moe", "glam", "soft_moe", "soft_moe_causal", "mixture_of_depths",
+                    "brainformer")
 MIXTRAL_PRESETS = ("mixtral", "switch", "gshard", "noisy_topk", "st_moe", "expert_choice", "soft_moe", "soft_moe_causal",
                    "mixture_of_depths")
-NOT_CAUSAL_PRESETS = ("expert_choice", "soft_moe")  # generate refuses them
+NOT_CAUSAL_PRESETS = ("expert_choice", "soft_moe", "brainformer")  # generate refuses them
 
 TINY_MIXTRAL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "num_local_experts": 4, "max_position_embeddings": 256,
@@ -49,6 +50,7 @@ TINY_OVERRIDES = {
     "soft_moe": {},
     "soft_moe_causal": {},
     "mixture_of_depths": {},  # layer 1 of 2 routed
+    "brainformer": {},  # 3 layers of the 8-sub-block block, expert choice over 8 experts
 }
 
 

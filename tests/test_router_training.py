@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 import hf_moe
 from hf_moe import DeepSeekMoEConfig, DeepSeekMoEForCausalLM, MixtralMoEForCausalLM
 
-STAT_KEYS = {"load", "max_violation", "entropy", "dropped_fraction", "z_loss"}
+STAT_KEYS = {"load", "max_violation", "entropy", "dropped_fraction", "z_loss", "null_fraction"}
 
 
 def tiny_mixtral(seed: int = 0, **overrides) -> MixtralMoEForCausalLM:
@@ -257,6 +257,7 @@ def test_output_router_stats_match_values_computed_from_the_router_logits():
         assert stats["entropy"].item() == pytest.approx(entropy.item(), abs=1e-5)
         log_z = torch.logsumexp(logits.float(), dim=-1)
         assert stats["z_loss"].item() == pytest.approx(log_z.square().mean().item(), rel=1e-5)
+        assert stats["null_fraction"].item() == 0.0  # no null experts (tests/test_null_experts.py has them)
     assert dropped_any
 
 

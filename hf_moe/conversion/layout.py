@@ -454,9 +454,13 @@ def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
          f"{fmt} never drops tokens at inference (allowed: None)"),
         ("moe_block_type", config.moe_block_type == "routed",
          f"{fmt} routes tokens to experts (allowed: 'routed')"),
+        ("num_null_experts", config.num_null_experts == 0, f"{fmt} has no null experts (allowed: 0)"),
+        ("mod_capacity", config.mod_capacity is None, f"{fmt} runs every block on every token (allowed: None)"),
         ("attention_type", config.attention_type == "gqa",
          f"{fmt} has no multi-head latent attention (allowed: 'gqa'; export to deepseek_v2 or deepseek_v3)"),
         ("o_proj_bias", not config.o_proj_bias, f"{fmt} has no o_proj bias (allowed: False)"),
+        ("num_attention_experts", config.num_attention_experts is None,
+         f"{fmt} has one dense attention per layer, no attention experts (allowed: None)"),
         ("attention_sinks", not config.attention_sinks, f"{fmt} has no attention sinks (allowed: False)"),
         ("clip_qkv", config.clip_qkv is None, f"{fmt} does not clip q, k and v (allowed: None)"),
         ("qk_norm_type", config.qk_norm_type == "per_head", f"{fmt} norms q and k per head (allowed: 'per_head')"),
@@ -505,7 +509,11 @@ def check_exportable(config: MoEDecoderConfig, fmt: str) -> None:
     """Raise `ConversionError` listing every field of `config` that `fmt` cannot represent exactly."""
     if fmt not in EXPORT_FORMATS:
         raise ConversionError(f"`format`={fmt!r} is not an export format (allowed: {', '.join(EXPORT_FORMATS)})")
-    problems = _round_trip_problems(config, fmt) if fmt in FAMILY_FORMATS else _export_problems(config, fmt)
+    if config.block_layout is not None:  # no native format has sub-blocks: one attention, then one feed-forward
+        problems = [(f"`block_layout`={config.block_layout!r}: every {fmt} layer is one attention, then one "
+                     f"feed-forward (allowed: None, with mlp_layer_types saying which layers are sparse)")]
+    else:
+        problems = _round_trip_problems(config, fmt) if fmt in FAMILY_FORMATS else _export_problems(config, fmt)
     if problems:
         hint = ""
         if any(p.startswith(("`routed_scaling_factor`", "`shared_expert_gate`")) for p in problems):
@@ -656,6 +664,7 @@ _NOT_COMPARED = {
     "router_bias_update_rate", "aux_loss_per_layer", "output_router_logits", "router_jitter_noise",
     "capacity_factor", "random_routing", "dispatch_groups", "initializer_range", "use_cache", "attention_dropout",
     "router_in_fp32",  # precision only: the same numbers in float32
+    "attention_router_aux_loss_coef", "attention_router_z_loss_coef",  # the attention experts' (compared as such)
     "first_k_dense_replace", "moe_layer_freq",  # compared as `mlp_layer_types`
     "dtype", "architectures", "auto_map", "transformers_version", "_name_or_path", "model_type",
 }
@@ -881,13 +890,21 @@ def our_tensor_shapes(config: MoEDecoderConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of our `*ForCausalLM` for `config`, with its shape, in layer order."""
     hidden = config.hidden_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
-    for layer_idx, kind in enumerate(config.mlp_layer_types):
+    for layer_idx, sub_blocks in enumerate(config.layer_sub_blocks()):
         prefix = f"model.layers.{layer_idx}."
-        shapes.update(_attention_shapes(config, prefix + "self_attn."))
-        mlp_shapes = _sparse_mlp_shapes(config) if kind == "sparse" else _mlp_shapes(hidden, config.intermediate_size)
-        shapes.update({f"{prefix}mlp.{name}": shape for name, shape in mlp_shapes.items()})
-        shapes[prefix + "input_layernorm.weight"] = (hidden,)
-        shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+        if config.block_layout is None:  # self_attn, mlp and their two norms
+            shapes.update(_attention_shapes(config, prefix + "self_attn."))
+            shapes.update(_feed_forward_shapes(config, sub_blocks[1], prefix + "mlp."))
+            shapes[prefix + "input_layernorm.weight"] = (hidden,)
+            shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+            continue
+        for block_idx, kind in enumerate(sub_blocks):  # block_layout: each sub-block's norm and module
+            block_prefix = f"{prefix}blocks.{block_idx}."
+            shapes[block_prefix + "norm.weight"] = (hidden,)
+            if kind == "attention":
+                shapes.update(_attention_shapes(config, block_prefix + "self_attn."))
+            else:
+                shapes.update(_feed_forward_shapes(config, kind, block_prefix + "mlp."))
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (config.vocab_size, hidden)
     return shapes
@@ -903,7 +920,12 @@ def parameter_counts(config: MoEDecoderConfig, names: Iterable[str] | None = Non
     total = sum(math.prod(shapes[name]) for name in names)
     expert = 3 * config.hidden_size * config.moe_intermediate_size
     idle_experts = config.num_experts - config.num_experts_per_tok if config.num_sparse_layers else 0
-    return total, total - config.num_sparse_layers * idle_experts * expert
+    active = total - config.num_sparse_layers * idle_experts * expert
+    if config.num_attention_experts is not None:  # a token runs the q and o projections of k of the E_a experts
+        attention_expert = 2 * config.hidden_size * config.num_attention_heads * config.head_dim
+        idle_attention_experts = config.num_attention_experts - config.num_attention_experts_per_tok
+        active -= config.num_attention_blocks() * idle_attention_experts * attention_expert
+    return total, active
 
 
 def _attention_shapes(config: MoEDecoderConfig, prefix: str) -> dict[str, tuple[int, ...]]:
@@ -919,10 +941,15 @@ def _attention_shapes(config: MoEDecoderConfig, prefix: str) -> dict[str, tuple[
         "v_proj.weight": (kv_width, hidden),
         "o_proj.weight": (hidden, q_width),
     })
+    if config.num_attention_experts is not None:  # attention experts: a router, per-expert q and o (3D, no `.weight`)
+        experts = config.num_attention_experts
+        del shapes["q_proj.weight"], shapes["o_proj.weight"]
+        shapes.update({"gate.weight": (experts, hidden), "q_proj": (experts, q_width, hidden),
+                       "o_proj": (experts, hidden, q_width)})
     if config.qkv_bias:
         shapes.update({"q_proj.bias": (q_width,), "k_proj.bias": (kv_width,), "v_proj.bias": (kv_width,)})
     if config.o_proj_bias:
-        shapes["o_proj.bias"] = (hidden,)
+        shapes["o_proj.bias" if config.num_attention_experts is None else "o_proj_bias"] = (hidden,)
     if config.qk_norm:
         per_head = config.qk_norm_type == "per_head"
         shapes.update({"q_norm.weight": (head_dim if per_head else q_width,),
@@ -949,6 +976,12 @@ def _mla_shapes(config: MoEDecoderConfig) -> dict[str, tuple[int, ...]]:
 
 # the selection bias of aux-loss-free balancing, a buffer saved with the router (not a parameter)
 SELECTION_BIAS = "gate.e_score_correction_bias"
+
+
+def _feed_forward_shapes(config: MoEDecoderConfig, kind: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A 'moe' (the sparse block) or 'dense' feed-forward's tensors, named under `prefix`."""
+    shapes = _sparse_mlp_shapes(config) if kind == "moe" else _mlp_shapes(config.hidden_size, config.intermediate_size)
+    return {prefix + name: shape for name, shape in shapes.items()}
 
 
 def _mlp_shapes(hidden: int, width: int) -> dict[str, tuple[int, ...]]:

@@ -42,6 +42,14 @@ MLP_LAYER_TYPES = ("sparse", "dense")
 # Soft MoE slots (Puigcerver et al. 2023, not causal); soft_merging = per-token soft merging of the experts' weights
 # (causal). See MoESoftBlock and MoESoftMergingBlock in modeling_hf_moe.py.
 MOE_BLOCK_TYPES = ("routed", "soft_moe", "soft_merging")
+# The sub-blocks of a `block_layout` layer (Brainformer, Zhou et al. 2023: attention 'a', dense FFN 'f', sparsely
+# gated FFN 'g'), each a pre-norm residual x + f(norm(x)): attention (the attention of `attention_type`, with attention
+# experts if set); dense = a SwiGLU MLP of width `intermediate_size`; moe = the sparse block of `moe_block_type`.
+BLOCK_TYPES = ("attention", "dense", "moe")
+# Brainformer block #1 (Zhou et al. 2023, Fig. 8): 8 sub-layers, 2 attention, 3 sparse, 3 dense. The counts and
+# kinds are the paper's text (8 sub-layers, fewer attention layers than a Transformer's); the order is read from its
+# figure, which the text does not spell out (the paper finds quality insensitive to the order, not to the ratio).
+BRAINFORMER_BLOCK = ["attention", "moe", "dense", "attention", "moe", "dense", "moe", "dense"]
 ATTENTION_TYPES = ("gqa", "mla")  # grouped-query (MHA and MQA included) / multi-head latent attention (DeepSeek-V2)
 # The fields that only multi-head latent attention reads: None unless attention_type="mla".
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
@@ -61,6 +69,11 @@ _USE_DEEPSEEK_FOR_MLA = "use DeepSeekMoEConfig(attention_type='mla', ...) for mu
 
 def _use_deepseek_for(setting: str) -> str:
     return f"use DeepSeekMoEConfig({setting}) for it"
+
+
+def mlp_layer_types_of(block_layout: list[list[str]]) -> list[str]:
+    """What `mlp_layer_types` says of a `block_layout`: 'sparse' for a layer with a 'moe' sub-block, else 'dense'."""
+    return ["sparse" if "moe" in layer else "dense" for layer in block_layout]
 
 # Tensor-parallel rules, grouped by the modules they shard; keys are relative to the base model. The router
 # (`mlp.gate`) has no rule: it stays replicated, so every rank routes every token the same way.
@@ -265,6 +278,7 @@ class MoEDecoderConfig(PreTrainedConfig):
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     dispatch_groups: int = 1
+    num_null_experts: int = 0  # AdaMoE (Zeng et al. 2024): zero-output experts the top-k may choose
     # balancing: each loss has its own coefficient; several can be on at once
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
@@ -285,14 +299,26 @@ class MoEDecoderConfig(PreTrainedConfig):
     mod_capacity: float | int | None = None
     mod_layers: list[int] | None = None
     mod_aux_loss_coef: float | int = 0.01
+    # attention experts (JetMoE's mixture of attention heads): experts per layer (None = one dense attention), experts
+    # per token, and the weights of their routers' Switch loss and z-loss
+    num_attention_experts: int | None = None
+    num_attention_experts_per_tok: int | None = None
+    attention_router_aux_loss_coef: float | int = 0.01
+    attention_router_z_loss_coef: float | int = 0.0
+    # heterogeneous layouts (Brainformer, Zhou et al. 2023): each layer's sub-blocks in order (BLOCK_TYPES), one list
+    # per layer or one list for every layer; None = attention, then the feed-forward that `mlp_layer_types` says
+    block_layout: list[list[str]] | list[str] | None = None
 
     def __post_init__(self, **kwargs):
         # `kwargs` holds every keyword that is not a dataclass field; transformers keeps them as attributes
         check_unknown_fields(type(self), kwargs, strict=False)
+        self.expand_block_layout()
         if self.moe_block_type == "soft_moe" and self.num_slots is None:
             self.num_slots = 1  # Soft MoE's default: one slot per expert
         if self.mod_capacity is not None and self.mod_layers is None:  # the paper routes every other block
             self.mod_layers = list(range(1, self.num_hidden_layers, 2))
+        if self.num_attention_experts is not None and self.num_attention_experts_per_tok is None:
+            self.num_attention_experts_per_tok = 1 if self.num_attention_experts == 1 else 2  # JetMoE: top-2
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -316,6 +342,7 @@ class MoEDecoderConfig(PreTrainedConfig):
                                              0 <= self.pad_token_id < self.vocab_size),
                "pad_token_id", self.pad_token_id, f"must be None or a token id in [0, vocab_size={self.vocab_size})")
         self.check_attention_fields()
+        self.check_attention_experts_fields()
         _check(self.hidden_act in ACT2FN, "hidden_act", self.hidden_act, f"allowed: {sorted(ACT2FN)}")
         _check_number("rms_norm_eps", self.rms_norm_eps, at_least=MIN_RMS_NORM_EPS,
                       why="the RMSNorm gradient at an all-zero hidden state, e.g. at padding (the padding embedding "
@@ -326,11 +353,15 @@ class MoEDecoderConfig(PreTrainedConfig):
             self.sliding_window is None or self.sliding_window > 0, "sliding_window", self.sliding_window,
             "must be None (full attention) or a positive number of tokens",
         )
+        self.check_block_layout()
         self.check_layer_types()
         self.check_rope_parameters()
+        self.check_null_expert_fields()
+        choosable = self.num_experts + self.num_null_experts
         _check(
-            1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
-            f"must be between 1 and num_experts={self.num_experts}",
+            1 <= self.num_experts_per_tok <= choosable, "num_experts_per_tok", self.num_experts_per_tok,
+            f"must be between 1 and num_experts={self.num_experts}" + (
+                f" + num_null_experts={self.num_null_experts}" if self.num_null_experts else ""),
         )
         _check_number("routed_scaling_factor", self.routed_scaling_factor, above=0)
         self.check_routing_fields()
@@ -386,6 +417,31 @@ class MoEDecoderConfig(PreTrainedConfig):
                "only q/k RMSNorm reads it: set qk_norm=True, or leave it 'per_head'")
         _check_number("clip_qkv", self.clip_qkv, above=0, none_means="no clipping")
 
+    def check_attention_experts_fields(self) -> None:
+        """Attention experts: a positive expert count, 1 <= experts per token <= experts, non-negative loss
+        coefficients, and grouped-query attention without the options that belong to one dense query projection
+        (q/k/v biases, attention sinks)."""
+        for name in ("attention_router_aux_loss_coef", "attention_router_z_loss_coef"):
+            _check_number(name, getattr(self, name), at_least=0)
+        num_experts, top_k = self.num_attention_experts, self.num_attention_experts_per_tok
+        if num_experts is None:
+            _check(top_k is None, "num_attention_experts_per_tok", top_k,
+                   "only read with num_attention_experts (attention experts): set that, or leave it None")
+            return
+        _check(isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 1,
+               "num_attention_experts", num_experts,
+               "must be None (one dense attention per layer) or a positive integer (JetMoE: 8)")
+        _check(isinstance(top_k, int) and not isinstance(top_k, bool) and 1 <= top_k <= num_experts,
+               "num_attention_experts_per_tok", top_k,
+               f"must be an integer between 1 and num_attention_experts={num_experts} (JetMoE: 2)")
+        _check(self.attention_type == "gqa", "attention_type", self.attention_type,
+               "attention experts share grouped-query keys and values (allowed: 'gqa')")
+        _check(not self.qkv_bias, "qkv_bias", self.qkv_bias,
+               "the attention experts' query projections have no bias (allowed: False; o_proj_bias adds one output "
+               "bias shared by the experts)")
+        _check(not self.attention_sinks, "attention_sinks", self.attention_sinks,
+               "not available with attention experts (allowed: False)")
+
     def check_mla_fields(self) -> None:
         """Multi-head latent attention (DeepSeek-V2): positive ranks and head dims, an even rotary dim, one key and
         value per query head, and none of the grouped-query options."""
@@ -413,19 +469,95 @@ class MoEDecoderConfig(PreTrainedConfig):
                    "not available with attention_type='mla' (grouped-query attention only)")
 
     def attention_layer_types(self) -> list[str]:
-        """The attention of every layer: `layer_types`, or what None means (every layer sliding when
-        `sliding_window` is set, else full)."""
+        """The attention of every layer (of every attention sub-block of `block_layout`, in order): `layer_types`, or
+        what None means (every one sliding when `sliding_window` is set, else full)."""
         if self.layer_types is not None:
             return list(self.layer_types)
-        return ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers
+        return ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_attention_blocks()
+
+    def num_attention_blocks(self) -> int:
+        """The attentions of the model, each with its own KV-cache layer: one per layer, or the 'attention' sub-blocks
+        of `block_layout`."""
+        if self.block_layout is None:
+            return self.num_hidden_layers
+        return sum(layer.count("attention") for layer in self.block_layout)
+
+    def layer_sub_blocks(self) -> list[list[str]]:
+        """Every layer's sub-blocks in order (BLOCK_TYPES): `block_layout`, or what None means (attention, then 'moe'
+        for a 'sparse' entry of `mlp_layer_types` and 'dense' for a 'dense' one)."""
+        if self.block_layout is not None:
+            return [list(layer) for layer in self.block_layout]
+        return [["attention", "moe" if kind == "sparse" else "dense"] for kind in self.mlp_layer_types]
+
+    @property
+    def per_layer_config(self) -> list:
+        """transformers' per-layer view of the config, which its caches (DynamicCache, StaticCache) zip with
+        `layer_types` to make one cache layer per entry: this config once per attention (per layer, or per attention
+        sub-block of `block_layout`). The fields hold for every layer: there are no per-layer overrides."""
+        return [self] * self.num_attention_blocks()
+
+    @per_layer_config.setter
+    def per_layer_config(self, value):
+        _check(value is None, "per_layer_config", value,
+               "hf-moe configs have no per-layer overrides: each field holds for every layer (allowed: None)")
+
+    def expand_block_layout(self) -> None:
+        """A `block_layout` given as one list of sub-block names is every layer's: one copy per layer."""
+        layout = self.block_layout
+        if isinstance(layout, list) and layout and all(isinstance(name, str) for name in layout):
+            self.block_layout = [list(layout) for _ in range(self.num_hidden_layers)]
+
+    def check_block_layout(self) -> None:
+        """`block_layout`: None, or one non-empty list of BLOCK_TYPES names per layer, with an attention sub-block
+        somewhere; with it, `mlp_layer_types` only summarises it, and what assumes layers of one attention and one
+        feed-forward (DeepSeek's layer schedule, Mixture-of-Depths) is refused."""
+        layout = self.block_layout
+        if layout is None:
+            return
+        self.check_block_layout_entries()
+        summary = mlp_layer_types_of(layout)
+        _check(self.mlp_layer_types == summary, "mlp_layer_types", self.mlp_layer_types,
+               f"with block_layout it says which layers hold a 'moe' sub-block ({summary}): leave it None")
+        _check(self.mod_capacity is None, "mod_capacity", self.mod_capacity,
+               "Mixture-of-Depths routes whole layers of one attention and one feed-forward, not block_layout's "
+               "sub-blocks: leave None with block_layout")
+        for name in ("first_k_dense_replace", "moe_layer_freq"):  # DeepSeekMoEConfig's layer schedule
+            _check(getattr(self, name, None) is None, name, getattr(self, name, None),
+                   "block_layout names every layer's sub-blocks ('dense' or 'moe' feed-forwards): leave it None")
+
+    def check_block_layout_entries(self) -> None:
+        """`block_layout` (not None): one non-empty list of BLOCK_TYPES names per layer, an attention among them."""
+        layout = self.block_layout
+        _check(isinstance(layout, list) and len(layout) == self.num_hidden_layers, "block_layout", layout,
+               f"must be None or a list of num_hidden_layers={self.num_hidden_layers} lists of sub-blocks, one per "
+               f"layer (or one list for every layer), e.g. {BRAINFORMER_BLOCK} (Brainformer)")
+        for i, layer in enumerate(layout):
+            _check(isinstance(layer, list) and len(layer) > 0 and all(name in BLOCK_TYPES for name in layer),
+                   f"block_layout[{i}]", layer, f"must be a non-empty list of the sub-blocks {BLOCK_TYPES}, in the "
+                                               f"order they run")
+        _check(self.num_attention_blocks() > 0, "block_layout", layout,
+               "needs at least one 'attention' sub-block: no other sub-block mixes the tokens (and the KV cache "
+               "reads the sequence length from the first attention)")
+
+    def validate_layer_type(self) -> None:
+        """transformers' `@strict` check that `layer_types` and `mlp_layer_types` hold one entry per layer; with
+        `block_layout`, `layer_types` holds one per attention sub-block instead (`check_layer_types`)."""
+        validate = getattr(super(), "validate_layer_type", None)  # None in a transformers without it
+        if self.block_layout is None and validate is not None:
+            validate()
 
     def check_layer_types(self) -> None:
-        """`layer_types`: None (every layer sliding if `sliding_window` is set, else full) or one entry per layer."""
+        """`layer_types`: None (every attention sliding if `sliding_window` is set, else full) or one entry per
+        layer (per attention sub-block with `block_layout`)."""
         if self.layer_types is None:
             return
-        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers,
-               "layer_types", self.layer_types,
-               f"must be None or a list of num_hidden_layers={self.num_hidden_layers} entries")
+        if self.block_layout is None:
+            allowed = f"must be None or a list of num_hidden_layers={self.num_hidden_layers} entries"
+        else:
+            allowed = (f"must be None or a list of one entry per 'attention' sub-block of block_layout "
+                       f"({self.num_attention_blocks()}), in order")
+        _check(isinstance(self.layer_types, list) and len(self.layer_types) == self.num_attention_blocks(),
+               "layer_types", self.layer_types, allowed)
         for layer_type in self.layer_types:
             _check(layer_type in ATTENTION_LAYER_TYPES, "layer_types", self.layer_types,
                    f"entries must be one of {ATTENTION_LAYER_TYPES}")
@@ -490,8 +622,9 @@ class MoEDecoderConfig(PreTrainedConfig):
                self.n_group, f"must be a positive divisor of num_experts={num_experts}")
         _check(1 <= self.topk_group <= self.n_group, "topk_group", self.topk_group,
                f"must be between 1 and n_group={self.n_group}")
-        _check(top_k <= self.topk_group * (num_experts // self.n_group), "num_experts_per_tok", top_k,
-               f"must be at most topk_group * num_experts / n_group = {self.topk_group * (num_experts // self.n_group)}")
+        _check(top_k <= self.topk_group * (num_experts // self.n_group) + self.num_null_experts, "num_experts_per_tok",
+               top_k, f"must be at most topk_group * num_experts / n_group = "
+                      f"{self.topk_group * (num_experts // self.n_group)}")
         _check_number("router_jitter_noise", self.router_jitter_noise, at_least=0, below=1)
         _check(not self.random_routing or top_k == 2, "random_routing", self.random_routing,
                f"GShard random routing needs num_experts_per_tok=2 (got {top_k})")
@@ -542,6 +675,37 @@ class MoEDecoderConfig(PreTrainedConfig):
         _check(self.router_jitter_noise == 0, "router_jitter_noise", self.router_jitter_noise, allowed + ": leave 0")
         _check(self.n_group == 1, "n_group", self.n_group, allowed + ": leave 1")
 
+    def check_null_expert_fields(self) -> None:
+        """AdaMoE's null experts (`num_null_experts`): an integer >= 0; with null experts, the options whose
+        formulas do not cover them must stay off (the top-k router's columns are then E true + N null experts)."""
+        value = self.num_null_experts
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, "num_null_experts", value,
+               "must be an integer >= 0 (0 = no null experts; AdaMoE adds a few, e.g. as many as the true experts)")
+        if value == 0:
+            return
+        why = f"with num_null_experts={value} (AdaMoE null experts)"
+        _check(self.moe_block_type == "routed", "moe_block_type", self.moe_block_type,
+               f"null experts are choices of the top-k router, which soft blocks do not have: use 'routed' {why}")
+        _check(self.router_type == "token_choice", "router_type", self.router_type,
+               f"null experts are choices of each token (token choice); an expert picks no null expert: use "
+               f"'token_choice' {why}")
+        _check(self.scoring_func == "softmax", "scoring_func", self.scoring_func,
+               f"AdaMoE scores the true and null experts with one softmax: use 'softmax' {why}")
+        _check(self.n_group == 1, "n_group", self.n_group, f"expert groups partition the true experts: leave 1 {why}")
+        for name, reason in (
+            ("noisy_gating", "its noise and smooth load estimator cover the true experts only"),
+            ("random_routing", "GShard's rule drops the second of two true experts"),
+            ("router_selection_bias", ("aux-loss-free balancing would drive every null expert to the mean load, "
+                                       "against AdaMoE's loss, which balances the null experts' use in all")),
+            ("router_bias", "gpt-oss's router bias covers the true experts only"),
+        ):
+            _check(not getattr(self, name), name, getattr(self, name), f"{reason}: leave it False {why}")
+        for name in ("router_importance_loss_coef", "router_load_loss_coef", "expert_balance_loss_coef",
+                     "device_balance_loss_coef", "sequence_balance_loss_coef"):
+            _check(getattr(self, name) == 0, name, getattr(self, name),
+                   f"AdaMoE balances null experts with the Switch loss (router_aux_loss_coef), the null experts' loads "
+                   f"averaged; this loss has no null-expert form: leave 0 {why}")
+
     def check_depth_fields(self) -> None:
         """Mixture-of-Depths: `mod_capacity`, `mod_layers`, `mod_aux_loss_coef`."""
         _check_number("mod_aux_loss_coef", self.mod_aux_loss_coef, at_least=0)
@@ -562,6 +726,12 @@ class MoEDecoderConfig(PreTrainedConfig):
         attention_types = self.attention_layer_types()
         _check(all(attention_types[i] == "full_attention" for i in layers), "mod_layers", layers,
                "routed layers must be 'full_attention' layers (see layer_types / sliding_window)")
+        # A routed layer runs its attention on its gathered tokens; the attention experts' router does not record
+        # which of those rows are real (RouterDecision.token_mask), so their balancing losses could not count them.
+        _check(getattr(self, "num_attention_experts", None) is None, "num_attention_experts",
+               getattr(self, "num_attention_experts", None),
+               "not available with Mixture-of-Depths (mod_capacity) yet: a routed layer's attention runs on its "
+               "chosen tokens only, which the attention experts' balancing losses do not count apart: leave None")
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -581,24 +751,28 @@ class MoEDecoderConfig(PreTrainedConfig):
         self.check_fields()
 
     num_sparse_layers = FixedField(
-        lambda config: config.mlp_layer_types.count("sparse"),
-        "set mlp_layer_types (or first_k_dense_replace and moe_layer_freq) of DeepSeekMoEConfig instead",
-        fixed_to="the number of 'sparse' entries of mlp_layer_types",
+        lambda config: sum(layer.count("moe") for layer in config.layer_sub_blocks()),
+        "set mlp_layer_types (or first_k_dense_replace and moe_layer_freq) or block_layout of DeepSeekMoEConfig "
+        "instead",
+        fixed_to="the number of 'sparse' entries of mlp_layer_types (of 'moe' sub-blocks with block_layout)",
     )
 
     @property
     def base_model_ep_plan(self) -> dict[str, str]:
         """transformers' expert-parallel plan: experts sharded by expert, with their biases if any. Soft blocks send
-        every token (or slot) to every expert, which the expert-parallel dispatch does not do: no plan."""
-        if self.moe_block_type != "routed":
+        every token (or slot) to every expert, which the expert-parallel dispatch does not do: no plan; nor with null
+        experts, whose ids (>= E) the dispatch would read as experts of another rank."""
+        if self.moe_block_type != "routed" or self.num_null_experts:
             return {}
-        return dict(_EXPERT_BIAS_EP_PLAN if self.expert_bias else _EP_PLAN)
+        return self.sub_block_plan(_EXPERT_BIAS_EP_PLAN if self.expert_bias else _EP_PLAN)
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
         """transformers' tensor-parallel plan, with the rules of the modules this config builds and no others
         (transformers warns at load time about a rule that matches nothing)."""
-        if self.attention_type == "mla":
+        if self.num_attention_experts is not None:  # attention experts (3D per-expert projections) stay replicated
+            plan = {}
+        elif self.attention_type == "mla":
             q_projection = "q_proj" if self.q_lora_rank is None else "q_b_proj"
             plan = {f"layers.*.self_attn.{q_projection}": "colwise", **_MLA_TP_PLAN}
         elif self.qk_norm and self.qk_norm_type == "whole_projection":  # every rank computes every head
@@ -609,14 +783,22 @@ class MoEDecoderConfig(PreTrainedConfig):
                 plan.update(_QK_NORM_TP_PLAN)
             if self.attention_sinks:
                 plan.update(_SINKS_TP_PLAN)
-        if "sparse" in self.mlp_layer_types and self.moe_block_type == "routed":  # soft blocks stay replicated
+        sub_blocks = {kind for layer in self.layer_sub_blocks() for kind in layer}
+        if "moe" in sub_blocks and self.moe_block_type == "routed":  # soft blocks stay replicated
             if not self.expert_bias:  # no rule shards the expert biases: biased experts stay replicated
                 plan.update(_EXPERTS_TP_PLAN)
             if self.n_shared_experts > 0:
                 plan.update(_SHARED_EXPERTS_TP_PLAN)
-        if "dense" in self.mlp_layer_types:
+        if "dense" in sub_blocks:
             plan.update(_DENSE_MLP_TP_PLAN)
-        return plan
+        return self.sub_block_plan(plan)
+
+    def sub_block_plan(self, plan: dict[str, str]) -> dict[str, str]:
+        """A parallel plan's rules, which name a layer's modules (`layers.*.mlp...`), for this config's model: with
+        `block_layout` the modules live in the layers' sub-blocks (`layers.*.blocks.*.mlp...`)."""
+        if self.block_layout is None:
+            return dict(plan)
+        return {key.replace("layers.*.", "layers.*.blocks.*.", 1): style for key, style in plan.items()}
 
 
 @strict
@@ -646,6 +828,18 @@ class MixtralMoEConfig(MoEDecoderConfig):
         output_router_logits (`bool`, defaults to `False`): return router logits and add the load-balancing loss
             to `loss`. Turn it on for training.
         router_aux_loss_coef (`float`, defaults to 0.001): weight of the load-balancing loss.
+        num_null_experts (`int`, defaults to 0): AdaMoE's null experts (Zeng et al. 2024). The router scores the E
+            true experts and N null experts (one logit each, `mlp.gate.null_weight [N, H]`) with one softmax and takes
+            the top `num_experts_per_tok` of all E + N, so a token uses between 0 and k true experts. A null expert
+            outputs zero and costs nothing: its slots are not dispatched. With `norm_topk_prob` the chosen true
+            experts' weights are renormalised among themselves. The load-balancing loss runs over the E + N experts
+            with the null experts' loads averaged, so it sets how often null experts are chosen in all, not per token
+            (AdaMoE raises k with null experts, e.g. Mixtral's top-2 of 8 to a top-4 of 8 + 8). Read in a residual
+            block, a null expert is a no-op: the token skips the feed-forward, which is the integrated
+            Mixture-of-Depths-and-Experts of Raposo et al. (2024), an MoE whose no-op experts give Mixture-of-Depths
+            at the feed-forward (`mod_capacity` skips whole blocks). Token choice with a softmax router only; soft
+            blocks, expert choice, groups, noise, random routing, selection and router biases, and the balancing
+            losses other than `router_aux_loss_coef` and `router_z_loss_coef` are refused with it.
         moe_block_type (`str`, defaults to `"routed"`): what each sparse layer is.
             - `"routed"`: a router sends each token to its top-k experts (every routing knob above).
             - `"soft_moe"`: Soft MoE (Puigcerver et al. 2023). Each expert processes `num_slots` slots. Slot
@@ -673,15 +867,47 @@ class MixtralMoEConfig(MoEDecoderConfig):
             position, RoPE at the original positions). In training each sequence chooses its top `ceil(c * S)`
             tokens by `r` (not causal: it compares with later tokens); in evaluation and `generate` each token is
             chosen iff `r > 0` (`sigmoid(r) > 0.5`), a causal decision that the BCE loss (`mod_aux_loss_coef`)
-            teaches the router to make like the top-C choice. A skipped token's key is stored as zeros in the KV
-            cache and zero keys are masked, so a cached decoding step equals the full forward. The paper: 0.125.
-            The blocks still compute every token (the masks select): no compute is saved yet.
+            teaches the router to make like the top-C choice. Only the chosen tokens are computed: each sequence's
+            chosen tokens are gathered in their original order, run through the block, and scattered back (rows
+            with fewer chosen tokens than the batch's most are padded with tokens whose results are dropped). A
+            skipped token's key and value are stored as zeros in the KV cache and zero keys are masked, so a cached
+            decoding step equals the full forward; a decoding step whose token is skipped runs nothing in that layer.
+            The paper: 0.125.
         mod_layers (`list[int]`, *optional*): the routed layers, increasing, each in [1, num_hidden_layers) and a
             full-attention layer (layer 0 always processes every token). Defaults with `mod_capacity` to every
             other layer from layer 1, as the paper; None without it.
         mod_aux_loss_coef (`float`, defaults to 0.01): weight of the MoD router loss, the mean over the routed
             layers of `BCE(r, 1[token in the sequence's top-C])` over the real tokens (added in training, with
             `output_router_logits`, like the balancing losses).
+        num_attention_experts (`int`, *optional*): attention experts per layer (JetMoE's mixture of attention heads,
+            Shen et al. 2024, after Zhang et al. 2022); None = one dense attention. Every layer's attention then has
+            `num_attention_experts` query projections and as many output projections, each shaped as a dense
+            attention's (`num_attention_heads` heads of `head_dim`), and ONE key and value projection shared by the
+            experts (`num_key_value_heads` heads): the KV cache is the dense model's. A router per layer picks each
+            token's top `num_attention_experts_per_tok` experts, with weights g = softmax of their logits; the token's
+            output is `sum_i g_i O_i attention(Q_i x, K, V)` (plus `o_proj_bias`, a bias shared by the experts, with
+            DeepSeekMoEConfig). The routing reads only the token itself, so it is causal and generates with the
+            cache. JetMoE-8B: 8 experts, top-2, 16 key-value heads of 128 with one query head each per expert
+            (`num_attention_heads=num_key_value_heads=16`; transformers' JetMoeConfig counts 32 = 16 x top-2).
+            Grouped-query attention only, without q/k/v biases or attention sinks.
+        num_attention_experts_per_tok (`int`, *optional*): attention experts per token, between 1 and
+            `num_attention_experts` (defaults to 2 with attention experts, JetMoE's; None without).
+        attention_router_aux_loss_coef (`float`, defaults to 0.01): weight of the attention routers' Switch
+            load-balancing loss (JetMoE's 0.01), added with `output_router_logits` like the balancing losses below
+            and reported as `router_losses["attention_router_aux_loss_coef"]`.
+        attention_router_z_loss_coef (`float`, defaults to 0.0): weight of the attention routers' z-loss (JetMoE:
+            0.001).
+        block_layout (`list[list[str]]`, *optional*): heterogeneous layers (Brainformer, Zhou et al. 2023): for each
+            layer, its sub-blocks in the order they run, each `"attention"`, `"dense"` or `"moe"`, in any order and
+            count (one list alone is every layer's). Each sub-block is a pre-norm residual `x + f(RMSNorm(x))`: f is
+            the attention (attention experts if set), a dense SwiGLU MLP of width `intermediate_size`, or the sparse
+            block of `moe_block_type` with its router. Every attention sub-block has its own KV-cache layer, numbered
+            over the whole model, and its own entry of `layer_types`; the routers of every "moe" sub-block are recorded
+            for the balancing losses. Weights live at `layers.N.blocks.J.{norm, self_attn, mlp}`. None (the default)
+            is attention, then the layer's feed-forward, with the usual weight names; with a layout,
+            `mlp_layer_types` only summarises it ("sparse" for a layer with a "moe" sub-block). Preset
+            `brainformer`: the paper's block #1 in every layer. Not with Mixture-of-Depths; native formats cannot
+            hold it (export refuses it).
 
     Example:
 
@@ -706,13 +932,17 @@ class MixtralMoEConfig(MoEDecoderConfig):
         fixed_to="intermediate_size",
     )
     mlp_layer_types = FixedField(
-        lambda config: ["sparse"] * config.num_hidden_layers,
+        lambda config: (["sparse"] * config.num_hidden_layers if config.block_layout is None
+                        else mlp_layer_types_of(config.block_layout)),
         "use DeepSeekMoEConfig (first_k_dense_replace, moe_layer_freq or mlp_layer_types) for dense layers",
-        fixed_to="'sparse' for each of num_hidden_layers",
+        fixed_to="'sparse' for each of num_hidden_layers (with block_layout: 'sparse' for a layer with a 'moe' "
+                 "sub-block, else 'dense')",
     )
     num_sparse_layers = FixedField(
-        lambda config: config.num_hidden_layers, "set num_hidden_layers, or use DeepSeekMoEConfig for dense layers",
-        fixed_to="num_hidden_layers",
+        lambda config: (config.num_hidden_layers if config.block_layout is None
+                        else sum(layer.count("moe") for layer in config.block_layout)),
+        "set num_hidden_layers (or block_layout), or use DeepSeekMoEConfig for dense layers",
+        fixed_to="num_hidden_layers (the 'moe' sub-blocks of block_layout with it)",
     )
     n_shared_experts = FixedField(0, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
     shared_expert_intermediate_size = FixedField(0, _USE_DEEPSEEK_FOR_SHARED_EXPERTS)
@@ -791,7 +1021,8 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
         clip_qkv (`float`, *optional*): clamp the q, k and v projections (after the q/k norm) to
             `[-clip_qkv, clip_qkv]` (OLMoE); None = no clipping.
         o_proj_bias (`bool`, defaults to `False`): a bias on the attention's output projection (with `qkv_bias`:
-            transformers' `attention_bias` of OLMoE and gpt-oss; GLM-4.5 has q/k/v biases only).
+            transformers' `attention_bias` of OLMoE and gpt-oss; GLM-4.5 has q/k/v biases only). With attention
+            experts: one output bias `self_attn.o_proj_bias [H]` shared by the experts (JetMoE's).
         attention_sinks (`bool`, defaults to `False`): a learned logit per head (`self_attn.sinks [nH]`) joins each
             softmax as one more column whose probability is dropped, so a query may attend to nothing (gpt-oss).
         router_bias (`bool`, defaults to `False`): a learned bias on the router's logits (`mlp.gate.bias [E]`,
@@ -806,10 +1037,13 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
             experts and dense layers always use `"glu"`.
         swiglu_alpha, swiglu_limit (`float`, *optional*): alpha and limit of `"clamped_swiglu"` (defaults 1.702 and
             7.0, gpt-oss); None with `"glu"`.
-        router_jitter_noise, output_router_logits, router_aux_loss_coef, moe_block_type, num_slots, mod_capacity,
-            mod_layers, mod_aux_loss_coef: as in
+        router_jitter_noise, output_router_logits, router_aux_loss_coef, num_null_experts, moe_block_type, num_slots,
+            mod_capacity, mod_layers, mod_aux_loss_coef, num_attention_experts, num_attention_experts_per_tok,
+            attention_router_aux_loss_coef, attention_router_z_loss_coef, block_layout: as in
             [`MixtralMoEConfig`]; `moe_block_type` applies to the "sparse" layers of `mlp_layer_types` (Soft MoE in
-            the second half of the layers, as the paper: `first_k_dense_replace=num_hidden_layers // 2`).
+            the second half of the layers, as the paper: `first_k_dense_replace=num_hidden_layers // 2`); attention
+            experts apply to every layer, dense layers included. With `block_layout`, `mlp_layer_types` is its
+            summary and `first_k_dense_replace` and `moe_layer_freq` are None.
 
     Example:
 
@@ -871,6 +1105,16 @@ class DeepSeekMoEConfig(MoEDecoderConfig):
                     setattr(self, name, default)
         _check(isinstance(self.num_hidden_layers, int) and self.num_hidden_layers > 0, "num_hidden_layers",
                self.num_hidden_layers, "must be a positive integer")
+        if self.block_layout is not None:  # it names every layer's sub-blocks: the schedule fields give way to it
+            self.expand_block_layout()
+            self.check_block_layout_entries()
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in ("first_k_dense_replace", "moe_layer_freq"):
+                _check(getattr(self, name) in (None, defaults[name]), name, getattr(self, name),
+                       "block_layout names every layer's sub-blocks ('dense' or 'moe' feed-forwards): leave it unset")
+                setattr(self, name, None)
+            if self.mlp_layer_types is None:
+                self.mlp_layer_types = mlp_layer_types_of(self.block_layout)
         schedule = None
         if self.first_k_dense_replace is not None or self.mlp_layer_types is None:
             _check(
@@ -971,6 +1215,23 @@ PRESETS = {
                                 "update), BCE router loss 0.01 so that decoding decides per token (r > 0); "
                                 "generates.",
                                 {"mod_capacity": 0.125, "mod_aux_loss_coef": 0.01}),
+    "jetmoe": Preset("MixtralMoEConfig", "JetMoE-8B (Shen et al. 2024): every layer has 8 attention experts top-2 "
+                     "sharing their keys and values (the dense KV cache) and 8 FFN experts top-2, each router "
+                     "softmaxed over its chosen two, Switch loss 0.01 and z-loss 0.001 on both; its sizes: 24 layers, "
+                     "hidden 2048, num_attention_heads=num_key_value_heads=16 of 128 (one query head per key-value "
+                     "head and expert), experts 5632 wide, tied embeddings.",
+                     {"num_attention_experts": 8, "num_attention_experts_per_tok": 2,
+                      "attention_router_aux_loss_coef": 0.01, "attention_router_z_loss_coef": 0.001,
+                      "num_local_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
+                      "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001}),
+    "brainformer": Preset("DeepSeekMoEConfig", "Brainformer (Zhou et al. 2023), block #1: every layer is the searched "
+                          "block of 8 pre-norm residual sub-layers, attention, moe, dense, attention, moe, dense, moe, "
+                          "dense (block_layout); expert choice at capacity factor 1 (one expert per token on "
+                          "average), 64 experts, no shared experts, no balancing loss; not causal, so it cannot "
+                          "generate (router_type='token_choice' on the same weights can).",
+                          {"block_layout": BRAINFORMER_BLOCK, "n_routed_experts": 64, "n_shared_experts": 0,
+                           "router_type": "expert_choice", "capacity_factor": 1.0, "num_experts_per_tok": 1,
+                           "router_aux_loss_coef": 0.0}),
 }
 
 

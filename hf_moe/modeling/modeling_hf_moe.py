@@ -3,9 +3,13 @@
 
 embed -> for each layer: RMSNorm -> attention -> residual -> RMSNorm -> (MoE block | dense MLP) -> residual
       -> RMSNorm -> lm_head
+With `block_layout` (Brainformer) a layer is its own sequence of sub-blocks instead, each x + f(RMSNorm(x)) with f an
+attention, a dense MLP or the MoE block (MoESubBlock).
 
 MoE block: router (routing.py) -> routed experts (fused 3D weights, kernel chosen by `@use_experts_implementation`)
            + shared experts (optionally gated).
+Attention: grouped-query (MoEAttention), multi-head latent (MoEMultiLatentAttention), or attention experts
+           (MoEAttentionExperts: a router picks per-token query/output projections over shared keys and values).
 
 Shapes: B batch, S sequence, T = B*S tokens, H hidden, E experts, k experts per token, I expert width,
 nH / nKV attention / key-value heads, D head dim.
@@ -47,8 +51,10 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from .experts_kernels import AUTO, SORTED_MM  # importing it registers "sorted_mm" and "auto"
 from .routing import (
+    AttentionExpertsRouter,
     TopKRouter,
     accumulate_router_statistics,
+    attention_router_losses,
     depth_router_loss,
     micro_batch_share,
     router_losses,
@@ -148,6 +154,21 @@ class MoEBiasedExperts(MoEExperts):
         self.down_proj_bias = nn.Parameter(torch.empty(self.num_experts, hidden))  # [E, H]
 
 
+def experts_on_true_slots(experts: MoEExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:  # [T, H], [T, k], [T, k] -> [T, H]
+    """The routed experts with AdaMoE's null experts (ids >= E), which output zero: only the (token, slot) pairs
+    routed to a true expert reach the experts, as P = #pairs rows of one slot each ([P, H], [P, 1], [P, 1], through
+    whichever experts implementation is set), and their outputs are summed back per token. A null pair is never
+    computed; a token with null experts only gets 0."""
+    token_idx, slot = (top_k_index < experts.num_experts).nonzero(as_tuple=True)  # [P] each
+    output = torch.zeros_like(hidden_states)
+    if token_idx.numel() == 0:
+        return output
+    pair_output = experts(hidden_states[token_idx], top_k_index[token_idx, slot, None],
+                          top_k_weights[token_idx, slot, None])
+    return output.index_add(0, token_idx, pair_output.to(output.dtype))
+
+
 class MoESparseBlock(nn.Module):
     """Router -> routed experts (+ shared experts, optionally scaled by sigmoid(Linear(H, 1)) as Qwen2-MoE)."""
 
@@ -160,11 +181,15 @@ class MoESparseBlock(nn.Module):
         )
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, S, H]
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states [B, S, H]; token_mask [B, S] (1 at real tokens, optional) is recorded for the balancing losses
         input_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, input_shape[-1])  # [T, H]
-        _, top_k_weights, top_k_index, _ = self.gate(hidden_states)  # [T, k], [T, k]
-        output = self.experts(hidden_states, top_k_index, top_k_weights)
+        _, top_k_weights, top_k_index, _ = self.gate(hidden_states, token_mask)  # [T, k], [T, k]
+        if self.gate.num_null_experts:
+            output = experts_on_true_slots(self.experts, hidden_states, top_k_index, top_k_weights)
+        else:
+            output = self.experts(hidden_states, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             shared_output = self.shared_experts(hidden_states)
             if self.shared_expert_gate is not None:
@@ -487,11 +512,27 @@ class MoEAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = clip(self.q_norm(self.q_proj(hidden_states)), self.config.clip_qkv)  # [B, S, nH * D]
+        query_states = query_states.view(*input_shape, -1, self.head_dim).transpose(1, 2)  # [B, nH, S, D]
+        attn_output, attn_weights = self.attend(query_states, hidden_states, position_embeddings, attention_mask,
+                                                cache, **kwargs)  # [B, S, nH, D]
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+    def attend(
+        self,
+        query_states: torch.Tensor,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The queries [B, nQ, S, D] attend to the keys and values of `hidden_states` [B, S, H] (projected, RoPE,
+        cached): -> ([B, S, nQ, D], weights). Query head j reads key-value head j // num_key_value_groups."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         key_states = clip(self.k_norm(self.k_proj(hidden_states)), self.config.clip_qkv)  # [B, S, nKV * D]
         value_states = clip(self.v_proj(hidden_states), self.config.clip_qkv)
-        query_states = query_states.view(hidden_shape).transpose(1, 2)  # [B, nH, S, D]
         key_states = key_states.view(hidden_shape).transpose(1, 2)  # [B, nKV, S, D]
         value_states = value_states.view(hidden_shape).transpose(1, 2)
 
@@ -501,7 +542,7 @@ class MoEAttention(nn.Module):
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface = attention_function(self.config._attn_implementation, self.sinks)
-        attn_output, attn_weights = attention_interface(
+        return attention_interface(
             self,
             query_states,
             key_states,
@@ -513,8 +554,81 @@ class MoEAttention(nn.Module):
             s_aux=self.sinks,
             **kwargs,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
+
+
+def per_expert_linear(inputs: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[t, j] = weight[expert_index[t, j]] @ inputs[t, j]: [T, k, in], [T, k], [E, out, in] -> [T, k, out].
+    One matrix product per expert on the rows routed to it (the eager loop of `MoEExperts`, without the sum over a
+    token's slots)."""
+    rows, index = inputs.reshape(-1, inputs.shape[-1]), expert_index.reshape(-1)  # [T * k, in], [T * k]
+    output = rows.new_zeros(index.shape[0], weight.shape[1])  # [T * k, out]
+    for expert in index.unique().tolist():
+        routed = (index == expert).nonzero().squeeze(-1)
+        output.index_copy_(0, routed, F.linear(rows[routed], weight[expert]))
+    return output.view(*expert_index.shape, -1)
+
+
+class MoEAttentionExperts(MoEAttention):
+    """Attention experts with shared keys and values: JetMoE's mixture of attention heads (Shen et al. 2024, "JetMoE:
+    Reaching Llama2 Performance with 0.1M Dollars"), after Zhang et al. 2022, "Mixture of Attention Heads".
+
+    Each of the E_a experts owns a query projection Q_i and an output projection O_i shaped as a dense attention's
+    (nH = `num_attention_heads` heads of D); ONE key and value projection (nKV heads) serves every expert, so the KV
+    cache is the dense model's. Per token t, with the router's top-k experts and weights g_t (summing to 1):
+
+        q_{t,i} = RoPE(Q_i x_t)                                                [nH, D]  for each chosen expert i
+        a_{t,i} = softmax(q_{t,i} K^T * D^-0.5 + causal mask) V                K = RoPE(k_proj X), V = v_proj X
+        y_t     = sum_i g_{t,i} O_i a_{t,i}   (+ `o_proj_bias` b, shared by the experts)
+
+    Head h of every expert reads key-value head h // (nH / nKV), as in the dense attention: the k chosen experts'
+    heads run as one grouped-query attention of k * nH query heads (transformers' attention interface, any kernel).
+    The router reads only x_t, so a decoding step routes its token as the full forward does. With every expert a copy
+    of a dense attention's q_proj and o_proj, the layer computes that dense attention.
+    """
+
+    def __init__(self, config: MoEDecoderConfig, layer_idx: int):
+        super().__init__(config, layer_idx)  # the shared k_proj and v_proj (and q/k norms), RoPE and kernel settings
+        num_experts, hidden = config.num_attention_experts, config.hidden_size
+        width = config.num_attention_heads * self.head_dim
+        self.top_k = config.num_attention_experts_per_tok
+        self.num_key_value_groups *= self.top_k  # each key-value head serves its heads of all k chosen experts
+        self.gate = AttentionExpertsRouter(config)
+        # the dense q_proj and o_proj become one per expert, in nn.Linear's [out, in] layout
+        self.q_proj = nn.Parameter(torch.empty(num_experts, width, hidden))  # [E_a, nH * D, H]
+        self.o_proj = nn.Parameter(torch.empty(num_experts, hidden, width))  # [E_a, H, nH * D]
+        self.o_proj_bias = nn.Parameter(torch.empty(hidden)) if config.o_proj_bias else None  # [H]
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len, hidden = hidden_states.shape
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads  # each expert's heads per kv head
+        tokens = hidden_states.reshape(-1, hidden)  # [T, H]
+        _, top_k_weights, top_k_index, _ = self.gate(tokens)  # [T, k], [T, k]
+
+        # map: each chosen expert's query, [T, k, nH * D], then the heads ordered by the key-value head they read
+        query_states = per_expert_linear(tokens[:, None].expand(-1, self.top_k, -1), top_k_index, self.q_proj)
+        query_states = clip(self.q_norm(query_states), self.config.clip_qkv)
+        query_states = query_states.view(batch, seq_len, self.top_k, -1, groups, self.head_dim)  # [B, S, k, nKV, g, D]
+        query_states = query_states.permute(0, 3, 2, 4, 1, 5)  # [B, nKV, k, g, S, D]
+        query_states = query_states.reshape(batch, -1, seq_len, self.head_dim)  # [B, k * nH, S, D]
+        attn_output, attn_weights = self.attend(query_states, hidden_states, position_embeddings, attention_mask,
+                                                cache, **kwargs)  # [B, S, k * nH, D]
+
+        # reduce: each expert's heads back together, through its output projection, weighted by the router
+        attn_output = attn_output.reshape(batch, seq_len, -1, self.top_k, groups, self.head_dim)  # [B,S,nKV,k,g,D]
+        attn_output = attn_output.transpose(2, 3).reshape(batch * seq_len, self.top_k, -1)  # [T, k, nH * D]
+        expert_outputs = per_expert_linear(attn_output, top_k_index, self.o_proj)  # [T, k, H]
+        output = (top_k_weights[..., None] * expert_outputs).sum(dim=1)  # [T, H]
+        if self.o_proj_bias is not None:
+            output = output + self.o_proj_bias
+        return output.view(batch, seq_len, hidden), attn_weights
 
 
 def apply_interleaved_rotary_pos_emb(q, k, cos, sin):
@@ -654,11 +768,15 @@ class MoDRouter(nn.Module):
         self.capacity = config.mod_capacity
         self.proj = nn.Linear(config.hidden_size, 1, bias=False)  # w [1, H]
 
+    def top_c(self, seq_len: int) -> int:
+        """C = ceil(mod_capacity * S) tokens per sequence in training (at most S)."""
+        return min(seq_len, math.ceil(self.capacity * seq_len))
+
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
         logits = self.proj(hidden_states).squeeze(-1)  # [B, S]
         real = torch.ones_like(logits, dtype=torch.bool) if token_mask is None else token_mask.bool()
         if self.training:
-            capacity = min(logits.shape[1], math.ceil(self.capacity * logits.shape[1]))
+            capacity = self.top_c(logits.shape[1])
             scores = logits.detach().masked_fill(~real, -torch.inf)
             chosen = torch.zeros_like(real).scatter(1, scores.topk(capacity, dim=1).indices, True) & real
         else:
@@ -666,38 +784,126 @@ class MoDRouter(nn.Module):
         return logits, chosen, (logits, chosen, real, self.training)
 
 
-def depth_attention_mask(chosen: torch.Tensor, cache: Cache | None, layer_idx: int, dtype: torch.dtype):
-    """The additive [B, 1, S, P + S] mask of a Mixture-of-Depths layer: causal, and a key counts only if its token
-    was chosen, so the chosen tokens attend among themselves. A skipped query sees only itself (its output is
-    discarded; no empty softmax row). The P cached keys were chosen iff they are not all zero: a routed layer stores
-    the keys of its skipped tokens as zeros (`MoEDecoderLayer`), which keeps the cache of every layer one entry per
-    token and survives the cache's reordering and cropping."""
-    batch, seq_len = chosen.shape
+def depth_attention_mask(query_pos: torch.Tensor, key_chosen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [B, 1, C, K] mask of a Mixture-of-Depths layer's attention: query c (at position query_pos[b, c])
+    sees key j (at position j) iff j <= query_pos and key j was chosen (`key_chosen [B, K]`), so the chosen tokens
+    attend among themselves, causally. A query that was not chosen (a row's padding slot) sees only itself, so that no
+    softmax row is empty; its output is dropped."""
+    key_pos = torch.arange(key_chosen.shape[1], device=key_chosen.device)[None, None, :]
+    query_pos = query_pos[:, :, None]
+    allowed = (key_pos <= query_pos) & (key_chosen[:, None, :] | (key_pos == query_pos))  # [B, C, K]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_chosen.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def depth_cached_layer(cache: Cache | None, layer_idx: int):
+    """The cache layer of a Mixture-of-Depths layer once it holds keys, else None."""
     layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
     if layer is not None and getattr(layer, "is_initialized", False) and layer.keys.numel() > 0:
-        past_chosen = layer.keys.ne(0).any(dim=-1).any(dim=1)  # [B, P]
-    else:
-        past_chosen = chosen.new_zeros(batch, 0)
-    past = past_chosen.shape[1]
-    key_chosen = torch.cat((past_chosen, chosen), dim=1)  # [B, P + S]
-    query_pos = torch.arange(seq_len, device=chosen.device)[:, None] + past
-    key_pos = torch.arange(past + seq_len, device=chosen.device)[None, :]
-    allowed = (key_pos <= query_pos) & (key_chosen[:, None, :] | (key_pos == query_pos))  # [B, S, P + S]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=chosen.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        return layer
+    return None
+
+
+class DepthRoutedCache:
+    """The cache as a Mixture-of-Depths layer's attention sees it while it runs on the C gathered tokens of this
+    forward's S: `update` scatters their keys and values to their positions in zeros [B, heads, S, D] (the padding
+    slots of a row write nothing) before the real cache appends them, and returns every cached key and value. A
+    skipped token thus keeps a zero key, the mark that later steps read (`depth_attention_mask`), and every layer's
+    cache keeps one entry per token (which the cache's reordering and cropping preserve). Anything else is the
+    real cache's."""
+
+    def __init__(self, cache: Cache, index: torch.Tensor, valid: torch.Tensor, seq_len: int):
+        self.cache, self.index, self.valid, self.seq_len = cache, index, valid, seq_len  # index, valid: [B, C]
+
+    def scatter(self, states: torch.Tensor) -> torch.Tensor:  # [B, heads, C, D] -> [B, heads, S, D]
+        batch, heads, _, dim = states.shape
+        index = self.index[:, None, :, None].expand(-1, heads, -1, dim)
+        states = states.masked_fill(~self.valid[:, None, :, None], 0)
+        return states.new_zeros(batch, heads, self.seq_len, dim).scatter(2, index, states)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.cache.update(self.scatter(key_states), self.scatter(value_states), layer_idx, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def attention_block(config: MoEDecoderConfig, attention_idx: int) -> nn.Module:
+    """The attention of `config.attention_type`, or attention experts; `attention_idx` numbers the model's attentions
+    (its KV-cache layer): the layer index, or the attention sub-block's index over the whole `block_layout`."""
+    if config.num_attention_experts is not None:  # routed query and output projections, shared keys and values
+        return MoEAttentionExperts(config, attention_idx)
+    return ATTENTION_CLASSES[config.attention_type](config, attention_idx)
+
+
+def feed_forward_block(config: MoEDecoderConfig, sparse: bool) -> nn.Module:
+    """The sparse block of `config.moe_block_type`, or a dense MLP of width `intermediate_size`."""
+    return SPARSE_BLOCK_CLASSES[config.moe_block_type](config) if sparse else MoEMLP(config, config.intermediate_size)
+
+
+def run_feed_forward(mlp: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """A feed-forward block on normed hidden states; the blocks that read the padding mask get it."""
+    if isinstance(mlp, (MoESoftBlock, MoESparseBlock)):
+        return mlp(hidden_states, token_mask)
+    return mlp(hidden_states)
+
+
+def causal_mask_for(attention_mask: torch.Tensor | dict | None, layer_type: str) -> torch.Tensor | None:
+    """The mask of an attention of `layer_type` ("full_attention" or "sliding_attention"): `attention_mask` itself,
+    or its entry when it holds one mask per type (what the model passes)."""
+    return attention_mask[layer_type] if isinstance(attention_mask, dict) else attention_mask
+
+
+class MoESubBlock(nn.Module):
+    """One sub-block of a `block_layout` layer (Brainformer, Zhou et al. 2023: attention, dense FFN or sparsely gated
+    FFN in any order and count), a pre-norm residual branch: returns f(norm(x)), which the layer adds to x. Its
+    module is `self_attn` (an attention, numbered `attention_idx` over the whole model for the KV cache) or `mlp`
+    (a dense MLP or the sparse block), the names of a standard layer's modules."""
+
+    def __init__(self, config: MoEDecoderConfig, kind: str, attention_idx: int | None = None):
+        super().__init__()
+        self.kind = kind
+        self.norm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if kind == "attention":
+            self.self_attn = attention_block(config, attention_idx)
+            self.attention_type = config.attention_layer_types()[attention_idx]
+        else:
+            self.mlp = feed_forward_block(config, sparse=kind == "moe")
+
+    def forward(self, hidden_states, attention_mask, position_embeddings, position_ids, cache, token_mask, **kwargs):
+        hidden_states = self.norm(hidden_states)
+        if self.kind != "attention":
+            return run_feed_forward(self.mlp, hidden_states, token_mask)
+        update, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=causal_mask_for(attention_mask, self.attention_type),
+            position_ids=position_ids,
+            cache=cache,
+            **kwargs,
+        )
+        return update
 
 
 class MoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoEDecoderConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
-        if config.mlp_layer_types[layer_idx] == "sparse":
-            self.mlp = SPARSE_BLOCK_CLASSES[config.moe_block_type](config)
-        else:
-            self.mlp = MoEMLP(config, config.intermediate_size)
-        self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layer_idx = layer_idx
+        self.blocks = None
+        if config.block_layout is None:  # attention, then the feed-forward of mlp_layer_types
+            self.self_attn = attention_block(config, layer_idx)
+            self.attention_type = config.attention_layer_types()[layer_idx]
+            self.mlp = feed_forward_block(config, sparse=config.mlp_layer_types[layer_idx] == "sparse")
+            self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:  # the layer's own sequence of sub-blocks; attentions numbered over the whole model (KV-cache layers)
+            attention_idx = sum(layer.count("attention") for layer in config.block_layout[:layer_idx])
+            blocks = []
+            for kind in config.block_layout[layer_idx]:
+                blocks.append(MoESubBlock(config, kind, attention_idx))
+                if kind == "attention":
+                    attention_idx += 1
+            self.blocks = nn.ModuleList(blocks)
         # Mixture-of-Depths: this block processes only the tokens its router chooses (MoDRouter)
         self.mod_router = MoDRouter(config) if layer_idx in (config.mod_layers or ()) else None
 
@@ -706,25 +912,34 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         r"""
+        attention_mask (`torch.Tensor` or `dict[str, torch.Tensor]`, *optional*):
+            The causal mask, or one per attention layer type ("full_attention", "sliding_attention"), of which each
+            attention takes its own.
         token_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-            1 at real tokens, 0 at padding: Soft MoE keeps padding out of its slots (other blocks ignore it).
+            1 at real tokens, 0 at padding: Soft MoE keeps padding out of its slots; a routed block's router records
+            it for the balancing losses (other blocks ignore it).
         """
         if self.mod_router is not None:
             return self.depth_routed_forward(hidden_states, position_embeddings, position_ids, cache, token_mask,
                                              **kwargs)
+        if self.blocks is not None:  # block_layout: x + f(norm(x)) for each sub-block in turn
+            for block in self.blocks:
+                hidden_states = hidden_states + block(hidden_states, attention_mask, position_embeddings,
+                                                      position_ids, cache, token_mask, **kwargs)
+            return hidden_states
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
+            attention_mask=causal_mask_for(attention_mask, self.attention_type),
             position_ids=position_ids,
             cache=cache,
             **kwargs,
@@ -733,37 +948,65 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.feed_forward(hidden_states, token_mask)
 
     def feed_forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        if isinstance(self.mlp, MoESoftBlock):
-            return self.mlp(hidden_states, token_mask)
-        return self.mlp(hidden_states)
+        return run_feed_forward(self.mlp, self.post_attention_layernorm(hidden_states), token_mask)
 
     def depth_routed_forward(self, hidden_states, position_embeddings, position_ids, cache, token_mask, **kwargs):
-        """Mixture-of-Depths (Raposo et al. 2024): x + r * f(x) for a chosen token, x for the others, where
-        f(x) = a + m is the block's update (a: attention among the chosen tokens at their original positions,
-        m: the feed-forward of x + a) and r the router logit (`MoDRouter`), which puts the router on the gradient
-        path. Every token is computed and the masks select; the keys of skipped tokens are zeroed in the cache."""
+        """Mixture-of-Depths (Raposo et al. 2024): x + r * f(x~) for a chosen token, x for the others. x~ are the
+        chosen tokens of the sequence, gathered in their original order; f(x~) = a + m is the block's update on them
+        alone (a: attention among them, causal, at their original positions; m: the feed-forward of x~ + a), and r
+        the router logit (`MoDRouter`), which puts the router on the gradient path. The skipped tokens are not
+        computed: the block runs on [B, C] gathered tokens and the result is scattered back.
+
+        Training gathers each sequence's top C; evaluation and decoding gather each row's tokens with r > 0, as many
+        as the row with the most, the rows with fewer padded with unchosen tokens whose results are dropped (they
+        are no key of any query). With a KV cache the chosen queries attend to the chosen keys of every step so far:
+        `DepthRoutedCache` stores a skipped token's key and value as zeros, and a step in which no row chooses a token
+        only appends those zeros."""
         implementation = self.self_attn.config._attn_implementation
         if implementation not in ("eager", "sdpa"):
             raise ValueError(f"`attn_implementation`={implementation!r} cannot run a Mixture-of-Depths layer "
                              "(`mod_layers`), whose attention mask depends on the router: use 'eager' or 'sdpa'.")
         router_logits, chosen, _ = self.mod_router(hidden_states, token_mask)
+        batch, seq_len, hidden = hidden_states.shape
+        # C: fixed in training (no host sync); the largest row's count at inference
+        capacity = self.mod_router.top_c(seq_len) if self.training else int(chosen.sum(dim=1).max())
+        cached = depth_cached_layer(cache, self.layer_idx)
+        if capacity == 0:
+            if cached is not None:  # nothing to compute: the cache only records that these tokens were skipped
+                cache.update(cached.keys.new_zeros(*cached.keys.shape[:2], seq_len, cached.keys.shape[-1]),
+                             cached.values.new_zeros(*cached.values.shape[:2], seq_len, cached.values.shape[-1]),
+                             self.layer_idx)
+                return hidden_states
+            capacity = 1  # one padding slot, so that the cache layer learns its shapes (its keys are stored as zeros)
+        # each row's chosen tokens first, in their original order, then its unchosen ones: the first C are gathered
+        index = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :capacity]  # [B, C]
+        valid = chosen.gather(1, index)  # [B, C]: False at a row's padding slots
+
+        def gather(states: torch.Tensor) -> torch.Tensor:  # [B or 1, S, D] -> [B, C, D]
+            states = states.expand(batch, -1, -1)
+            return states.gather(1, index[..., None].expand(-1, -1, states.shape[-1]))
+
+        selected = gather(hidden_states)  # x~ [B, C, H]
+        if cache is None:  # the gathered tokens are the keys, in position order
+            past = 0
+            query_pos, key_chosen = torch.arange(capacity, device=index.device).expand(batch, -1), valid
+        else:  # the keys are every cached token and this forward's S: chosen iff not a zero key
+            past_chosen = (cached.keys.ne(0).any(dim=-1).any(dim=1) if cached is not None
+                           else chosen.new_zeros(batch, 0))  # [B, P]
+            past = past_chosen.shape[1]
+            query_pos, key_chosen = index + past, torch.cat((past_chosen, chosen), dim=1)
         attention, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=depth_attention_mask(chosen, cache, self.layer_idx, hidden_states.dtype),
-            position_ids=position_ids,
-            cache=cache,
+            hidden_states=self.input_layernorm(selected),
+            position_embeddings=tuple(gather(states) for states in position_embeddings),
+            attention_mask=depth_attention_mask(query_pos, key_chosen, hidden_states.dtype),
+            position_ids=index + past,
+            cache=None if cache is None else DepthRoutedCache(cache, index, valid, seq_len),
             **kwargs,
         )
-        if cache is not None:  # a skipped token leaves a zero key (the mark that depth_attention_mask reads)
-            layer, seq_len = cache.layers[self.layer_idx], chosen.shape[1]
-            skipped = ~chosen[:, None, :, None]
-            layer.keys = torch.cat((layer.keys[:, :, :-seq_len], layer.keys[:, :, -seq_len:].masked_fill(skipped, 0)),
-                                   dim=2)
-        update = attention + self.feed_forward(hidden_states + attention, token_mask)
-        routed = hidden_states + router_logits[..., None].to(update.dtype) * update
-        return torch.where(chosen[..., None], routed, hidden_states)
+        update = attention + self.feed_forward(selected + attention, valid)
+        router_weight = router_logits.gather(1, index)[..., None].to(update.dtype)
+        routed = torch.where(valid[..., None], selected + router_weight * update, selected)
+        return hidden_states.scatter(1, index[..., None].expand(-1, -1, hidden), routed)
 
 
 @auto_docstring(custom_intro="Base class of the hf-moe decoders: weight init, output capture, kernel flags.")
@@ -785,6 +1028,7 @@ class MoEPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "router_decisions": OutputRecorder(TopKRouter, index=3),  # RouterDecision, for losses and statistics
         "depth_decisions": OutputRecorder(MoDRouter, index=2),  # Mixture-of-Depths, for its router loss
+        "attention_router_decisions": OutputRecorder(AttentionExpertsRouter, index=3),  # attention experts' losses
         "hidden_states": MoEDecoderLayer,
         "attentions": [MoEAttention, MoEMultiLatentAttention],
     }
@@ -793,7 +1037,8 @@ class MoEPreTrainedModel(PreTrainedModel):
         # kept in fp32 when loading in bf16/fp16: the selection bias, and the router weight with `router_in_fp32`
         config = self.config
         self._keep_in_fp32_modules_strict = (["e_score_correction_bias"] if config.router_selection_bias else []) + (
-            ["mlp.gate.weight"] if config.router_in_fp32 else [])
+            ["mlp.gate.weight"] if config.router_in_fp32 else []) + (
+            ["mlp.gate.null_weight"] if config.router_in_fp32 and config.num_null_experts else [])
         super().post_init()
 
     def save_pretrained(self, *args, save_original_format: bool = False, **kwargs):
@@ -822,12 +1067,21 @@ class MoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MoESoftBlock):
             init.normal_(module.slot_embeds, mean=0.0, std=module.slot_embeds.shape[0] ** -0.5)  # LeCun normal
             init.ones_(module.scale)
+        elif isinstance(module, MoEAttentionExperts):
+            init.normal_(module.q_proj, mean=0.0, std=std)
+            init.normal_(module.o_proj, mean=0.0, std=std)
+            if module.o_proj_bias is not None:  # JetMoE: zeros
+                init.zeros_(module.o_proj_bias)
+        elif isinstance(module, AttentionExpertsRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, MoEAttention) and module.sinks is not None:
             init.normal_(module.sinks, mean=0.0, std=std)  # gpt-oss
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.normal_(module.bias, mean=0.0, std=std)  # gpt-oss
+            if module.null_weight is not None:
+                init.normal_(module.null_weight, mean=0.0, std=std)
             if hasattr(module, "noise_weight"):
                 init.zeros_(module.noise_weight)  # Shazeer et al.: no signal, uniform noise at init
             if hasattr(module, "e_score_correction_bias"):
@@ -853,8 +1107,9 @@ class MoEModel(MoEPreTrainedModel):
         self.post_init()
 
     def routers(self) -> list[TopKRouter]:
-        """The router of every sparse layer, in layer order (the order of captured router outputs)."""
-        return [layer.mlp.gate for layer in self.layers if isinstance(layer.mlp, MoESparseBlock)]
+        """The router of every routed sparse block (sparse layer or 'moe' sub-block), in the order they run (the
+        order of captured router outputs)."""
+        return [module.gate for module in self.layers.modules() if isinstance(module, MoESparseBlock)]
 
     @merge_with_config_defaults
     @capture_outputs
@@ -886,7 +1141,7 @@ class MoEModel(MoEPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        layer_types = self.config.attention_layer_types()
+        layer_types = self.config.attention_layer_types()  # one per attention (layer or sub-block): its cache layer
         causal_masks = {  # one mask per attention layer type present: full causal, or causal within the window
             layer_type: MASK_FUNCTIONS[layer_type](
                 config=self.config,
@@ -904,10 +1159,10 @@ class MoEModel(MoEPreTrainedModel):
             token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer, layer_type in zip(self.layers[: self.config.num_hidden_layers], layer_types):
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_masks[layer_type],
+                attention_mask=causal_masks,  # each attention takes the mask of its layer type
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
@@ -987,6 +1242,8 @@ class _RouterLossMixin:
             output_router_logits=output_router_logits,
             output_router_decisions=self.wants_router_decisions(output_router_logits, output_router_stats),
             output_depth_decisions=bool(output_router_logits and self.config.mod_capacity is not None),
+            output_attention_router_decisions=bool(output_router_logits
+                                                   and self.config.num_attention_experts is not None),
             **model_kwargs,
         )
         losses, statistics = self.routing_outputs(
@@ -1001,6 +1258,9 @@ class _RouterLossMixin:
         depth_loss = depth_router_loss(outputs.get("depth_decisions") or ()) if output_router_logits else None
         if depth_loss is not None:
             losses["mod_aux_loss_coef"] = depth_loss
+        if output_router_logits:  # attention experts' routers (none without them)
+            losses.update(attention_router_losses(outputs.get("attention_router_decisions") or (), self.config,
+                                                  attention_mask))
         decisions = outputs.get("router_decisions") or ()
         if not decisions:
             return losses, None

@@ -3,14 +3,16 @@
 
 A router maps the T tokens of a sparse layer to experts and returns
 
-    router_logits  [T, E]  clean linear scores (recorded by output capture as `router_logits`)
+    router_logits  [T, E + N]  clean linear scores (recorded by output capture as `router_logits`); N = 0 unless
+                               `num_null_experts` (AdaMoE) adds N null experts after the E true ones
     top_k_weights  [T, k]  gate weight of each slot; exactly 0 (and no gradient) for slots that are not dispatched
-    top_k_index    [T, k]  expert id of each slot, always a valid id in [0, E)
+    top_k_index    [T, k]  expert id of each slot, a valid id in [0, E), or a null expert's id in [E, E + N)
     decision       RouterDecision: everything the balancing losses and the statistics need
 
 Slots that are not dispatched (dropped by capacity, by GShard random routing, or padding slots of expert choice)
 keep a valid expert id with weight 0, so every experts implementation (eager, grouped_mm, batched_mm) computes the
-same result and the token passes through on the residual path for that slot's share.
+same result and the token passes through on the residual path for that slot's share. Null-expert slots are not
+dispatched either (weight 0); the MoE block leaves them out of the experts' input altogether, so they cost nothing.
 
 This file is copied next to every saved checkpoint (remote code): torch imports only.
 """
@@ -37,6 +39,10 @@ class RouterDecision:
     valid: torch.Tensor  # [T, k] bool: the slot holds a real choice (False only for expert-choice padding)
     dispatched: torch.Tensor  # [T, k] bool: valid and sent to its expert
     load_probs: torch.Tensor | None = None  # [T, E] P(token goes to expert) under noisy gating (Shazeer 2017)
+    num_null_experts: int = 0  # N: the last N columns of logits and probs are AdaMoE's null experts
+    # [T] the real tokens among these rows when the layer saw its own subset of the forward's tokens (the gathered
+    # tokens of a Mixture-of-Depths layer); None: the forward's padding mask applies (`router_losses`' token_mask)
+    token_mask: torch.Tensor | None = None
 
 
 class TopKRouter(nn.Module):
@@ -58,6 +64,11 @@ class TopKRouter(nn.Module):
         first choices of all tokens first, then second choices, each in token order (GShard); the rest are dropped.
     Expert choice (Zhou et al. 2022): s = softmax(x W^T); each expert takes its top C = ceil(cf * T_group / E)
         tokens of its group, with gate s[t, e]. It looks at every token of the group, so it is not causal.
+    Null experts (AdaMoE, Zeng et al. 2024, `num_null_experts` = N): N more logits x W_null^T [N, H] join the E true
+        ones, s = softmax over all E + N, and the top k are taken over E + N, so a token may use fewer than k true
+        experts (none at all: the block adds nothing for it). A null expert outputs zero: its slots are chosen but not
+        dispatched (weight 0). With norm_topk_prob the chosen true experts' weights are renormalised among themselves,
+        w_j = s_j / sum of s over the chosen TRUE experts (the authors' code); without it they stay s_j.
     """
 
     def __init__(self, config):
@@ -68,17 +79,23 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
         # [E], gpt-oss: part of the logits (scores, gates and balancing losses), unlike the selection-only bias below
         self.bias = nn.Parameter(torch.empty(self.num_experts)) if config.router_bias else None
+        # [N, H] AdaMoE: one logit per null expert, which has no weights of its own (it outputs zero)
+        self.num_null_experts = config.num_null_experts
+        self.null_weight = (nn.Parameter(torch.empty(self.num_null_experts, config.hidden_size))
+                            if self.num_null_experts else None)
         if config.noisy_gating:
             self.noise_weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E, H]
         if config.router_selection_bias:
             # DeepSeek-V3 name; fp32, persistent (saved in checkpoints), updated by `update_router_bias`
             self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
-        # [E + 5] counts of the training forwards since the last `collect_router_statistics` (load, then the totals
+        # [E + 6] counts of the training forwards since the last `collect_router_statistics` (load, then the totals
         # of `routing_counts`), None before the first. Not a buffer: DDP broadcasts buffers from rank 0 before a
         # forward, which would overwrite each rank's own counts.
         self.accumulated_counts: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor):  # [T, H]
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):  # [T, H], [T] or [B, S]
+        """`token_mask` (1 at real tokens, optional) is only recorded in the decision, for the balancing losses and
+        statistics of a layer that routes its own subset of the forward's tokens (Mixture-of-Depths)."""
         config = self.config
         if self.training and config.router_jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - config.router_jitter_noise,
@@ -89,6 +106,9 @@ class TopKRouter(nn.Module):
             router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)  # [T, E]
         else:
             router_logits = F.linear(hidden_states, self.weight, self.bias)  # [T, E]
+        if self.null_weight is not None:  # the null experts' logits follow the true experts': [T, E + N]
+            null_logits = F.linear(hidden_states.to(router_logits.dtype), self.null_weight.to(router_logits.dtype))
+            router_logits = torch.cat((router_logits, null_logits), dim=-1)
         clean_scores = scores_from_logits(router_logits, config.scoring_func)  # [T, E] fp32
         probs = probabilities_from_scores(clean_scores, config.scoring_func)
 
@@ -111,16 +131,24 @@ class TopKRouter(nn.Module):
             top_k_weights, top_k_index = torch.topk(choice_scores, self.top_k, dim=-1)  # [T, k]
             if choice_scores is not scores:
                 top_k_weights = scores.gather(1, top_k_index)  # unbiased scores
-            if config.norm_topk_prob:
+            true_slots = top_k_index < self.num_experts  # False: a null expert (AdaMoE), never dispatched
+            if config.norm_topk_prob and self.num_null_experts:  # over the chosen true experts only; a token that
+                # chose null experts only divides by 1, as the authors' code (its weights are all zeroed below; a
+                # tiny divisor would make their gradient 0 * inf = NaN)
+                chosen_sum = (top_k_weights * true_slots).sum(dim=-1, keepdim=True)
+                top_k_weights = top_k_weights / chosen_sum.masked_fill(chosen_sum == 0, 1.0)
+            elif config.norm_topk_prob:
                 top_k_weights = top_k_weights / (top_k_weights.sum(dim=-1, keepdim=True) + 1e-20)
             valid = torch.ones_like(top_k_index, dtype=torch.bool)
-            dispatched = valid
+            dispatched = true_slots if self.num_null_experts else valid
             if self.training and config.random_routing:
                 dispatched = gshard_random_routing(top_k_weights)
             capacity_factor = capacity_factor_for(config, self.training)
-            if capacity_factor is not None:
+            if capacity_factor is not None:  # null slots are not dispatched: they take no capacity (the clamp only
+                # keeps their ids inside the one-hot of the E true experts)
                 dispatched = dispatched & within_capacity(
-                    top_k_index, dispatched, self.num_experts, capacity_factor, config.dispatch_groups
+                    top_k_index.clamp(max=self.num_experts - 1), dispatched, self.num_experts, capacity_factor,
+                    config.dispatch_groups,
                 )
         if config.routed_scaling_factor != 1.0:
             top_k_weights = top_k_weights * config.routed_scaling_factor
@@ -135,6 +163,8 @@ class TopKRouter(nn.Module):
             valid=valid,
             dispatched=dispatched,
             load_probs=load_probs,
+            num_null_experts=self.num_null_experts,
+            token_mask=None if token_mask is None else token_mask.reshape(-1),
         )
         return router_logits, top_k_weights.to(router_logits.dtype), top_k_index, decision
 
@@ -244,6 +274,34 @@ def expert_choice(probs: torch.Tensor, capacity_factor: float, groups: int):
     return top_k_index, top_k_weights, valid
 
 
+class AttentionExpertsRouter(nn.Module):
+    """The router of a layer's attention experts (JetMoE's mixture of attention heads, Shen et al. 2024), per token:
+
+        logits = x W^T                                                  [T, E_a]  (no bias)
+        chosen = top_k(logits);  w = softmax of the k chosen logits     [T, k]    (= softmax(logits) renormalised)
+
+    k = `num_attention_experts_per_tok` of E_a = `num_attention_experts`. It reads no other token, so it is causal.
+    Returns (logits, w, chosen, RouterDecision) as `TopKRouter` does, so the balancing losses take its decisions (with
+    their own coefficients, `attention_router_losses`); a class of its own so that output capture records them apart
+    from the feed-forward routers' (other expert counts, other coefficients)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_attention_experts_per_tok
+        self.num_experts = config.num_attention_experts
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))  # [E_a, H]
+
+    def forward(self, hidden_states: torch.Tensor):  # [T, H]
+        router_logits = F.linear(hidden_states, self.weight)  # [T, E_a]
+        probs = scores_from_logits(router_logits, "softmax")  # [T, E_a] fp32
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        every_slot = torch.ones_like(top_k_index, dtype=torch.bool)  # no capacity: every choice is dispatched
+        decision = RouterDecision(logits=router_logits, probs=probs, top_k_index=top_k_index,
+                                  top_k_weights=top_k_weights, valid=every_slot, dispatched=every_slot)
+        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index, decision
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Balancing losses. Each takes the decisions of every sparse layer and a [B*S] mask of real tokens (or None).
 # Per-layer losses are averaged over the sparse layers, so a coefficient does not depend on depth.
@@ -252,7 +310,10 @@ def expert_choice(probs: torch.Tensor, capacity_factor: float, groups: int):
 
 
 def _token_weights(decision: RouterDecision, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """1 at the real tokens of the decision's rows: its own mask if it has one, else the forward's `token_mask`."""
     rows = decision.probs.shape[0]
+    if decision.token_mask is not None:
+        token_mask = decision.token_mask
     if token_mask is None:
         return decision.probs.new_ones(rows)
     return token_mask.to(decision.probs.device, torch.float32)
@@ -288,12 +349,19 @@ def load_balancing_loss(decisions, token_mask=None, per_layer: bool = False) -> 
         loss = E * sum_e f_e * P_e                                       (k when perfectly balanced)
 
     Pooled over layers (T counts every layer's tokens; transformers' `load_balancing_loss_func`), or the mean of
-    the per-layer losses with `per_layer=True`."""
+    the per-layer losses with `per_layer=True`.
+
+    With N null experts (AdaMoE, Zeng et al. 2024) the sum runs over all E + N experts, E + N replaces E, and each null
+    expert's f is the mean f of the null experts, f_null = (1/N) * sum over the null experts of f_e: the loss balances
+    how much the null experts are used in all against the true experts, not how that use splits among identical null
+    experts (the authors' code for their LoRA-expert experiments; it normalises f to sum to 1 where this sums to k,
+    a factor k)."""
     num_experts = decisions[0].probs.shape[-1]
     counts, prob_sums, totals = [], [], []
     for decision in decisions:
         weights = _token_weights(decision, token_mask)
-        counts.append(_expert_counts(decision, weights, decision.valid))
+        counts.append(_null_experts_averaged(_expert_counts(decision, weights, decision.valid),
+                                             decision.num_null_experts))
         prob_sums.append((decision.probs * weights[:, None]).sum(dim=0))
         totals.append(weights.sum())
     if per_layer:
@@ -302,6 +370,14 @@ def load_balancing_loss(decisions, token_mask=None, per_layer: bool = False) -> 
         return torch.stack(losses).mean()
     total = _divisor(torch.stack(totals).sum())
     return num_experts * torch.sum((torch.stack(counts).sum(0) / total) * (torch.stack(prob_sums).sum(0) / total))
+
+
+def _null_experts_averaged(counts: torch.Tensor, num_null_experts: int) -> torch.Tensor:
+    """`counts` [E + N] with the last N (the null experts) replaced by their mean (AdaMoE's balancing loss)."""
+    if not num_null_experts:
+        return counts
+    null = counts[-num_null_experts:]
+    return torch.cat((counts[:-num_null_experts], null.mean().expand_as(null)))
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -453,39 +529,62 @@ def router_losses(decisions, config, attention_mask=None, batch_size: int = 1) -
     return losses
 
 
+def attention_router_losses(decisions, config, attention_mask=None) -> dict[str, torch.Tensor]:
+    """The balancing losses of the attention experts' routers (`AttentionExpertsRouter`), unweighted, keyed by their
+    config coefficients' names: the Switch loss `load_balancing_loss` (always, pooled over layers as
+    `router_aux_loss_coef`'s, or per layer with `aux_loss_per_layer`) and the z-loss when its coefficient is non-zero.
+    JetMoE adds both to each router of its attention and feed-forward mixtures (Switch 0.01, z-loss 0.001)."""
+    if not decisions:
+        return {}
+    token_mask = token_mask_for_router_rows(attention_mask, decisions[0].probs.shape[0])
+    losses = {"attention_router_aux_loss_coef": load_balancing_loss(decisions, token_mask, config.aux_loss_per_layer)}
+    if config.attention_router_z_loss_coef > 0:
+        losses["attention_router_z_loss_coef"] = z_loss(decisions, token_mask)
+    return losses
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Router statistics and aux-loss-free balancing.
 
 
+NUM_ROUTING_TOTALS = 6  # the totals of `routing_counts`
+
+
 @torch.no_grad()
 def routing_counts(decision: RouterDecision, token_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive counts of one forward of one layer: the dispatched load [E], and the totals [5] of
-    (tokens, valid slots, dispatched slots, sum of routing entropies, sum of logsumexp(logits)^2)."""
+    """Additive counts of one forward of one layer: the dispatched load [E] of the true experts, and the totals [6] of
+    (tokens, valid slots of true experts, dispatched slots, sum of routing entropies, sum of logsumexp(logits)^2,
+    slots of null experts)."""
     weights = _token_weights(decision, token_mask)
-    load = _expert_counts(decision, weights, decision.dispatched)
+    num_true_experts = decision.probs.shape[-1] - decision.num_null_experts
+    load = _expert_counts(decision, weights, decision.dispatched)[:num_true_experts]
     probs = decision.probs
     entropy = -(probs * torch.log(probs.clamp(min=1e-20))).sum(dim=-1)
     log_z = torch.logsumexp(decision.logits.float(), dim=-1)
+    true_slots = decision.top_k_index < num_true_experts
     totals = torch.stack([
         weights.sum(),
-        (decision.valid * weights[:, None]).sum(),
+        (decision.valid * true_slots * weights[:, None]).sum(),
         (decision.dispatched * weights[:, None]).sum(),
         (entropy * weights).sum(),
         (log_z.square() * weights).sum(),
+        (decision.valid * ~true_slots * weights[:, None]).sum(),
     ])
     return load, totals
 
 
 def statistics_from_counts(load: torch.Tensor, totals: torch.Tensor) -> dict[str, torch.Tensor]:
     """`load` [E] (dispatched slots per expert), `max_violation` (max load / mean load - 1), `entropy` (mean
-    routing entropy, nats), `dropped_fraction` (valid slots not dispatched), `z_loss` (mean logsumexp^2)."""
-    tokens, valid, dispatched, entropy_sum, z_sum = totals.unbind(0)
+    routing entropy, nats), `dropped_fraction` (valid slots of true experts not dispatched), `z_loss` (mean
+    logsumexp^2), `null_fraction` (the share of the slots that chose a null expert; 0 without null experts)."""
+    tokens, valid, dispatched, entropy_sum, z_sum, null = totals.unbind(0)
     return {
         "load": load,
         "max_violation": load.max() / load.mean().clamp(min=1e-20) - 1,
         "entropy": entropy_sum / _divisor(tokens),
         "dropped_fraction": 1 - dispatched / _divisor(valid),
         "z_loss": z_sum / _divisor(tokens),
+        "null_fraction": null / _divisor(valid + null),
     }
 
 
@@ -517,7 +616,7 @@ def collect_router_statistics(model, reset: bool = True) -> list[dict[str, torch
         return []
     num_experts = routers[0].num_experts
     device = routers[0].weight.device  # layers may sit on several devices (device_map)
-    no_counts = torch.zeros(num_experts + 5, device=device)
+    no_counts = torch.zeros(num_experts + NUM_ROUTING_TOTALS, device=device)
     counts = torch.stack([
         no_counts if router.accumulated_counts is None else router.accumulated_counts.to(device) for router in routers
     ])
