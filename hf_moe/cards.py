@@ -451,11 +451,13 @@ def adapter_table(folder: Path, adapter_config: dict) -> dict:
         stacked = len(shape) == 3 and name.rsplit(".", 1)[-1].endswith(("_A", "_B"))
         total += size
         active += size * min(k, shape[0]) // shape[0] if stacked and k else size
-    method = {"MIXLORA": "MixLoRA", "LORAMOE": "LoRAMoE", "MOLA": "MoLA", "MOELORA": "MOELoRA"}.get(peft_type)
+    method = {"MIXLORA": "MixLoRA", "LORAMOE": "LoRAMoE", "MOLA": "MoLA", "MOELORA": "MOELoRA",
+              "PESC": "PESC"}.get(peft_type)
     routing = {"MIXLORA": f"top-{top_k} of {experts} LoRA experts per FFN block",
                "LORAMOE": f"{experts} LoRA experts per adapted Linear, mixed by dense softmax gates",
                "MOLA": f"top-{top_k} of {experts} LoRA experts per adapted Linear",
-               "MOELORA": f"{experts} LoRA experts per adapted Linear, mixed by per-task gates"}.get(peft_type)
+               "MOELORA": f"{experts} LoRA experts per adapted Linear, mixed by per-task gates",
+               "PESC": f"top-{top_k} of {experts} adapter experts on each FFN block's output"}.get(peft_type)
     targets = adapter_config.get("target_modules")
     targets = ", ".join(f"`{t}`" for t in sorted(targets)) if isinstance(targets, list) else f"`{targets}`"
     return {"peft_type": peft_type, "method": method or peft_type, "moe": method is not None, "experts": experts,

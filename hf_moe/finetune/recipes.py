@@ -1,11 +1,12 @@
 """A fine-tune from one YAML recipe: recipe -> datasets -> model + PEFT method -> Trainer -> adapter or full model.
 
     model: path/to/model                 # local folder or Hub id
-    method: mixlora                      # full | lora | mixlora | loramoe | mola | moelora
+    method: mixlora                      # full | lora | mixlora | loramoe | mola | moelora | pesc | mixture_of_loras
     peft: {r: 8, num_experts: 8}         # the method's config fields (peft's LoraConfig for `lora`)
     data: {train_file: train.jsonl, prompt_field: instruction, response_field: output, max_length: 512}
     training: {learning_rate: 2.0e-4, max_steps: 1000, per_device_train_batch_size: 4}   # TrainingArguments
     parameter_groups: {freeze: [router], learning_rates: {experts: 1.0e-4}}              # optional, see below
+    init_adapter: runs/stage1            # Mixture-of-LoRAs stage 2 only: the stage-1 adapter it starts from
     output_dir: runs/mixlora
 
     from hf_moe.finetune.recipes import run_recipe
@@ -42,12 +43,15 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "lora", "mixlora", "loramoe", "mola", "moelora")
-LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora")
+METHODS = ("full", "lora", "mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras")
+LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras")
+# the methods that read each row's task (data.task_field -> peft.task_names -> task_ids)
+TASK_METHODS = ("moelora", "mixture_of_loras")
 # token routers, measured for the card's expert-load picture (MOELoRA's gate needs task ids, not only tokens)
-ROUTED_METHODS = ("mixlora", "loramoe", "mola")
+ROUTED_METHODS = ("mixlora", "loramoe", "mola", "pesc")
 MOE_MODEL_TYPES = ("hf_moe_mixtral", "hf_moe_deepseek")
-RECIPE_FIELDS = ("model", "trust_remote_code", "method", "peft", "data", "training", "parameter_groups", "output_dir")
+RECIPE_FIELDS = ("model", "trust_remote_code", "method", "peft", "data", "training", "parameter_groups", "output_dir",
+                 "init_adapter")
 PARAMETER_GROUP_FIELDS = ("freeze", "learning_rates")
 DATA_FIELDS = ("train_file", "dataset", "dataset_config", "split", "eval_file", "eval_split", "text_field",
                "prompt_field", "response_field", "prompt_template", "messages_field", "type_field", "task_field",
@@ -164,10 +168,10 @@ class _Problems(list):
 def peft_config_class(method: str):
     from peft import LoraConfig
 
-    from .lora_moe import LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
+    from .lora_moe import LoraMoeConfig, MixLoraConfig, MixtureOfLorasConfig, MoeLoraConfig, MolaConfig, PescConfig
 
     return {"lora": LoraConfig, "mixlora": MixLoraConfig, "loramoe": LoraMoeConfig, "mola": MolaConfig,
-            "moelora": MoeLoraConfig}[method]
+            "moelora": MoeLoraConfig, "pesc": PescConfig, "mixture_of_loras": MixtureOfLorasConfig}[method]
 
 
 def build_peft_config(method: str, options: dict):
@@ -239,6 +243,9 @@ def validate_recipe(recipe: dict) -> dict:
                           f"a mapping with the fields {list(PARAMETER_GROUP_FIELDS)}"):
             recipe["parameter_groups"] = section
             _check_parameter_groups(section, problems)
+    from .lora_moe.mixture_of_loras import recipe_problems  # init_adapter: Mixture-of-LoRAs stage 2's start
+
+    problems.extend(recipe_problems(recipe))
     problems.raise_if_any()
     return recipe
 
@@ -314,10 +321,10 @@ def _check_data(data: dict, method, problems: _Problems) -> None:
                    "a string containing {prompt}")
     problems.check("type_field" not in data or method == "loramoe", "data.type_field", data.get("type_field"),
                    "LoRAMoE's sample types: only with method 'loramoe'")
-    problems.check("task_field" not in data or method == "moelora", "data.task_field", data.get("task_field"),
-                   "MOELoRA's task column: only with method 'moelora'")
-    problems.check(method != "moelora" or isinstance(data.get("task_field"), str), "data.task_field",
-                   data.get("task_field"), "method 'moelora' needs the name of the data's task column")
+    problems.check("task_field" not in data or method in TASK_METHODS, "data.task_field", data.get("task_field"),
+                   f"the task column of MOELoRA and Mixture-of-LoRAs: only with methods {list(TASK_METHODS)}")
+    problems.check(method not in TASK_METHODS or isinstance(data.get("task_field"), str), "data.task_field",
+                   data.get("task_field"), f"method {method!r} needs the name of the data's task column")
     max_length = data["max_length"]
     problems.check(isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 1,
                    "data.max_length", max_length, "an integer > 1")
@@ -335,7 +342,7 @@ def _as_list(value) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: load, then tokenize into input_ids / attention_mask / labels (-100 where no loss)
 
-TASK_IDS_COLUMN = "task_ids"  # MOELoRA: the id of the row's task in peft.task_names
+TASK_IDS_COLUMN = "task_ids"  # MOELoRA, Mixture-of-LoRAs: the id of the row's task in peft.task_names
 
 
 def load_data(data: dict):
@@ -526,6 +533,10 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     training = {**TRAINING_DEFAULTS, **recipe["training"]}
     resume = training.pop("resume_from_checkpoint", None)
     check_resume_checkpoint(resume, output_dir, method, recipe["trust_remote_code"])
+    if recipe.get("init_adapter"):  # Mixture-of-LoRAs stage 2's start, checked now: stage 1 may write it after
+        from .lora_moe.mixture_of_loras import check_init_adapter
+
+        check_init_adapter(recipe)
     if "dataloader_pin_memory" not in training and (training.get("use_cpu") or not torch.cuda.is_available()):
         training["dataloader_pin_memory"] = False  # pinned memory needs an accelerator; torch warns otherwise
     if training.get("bf16") and not has_native_bf16():
@@ -537,7 +548,11 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_raw, eval_raw = load_data(data)
-    if method == "moelora":  # task names -> ids, saved in the adapter config so that the ids keep their meaning
+    if method == "mixture_of_loras" and recipe.get("init_adapter"):  # stage 2: the stage-1 experts' fields and tasks
+        from .lora_moe.mixture_of_loras import stage2_options
+
+        recipe["peft"] = stage2_options(recipe["peft"], recipe["init_adapter"])
+    if method in TASK_METHODS:  # task names -> ids, saved in the adapter config so that the ids keep their meaning
         recipe["peft"] = {**recipe["peft"], "task_names": recipe["peft"].get("task_names")
                           or task_names_of(train_raw, data["task_field"])}
         data = {**data, "task_names": recipe["peft"]["task_names"]}
@@ -562,6 +577,10 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
     if method != "full":
         with quiet_peft_deprecations():
             model = get_peft_model(model, build_peft_config(method, recipe["peft"]))
+    if recipe.get("init_adapter"):  # Mixture-of-LoRAs stage 2: the experts trained in stage 1
+        from .lora_moe.mixture_of_loras import load_experts
+
+        load_experts(model, recipe["init_adapter"])
     group_learning_rates = apply_parameter_groups(model, recipe.get("parameter_groups") or {}, method)
     if method != "full":
         model.print_trainable_parameters()

@@ -1,5 +1,6 @@
-"""LoRA-expert PEFT methods for dense decoders: MixLoRA, LoRAMoE, MoLA and MOELoRA, registered with peft by
-`import hf_moe`.
+"""LoRA-expert PEFT methods for dense decoders: MixLoRA, LoRAMoE, MoLA and MOELoRA, and PESC (adapter experts over
+the frozen FFN, in `pesc.py`) and Mixture-of-LoRAs (one LoRA expert per task, chosen per sequence, in
+`mixture_of_loras.py`), registered with peft by `import hf_moe`.
 
     import hf_moe
     from peft import get_peft_model
@@ -18,7 +19,9 @@ from .aux_loss import TYPE_IDS_KWARG, LoraMoeLossCallback, add_lora_moe_callback
 from .config import MOLA_PRESETS, LoraExpertConfig, LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
 from .data import TaskIdsCollator, TypeIdsCollator
 from .layer import LoraMoeLinear, MixLoraFeedForward, MixLoraLinear, MoeLoraLinear, MolaLinear, RoutedLoraLinear
+from .mixture_of_loras import MixtureOfLorasConfig, MixtureOfLorasLinear, MixtureOfLorasModel
 from .model import TASK_IDS_KWARG, LoraMoeModel, MixLoraModel, MoeLoraModel, MolaModel
+from .pesc import PescConfig, PescFeedForward, PescLinear, PescModel
 from .registration import register_lora_moe_methods
 
 __all__ = [
@@ -34,12 +37,19 @@ __all__ = [
     "MixLoraFeedForward",
     "MixLoraLinear",
     "MixLoraModel",
+    "MixtureOfLorasConfig",
+    "MixtureOfLorasLinear",
+    "MixtureOfLorasModel",
     "MoeLoraConfig",
     "MoeLoraLinear",
     "MoeLoraModel",
     "MolaConfig",
     "MolaLinear",
     "MolaModel",
+    "PescConfig",
+    "PescFeedForward",
+    "PescLinear",
+    "PescModel",
     "RoutedLoraLinear",
     "TaskIdsCollator",
     "TypeIdsCollator",

@@ -6,6 +6,8 @@
 | `LoraMoeConfig` | LORAMOE | each targeted Linear: frozen W + N LoRA experts | dense softmax over all experts | Localized Balancing Constraint, `lbc_weight` / `lbc_delta` |
 | `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
 | `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence | none |
+| `PescConfig` (`pesc.py`) | PESC | each FFN block: expert e = frozen FFN followed by its own bottleneck adapter, y + A_e(y); plain LoRA on the targeted attention projections | top-k per token, softmax over the k logits (= renormalised) | Switch load balancing, `router_aux_loss_coef` |
+| `MixtureOfLorasConfig` (`mixture_of_loras.py`) | MIXTURE_OF_LORAS | each targeted Linear: frozen W + one LoRA expert per task | one expert per sequence: its task id (stage 1) or its router's top-1 on the prompt (stage 2) | stage 2: the routers' cross-entropy with the task ids, `router_loss_coef` |
 
 MixLoRA, LoRAMoE and MoLA can add MoELoRA's contrastive loss among experts too (`ContrastiveLossFields`, off by
 default). MOELoRA cannot: its gate is a function of the task id alone, so no token is routed, and the loss's purpose
@@ -330,7 +332,41 @@ class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
 
 
 @dataclass
-class MoeLoraConfig(LoraExpertConfig):
+class TaskFields:
+    """The tasks of the methods that read each sample's task id (MOELoRA, Mixture-of-LoRAs): how many there are, and
+    their names by id. The ids are a model input, `task_ids` in forward and generate (`model.install_task_ids_hook`);
+    in a recipe, `data.task_field` names the column whose values become `task_names`."""
+
+    num_tasks: int | None = field(
+        default=None, metadata=_help("Number of tasks; None = len(task_names). One of the two is needed before the "
+                                     "adapter is built."))
+    task_names: list[str] | None = field(
+        default=None, metadata=_help("Task names by id (task_names[i] has id i), e.g. the values of a dataset's task "
+                                     "column; saved so that the ids keep their meaning."))
+
+    def _check_task_fields(self) -> None:
+        if self.task_names is not None:
+            names = self.task_names
+            _require(isinstance(names, (list, tuple)) and len(names) > 0
+                     and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names),
+                     "task_names", names, "must be None or a non-empty list of distinct non-empty strings")
+            self.task_names = list(names)
+            if self.num_tasks is None:
+                self.num_tasks = len(self.task_names)
+            _require(self.num_tasks == len(self.task_names), "num_tasks", self.num_tasks,
+                     f"must equal the number of task_names ({len(self.task_names)})")
+        _require(self.num_tasks is None or _positive_int(self.num_tasks), "num_tasks", self.num_tasks,
+                 "must be None (= len(task_names)) or a positive integer")
+
+    def task_id(self, name: str) -> int:
+        """The id of the task `name` in `task_names`."""
+        _require(self.task_names is not None and name in self.task_names, "task_names", self.task_names,
+                 f"has no task {name!r}")
+        return self.task_names.index(name)
+
+
+@dataclass
+class MoeLoraConfig(LoraExpertConfig, TaskFields):
     """MOELoRA (Liu et al. 2024, arXiv 2310.18339): every targeted Linear gets N LoRA experts that split the rank r
     (each expert has rank r / N) and a task-motivated gate: the sample's task id picks a learned task embedding, and a
     Linear without bias followed by a softmax turns it into expert weights. Every token of a sample uses its sample's
@@ -353,12 +389,6 @@ class MoeLoraConfig(LoraExpertConfig):
     lora_alpha: int = field(default=32, metadata=_help("LoRA scaling numerator: lora_alpha / r (total rank)."))
     lora_dropout: float = field(default=0.1, metadata=_help("Dropout on the LoRA inputs."))
     num_experts: int = field(default=8, metadata=_help("LoRA experts per targeted Linear; must divide r."))
-    num_tasks: int | None = field(
-        default=None, metadata=_help("Number of tasks (rows of the task embedding); None = len(task_names). One of "
-                                     "the two is needed before the adapter is built."))
-    task_names: list[str] | None = field(
-        default=None, metadata=_help("Task names by id (task_names[i] has id i), e.g. the values of a dataset's task "
-                                     "column; saved so that the ids keep their meaning."))
     task_embedding_dim: int = field(default=64, metadata=_help("Dimension of the task embedding fed to the gate."))
 
     def __post_init__(self):
@@ -369,25 +399,8 @@ class MoeLoraConfig(LoraExpertConfig):
                  f"must be a multiple of num_experts={self.num_experts} (each expert has rank r / num_experts)")
         _require(_positive_int(self.task_embedding_dim), "task_embedding_dim", self.task_embedding_dim,
                  "must be a positive integer")
-        if self.task_names is not None:
-            names = self.task_names
-            _require(isinstance(names, (list, tuple)) and len(names) > 0
-                     and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names),
-                     "task_names", names, "must be None or a non-empty list of distinct non-empty strings")
-            self.task_names = list(names)
-            if self.num_tasks is None:
-                self.num_tasks = len(self.task_names)
-            _require(self.num_tasks == len(self.task_names), "num_tasks", self.num_tasks,
-                     f"must equal the number of task_names ({len(self.task_names)})")
-        _require(self.num_tasks is None or _positive_int(self.num_tasks), "num_tasks", self.num_tasks,
-                 "must be None (= len(task_names)) or a positive integer")
+        self._check_task_fields()
 
     @property
     def expert_rank(self) -> int:
         return self.r // self.num_experts
-
-    def task_id(self, name: str) -> int:
-        """The id of the task `name` in `task_names`."""
-        _require(self.task_names is not None and name in self.task_names, "task_names", self.task_names,
-                 f"has no task {name!r}")
-        return self.task_names.index(name)

@@ -301,10 +301,9 @@ class MixLoraLayer(LoraExpertLayer):
     """Base of MixLoRA's two layers (the tuner's `tuner_layer_cls`)."""
 
 
-class MixLoraLinear(nn.Module, MixLoraLayer):
-    """MixLoRA's plain LoRA on a Linear (attention projections): y = W x + b + (alpha / r) B A dropout(x)."""
-
-    adapter_layer_names = ("mixlora_A", "mixlora_B")
+class PlainLoraLinear(nn.Module):
+    """A method's plain LoRA on a Linear (attention projections): y = W x + b + (alpha / r) B A dropout(x). Mixed into
+    a method's layer class, whose `adapter_layer_names` name its A and B."""
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_index: int | None = None):
         super().__init__()
@@ -317,22 +316,34 @@ class MixLoraLinear(nn.Module, MixLoraLayer):
 
     def update_layer(self, adapter_name: str, config, **_) -> None:
         base = self.get_base_layer()
-        shapes = {"mixlora_A": (config.r, base.in_features), "mixlora_B": (base.out_features, config.r)}
+        a_name, b_name = self.adapter_layer_names
+        shapes = {a_name: (config.r, base.in_features), b_name: (base.out_features, config.r)}
         self._add_adapter(adapter_name, config, shapes, num_experts=1, top_k=None)
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of this adapter."""
+        a_name, b_name = self.adapter_layer_names
+        return getattr(self, a_name)[adapter_name], getattr(self, b_name)[adapter_name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in self._adapters_to_run():
-            weights = self.adapter_tensors(adapter_name)
-            dropped = self.lora_dropout[adapter_name](x.to(weights["A"].dtype))
-            delta = lora(dropped, weights["A"], weights["B"]) * self.scaling[adapter_name]
+            lora_a, lora_b = self.lora_weights(adapter_name)
+            dropped = self.lora_dropout[adapter_name](x.to(lora_a.dtype))
+            delta = lora(dropped, lora_a, lora_b) * self.scaling[adapter_name]
             result = result + delta.to(result.dtype)
         return result
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """(alpha / r) B A, [out, in]: what merging adds to W."""
-        weights = self.adapter_tensors(adapter_name)
-        return weights["B"] @ weights["A"] * self.scaling[adapter_name]
+        lora_a, lora_b = self.lora_weights(adapter_name)
+        return lora_b @ lora_a * self.scaling[adapter_name]
+
+
+class MixLoraLinear(PlainLoraLinear, MixLoraLayer):
+    """MixLoRA's plain LoRA on a Linear (attention projections)."""
+
+    adapter_layer_names = ("mixlora_A", "mixlora_B")
 
 
 def check_feed_forward(module: nn.Module, name: str = "the module") -> None:

@@ -12,6 +12,9 @@ on attention projections is merged into those weights (W + s B A). The result is
 Llama and Mistral bases whose every FFN block carries the adapter give a `MixtralMoEConfig`. When the base has q/k/v
 biases (Qwen2) or q/k norms (Qwen3), or the adapter skipped some layers' FFN (`layers_to_transform`), the checkpoint
 is a `DeepSeekMoEConfig` with no shared expert, dense FFNs where the adapter left them, and the same routing.
+
+PESC adapters are refused (`pesc.MATERIALIZE_REFUSAL` says why): their experts, an FFN followed by a nonlinear
+adapter, are not FFNs of ours.
 """
 
 import os
@@ -26,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from ...modeling.configuration_hf_moe import DeepSeekMoEConfig, MixtralMoEConfig, MoEDecoderConfig
 from .layer import MixLoraFeedForward, MixLoraLinear
 from .peft_types import MIXLORA
+from .pesc import MATERIALIZE_REFUSAL, PESC
 
 _SPARSE_TENSOR = re.compile(r"(.+\.mlp)\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
 # files of the base that the output folder must not carry over (we write our own)
@@ -55,6 +59,8 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     if not is_hub_repo_id(base):  # a local folder (a Hub id is checked as it downloads: safetensors only)
         check_checkpoint_folder(base, "BASE")
     adapter_config = PeftConfig.from_pretrained(str(adapter))
+    if adapter_config.peft_type == PESC:
+        raise ConversionError(f"{adapter}: {MATERIALIZE_REFUSAL}.")
     if adapter_config.peft_type != MIXLORA:
         raise ConversionError(f"materialize turns MIXLORA adapters into MoE checkpoints; {adapter} is a "
                               f"{adapter_config.peft_type} adapter (allowed: MIXLORA).")

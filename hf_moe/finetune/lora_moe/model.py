@@ -220,9 +220,10 @@ class MolaModel(LoraExpertTuner):
 
 
 def _set_task_ids(model, args, kwargs):
-    """Forward pre-hook: pop `task_ids` (or its forwarded name) and hand it to every MOELoRA layer (None when absent,
-    so that a forward without it raises rather than reusing an earlier batch's ids). The ids stay set after the
-    forward, for the recomputation of activation checkpointing in the backward pass."""
+    """Forward pre-hook: pop `task_ids` (or its forwarded name) and hand it to every layer that reads task ids, those
+    with a `task_ids` attribute (MOELoRA's, Mixture-of-LoRAs'); None when absent, so that a forward without it raises
+    rather than reusing an earlier batch's ids. The ids stay set after the forward, for the recomputation of
+    activation checkpointing in the backward pass."""
     task_ids = kwargs.pop(TASK_IDS_KWARG, None)
     forwarded = kwargs.pop(FORWARDED_TASK_IDS_KWARG, None)
     task_ids = forwarded if forwarded is not None else task_ids
@@ -231,7 +232,7 @@ def _set_task_ids(model, args, kwargs):
     if task_ids is not None and not isinstance(task_ids, torch.Tensor):
         task_ids = torch.as_tensor(task_ids)
     for module in model.modules():
-        if isinstance(module, MoeLoraLinear):
+        if isinstance(module, LoraExpertLayer) and hasattr(module, "task_ids"):
             module.task_ids = task_ids
     return args, kwargs
 
