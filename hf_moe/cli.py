@@ -413,6 +413,12 @@ def add_quickstart_command(subparsers) -> None:
                              "numbers)")
     parser.add_argument("--max-steps", type=int, metavar="N", default=defaults.max_steps,
                         help="MixLoRA optimizer steps")
+    parser.add_argument("--batch-size", type=int, metavar="N", default=defaults.batch_size,
+                        help="examples per MixLoRA optimizer step")
+    parser.add_argument("--learning-rate", type=float, metavar="LR", default=defaults.learning_rate,
+                        help="peak learning rate of the MixLoRA fine-tune (cosine schedule, 5%% warmup)")
+    parser.add_argument("--eval-examples-per-task", type=int, metavar="N", default=defaults.eval_examples_per_task,
+                        help="evaluate on the first N eval examples of each task (default: all 100)")
     parser.add_argument("--base", metavar="PATH", default=None,
                         help="dense checkpoint folder (Llama, Mistral, Qwen2, Qwen3) or GGUF file to run it on "
                              "(default: the shipped tiny Llama)")
@@ -424,7 +430,9 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import QuickstartSettings, run_quickstart
 
     run_quickstart(QuickstartSettings(output_dir=args.output, base=args.base, seed=args.seed,
-                                      max_steps=args.max_steps, overwrite=args.overwrite))
+                                      max_steps=args.max_steps, batch_size=args.batch_size,
+                                      learning_rate=args.learning_rate,
+                                      eval_examples_per_task=args.eval_examples_per_task, overwrite=args.overwrite))
     return 0
 
 

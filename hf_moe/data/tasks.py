@@ -145,10 +145,16 @@ class ExactMatch:
 
 
 @torch.no_grad()
+def task_ids_of(examples: list[dict], task_names: list[str]) -> torch.Tensor:
+    """[batch] the index in `task_names` of each example's task."""
+    return torch.tensor([task_names.index(example["task"]) for example in examples])
+
+
 def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 32,
-                progress: bool = False) -> ExactMatch:
+                progress: bool = False, task_names: list[str] | None = None) -> ExactMatch:
     """Greedy completion of each example's prompt (left-padded batches, stopping at eos); an example counts as
-    correct when the completion, stripped of surrounding whitespace, equals its answer."""
+    correct when the completion, stripped of surrounding whitespace, equals its answer. With `task_names` (a
+    task-aware adapter's, e.g. MOELoRA's), each example's task id (its task's index there) goes to `generate`."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos token)")
     was_training = model.training
@@ -157,6 +163,8 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16
     for start in tqdm(range(0, len(examples), batch_size), desc="exact match", unit="batch", disable=not progress):
         prompts = [example["prompt"] for example in examples[start : start + batch_size]]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        if task_names is not None:
+            inputs["task_ids"] = task_ids_of(examples[start : start + batch_size], task_names).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
