@@ -48,6 +48,16 @@ def decoder_layer_index(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def refuse_ffn_projections(peft_config, reason: str) -> None:
+    """Methods that adapt whole FFN blocks refuse `target_modules` naming an FFN projection, saying why (`reason`)."""
+    if isinstance(peft_config.target_modules, str):
+        return
+    projections = sorted(set(peft_config.target_modules) & set(FFN_PROJECTIONS))
+    if projections:
+        raise ValueError(f"`target_modules`={sorted(peft_config.target_modules)} names FFN projections "
+                         f"{projections}: {reason}; target the FFN block instead (e.g. 'mlp').")
+
+
 class LoraExpertTuner(BaseTuner):
     """What the three tuners share: default targets, the aux-loss hooks, and refusing to merge (the routing depends
     on the input). Subclasses say which layer a module gets (`_new_layer`, `_layer_options`) and which auxiliary
@@ -136,12 +146,7 @@ class MixLoraModel(LoraExpertTuner):
 
     def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        if not isinstance(peft_config.target_modules, str):
-            projections = sorted(set(peft_config.target_modules) & set(FFN_PROJECTIONS))
-            if projections:
-                raise ValueError(f"`target_modules`={sorted(peft_config.target_modules)} names FFN projections "
-                                 f"{projections}: MixLoRA adapts them through its experts; target the FFN block "
-                                 f"instead (e.g. 'mlp').")
+        refuse_ffn_projections(peft_config, "MixLoRA adapts them through its experts")
         return peft_config
 
     def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:

@@ -38,11 +38,11 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
-from .config import FFN_PROJECTIONS, LoraExpertConfig, _help, _number, _positive_int, _require
+from .config import LoraExpertConfig, _help, _number, _positive_int, _require
 from .functional import _grouped, permute_rows, top_k_gates
 from .layer import LoraExpertLayer, PlainLoraLinear, _batch_size
 from .losses import AuxLossContext, switch_loss
-from .model import ATTENTION, SUPPORTED_MODEL_TYPES, LoraExpertTuner
+from .model import ATTENTION, SUPPORTED_MODEL_TYPES, LoraExpertTuner, refuse_ffn_projections
 from .peft_types import add_peft_type
 
 PESC = add_peft_type("PESC")
@@ -222,12 +222,7 @@ class PescModel(LoraExpertTuner):
 
     def _prepare_adapter_config(self, peft_config: PescConfig, model_config: dict) -> PescConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        if not isinstance(peft_config.target_modules, str):
-            projections = sorted(set(peft_config.target_modules) & set(FFN_PROJECTIONS))
-            if projections:
-                raise ValueError(f"`target_modules`={sorted(peft_config.target_modules)} names FFN projections "
-                                 f"{projections}: PESC shares the frozen FFN among its experts and adapts its output; "
-                                 f"target the FFN block instead (e.g. 'mlp').")
+        refuse_ffn_projections(peft_config, "PESC shares the frozen FFN among its experts and adapts its output")
         return peft_config
 
     def _new_layer(self, config, adapter_name, target, key, layer_index, options) -> nn.Module:
