@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 import hf_moe
 from hf_moe.data import tasks_path, tiny_llama_path
 from hf_moe.finetune.lora_moe import MixtureOfLorasLinear, TaskIdsCollator
-from hf_moe.finetune.lora_moe.mixture_of_loras import MixtureOfLorasSettings, PromptRouting
+from hf_moe.finetune.lora_moe.mixture_of_loras import MixtureOfLorasSettings
+from hf_moe.finetune.lora_moe.prompt_routing import PromptRouting
 from hf_moe.finetune.recipes import run_recipe
 
 TASKS = ["add", "sort", "upper"]

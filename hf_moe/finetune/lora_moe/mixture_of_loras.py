@@ -36,7 +36,6 @@ training forwards by the labels are our reading of it, not checked against the p
 changed (but the router placement).
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,16 +45,15 @@ from torch.nn import functional as F
 from .config import LoraExpertConfig, TaskFields, _help, _number, _require
 from .layer import LinearWithExperts, LoraExpertLayer, RoutingRecord, _batch_size, outside_activation_checkpointing
 from .losses import AuxLossContext
-from .model import (
-    ATTENTION,
-    FFN,
-    SUPPORTED_MODEL_TYPES,
-    LoraExpertTuner,
-    generation_task_ids,
-    install_task_ids_hook,
-    remove_task_ids_hook,
-)
+from .model import ATTENTION, FFN, SUPPORTED_MODEL_TYPES, LoraExpertTuner, install_task_ids_hook, remove_task_ids_hook
 from .peft_types import add_peft_type
+from .prompt_routing import (
+    PromptRouting,
+    SequenceRoutedLayer,
+    install_prompt_routing_hooks,
+    pool_prompt,
+    remove_prompt_routing_hooks,
+)
 
 MIXTURE_OF_LORAS = add_peft_type("MIXTURE_OF_LORAS")
 STAGES = (1, 2)
@@ -125,16 +123,7 @@ class MixtureOfLorasConfig(LoraExpertConfig, TaskFields):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Routing from the prompt: what one forward's layers share
-
-
-@dataclass
-class PromptRouting:
-    """Set on every Mixture-of-LoRAs layer before a forward of the model (`_begin_prompt_routing`)."""
-
-    prompt_mask: torch.Tensor | None  # [B, S] bool: the real prompt tokens; None = every token
-    choices: dict  # (layer id, adapter) -> [B] expert of each sequence, decided on the prompt and kept
-    continuing: bool = False  # a decoding step on a cache whose prompt decisions are unknown
+# Routing records
 
 
 @dataclass
@@ -142,109 +131,6 @@ class SequenceRoutingRecord(RoutingRecord):
     """A stage-2 router call: `logits` [B, N] per sequence, `top_k_index` [B, 1] its choice."""
 
     targets: torch.Tensor | None = None  # [B] the samples' task ids, the router's labels; None without task ids
-
-
-_GENERATION_CHOICES = "_mixture_of_loras_generation_choices"
-_FORWARD_CHOICES = "_mixture_of_loras_forward_choices"
-_CACHE_CHOICES = "_mixture_of_loras_choices"
-
-
-def prompt_mask(args, kwargs) -> torch.Tensor | None:
-    """[B, S] bool of the prompt's real tokens: attention_mask (all ones without it), cut before each row's first
-    label != -100 when the forward has `labels` [B, S] (as a causal LM takes them, unshifted)."""
-    inputs = kwargs.get("input_ids", args[0] if args else None)
-    inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        return None
-    batch, length = inputs.shape[:2]
-    attention_mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == (batch, length):
-        mask = attention_mask.to(inputs.device).bool()
-    else:
-        mask = torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
-    if isinstance(labels, torch.Tensor) and labels.shape == (batch, length):
-        response = labels.to(inputs.device).ne(-100)
-        first = torch.where(response.any(dim=1), response.int().argmax(dim=1), length)
-        mask = mask & (torch.arange(length, device=inputs.device) < first[:, None])
-    return mask
-
-
-def _cache_length(cache) -> int:
-    return cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-
-
-def _input_cache(kwargs: dict):
-    """The cache a forward continues: `cache` in transformers 5.25 (`past_key_values` before, still accepted)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-def _output_cache(output):
-    """The cache a forward returns, read through the output's own field (`cache`, or `past_key_values` in older
-    transformers) rather than the deprecated alias."""
-    fields = getattr(output, "__dataclass_fields__", {})
-    name = next((name for name in ("cache", "past_key_values") if name in fields), None)
-    return getattr(output, name) if name is not None else None
-
-
-def _begin_prompt_routing(model, args, kwargs):
-    """Forward pre-hook: the prompt of this forward and where its decisions live. Inside `generation_routing` every
-    forward shares one dict (the first, the prompt's, fills it); a forward on a cache that a prompt's forward returned
-    reuses that forward's dict; any other forward starts an empty one. The state stays set after the forward, for the
-    recomputation of activation checkpointing, which so applies the forward's choices."""
-    cache = _input_cache(kwargs)
-    choices = model.__dict__.get(_GENERATION_CHOICES)
-    if choices is None and cache is not None:
-        choices = getattr(cache, _CACHE_CHOICES, None)
-    continuing = choices is None and _cache_length(cache) > 0
-    choices = {} if choices is None else choices
-    model.__dict__[_FORWARD_CHOICES] = choices
-    state = PromptRouting(prompt_mask(args, kwargs), choices, continuing)
-    for module in model.modules():
-        if isinstance(module, MixtureOfLorasLinear):
-            module.prompt_routing = state
-
-
-def _end_prompt_routing(model, args, kwargs, output):
-    """Forward hook: the cache this forward returns remembers its decisions, for the decoding steps that follow."""
-    choices = model.__dict__.pop(_FORWARD_CHOICES, None)
-    cache = _output_cache(output)
-    if choices and cache is not None and getattr(cache, _CACHE_CHOICES, None) is not choices:
-        try:
-            setattr(cache, _CACHE_CHOICES, choices)
-        except AttributeError:  # a cache type that takes no attribute: generate still keeps the choices
-            pass
-
-
-def install_prompt_routing_hooks(model: nn.Module) -> None:
-    if _begin_prompt_routing not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_begin_prompt_routing, with_kwargs=True)
-        model.register_forward_hook(_end_prompt_routing, with_kwargs=True)
-
-
-def remove_prompt_routing_hooks(model: nn.Module) -> None:
-    for hooks, extras in ((model._forward_pre_hooks, (model._forward_pre_hooks_with_kwargs,)),
-                          (model._forward_hooks, (model._forward_hooks_with_kwargs,))):
-        for key in [key for key, hook in hooks.items() if hook in (_begin_prompt_routing, _end_prompt_routing)]:
-            del hooks[key]
-            for extra in extras:
-                extra.pop(key, None)
-
-
-@contextmanager
-def generation_routing(model: nn.Module, task_ids=None):
-    """Within the block, the first forward of `model` (generate's prefill: the prompt) decides every sequence's
-    experts and every later forward keeps them, with a cache (one new token a step) or without (the whole sequence
-    again). `task_ids`, when given, reach every step as in MOELoRA's `generation_task_ids`."""
-    model.__dict__[_GENERATION_CHOICES] = {}
-    try:
-        if task_ids is None:
-            yield
-        else:
-            with generation_task_ids(model, task_ids):
-                yield
-    finally:
-        model.__dict__.pop(_GENERATION_CHOICES, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +146,7 @@ class MixtureOfLorasSettings:
     stage2_routing: str = "label"
 
 
-class MixtureOfLorasLinear(LinearWithExperts):
+class MixtureOfLorasLinear(LinearWithExperts, SequenceRoutedLayer):
     """A frozen Linear plus N LoRA experts of rank r, one per task, of which each sequence uses one:
 
         y[b, s] = W x[b, s] + bias + (alpha / r) * B_{e_b} A_{e_b} dropout(x[b, s])
@@ -342,23 +228,7 @@ class MixtureOfLorasLinear(LinearWithExperts):
     def router_logits(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """W_router pool(x) per sequence, [B, N] fp32: pool = mean over the prompt tokens or the last prompt token."""
         mask = self.prompt_routing.prompt_mask if self.prompt_routing is not None else None
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        if mask.shape != tokens.shape[:2]:
-            raise ValueError(f"Mixture-of-LoRAs: the prompt mask has shape {tuple(mask.shape)} but the module's input "
-                             f"has {tuple(tokens.shape[:2])} tokens.")
-        mask = mask.to(tokens.device)
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"Mixture-of-LoRAs routes each sequence from its prompt (its real tokens before the first "
-                             f"label != -100), but sequences {empty} have none: train on prompt/response data (a "
-                             f"recipe's data.prompt_field and response_field, or messages_field).")
-        if self.settings[adapter_name].router_input == "prompt_mean":
-            weights = mask.to(tokens.dtype).unsqueeze(-1)  # [B, S, 1]
-            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-        else:
-            last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # the last prompt token of each row
-            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+        pooled = pool_prompt(tokens, mask, self.settings[adapter_name].router_input)  # [B, in]
         router = self.mixture_of_loras_router[adapter_name]
         return F.linear(pooled.to(router.dtype), router).float()
 

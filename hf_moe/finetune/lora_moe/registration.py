@@ -18,10 +18,11 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
-from .mixture_of_loras import MIXTURE_OF_LORAS, MixtureOfLorasConfig, MixtureOfLorasModel, generation_routing
+from .mixture_of_loras import MIXTURE_OF_LORAS, MixtureOfLorasConfig, MixtureOfLorasModel
 from .model import FORWARDED_TASK_IDS_KWARG, LoraMoeModel, MixLoraModel, MoeLoraModel, MolaModel, generation_task_ids
 from .peft_types import LORAMOE, MIXLORA, MOELORA, MOLA
 from .pesc import PESC, PescConfig, PescModel
+from .prompt_routing import generation_routing
 
 METHODS = {MIXLORA: (MixLoraConfig, MixLoraModel), LORAMOE: (LoraMoeConfig, LoraMoeModel),
            MOLA: (MolaConfig, MolaModel), MOELORA: (MoeLoraConfig, MoeLoraModel), PESC: (PescConfig, PescModel),
@@ -48,7 +49,7 @@ def forward_task_ids_to_moelora() -> None:
     under `FORWARDED_TASK_IDS_KWARG`, to the adapted model, whose forward pre-hook gives them to the layers.
     `generate` passes unknown model kwargs to transformers, which refuses them: wrap it too, so that `task_ids` given
     once to generate reach every decoding step (`model.generation_task_ids`), and so that Mixture-of-LoRAs keeps the
-    experts its routers chose on the prompt for every generated token (`mixture_of_loras.generation_routing`)."""
+    experts its routers chose on the prompt for every generated token (`prompt_routing.generation_routing`)."""
     forward, generate = PeftModelForCausalLM.forward, PeftModelForCausalLM.generate
     if getattr(forward, "_forwards_task_ids_to_moelora", False):
         return
