@@ -99,6 +99,8 @@ class MixtureOfLorasConfig(LoraExpertConfig, TaskFields):
     stage2_train_experts: bool = field(
         default=True, metadata=_help("Stage 2: train the experts too (True) or only the routers (False)."))
 
+    routes_per_sequence = True  # decisions taken on the prompt, kept while generating (prompt_routing.py)
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MIXTURE_OF_LORAS

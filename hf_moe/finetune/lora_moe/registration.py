@@ -63,7 +63,7 @@ def forward_task_ids_to_moelora() -> None:
 
     @functools.wraps(generate)
     def generate_with_task_ids(self, *args, **kwargs):
-        if self.active_peft_config.peft_type == MIXTURE_OF_LORAS:  # decided on the prompt, kept for every token
+        if getattr(self.active_peft_config, "routes_per_sequence", False):  # decided on the prompt, kept for every token
             with generation_routing(self.get_base_model(), kwargs.pop("task_ids", None)):
                 return generate(self, *args, **kwargs)
         if kwargs.get("task_ids") is None or self.active_peft_config.peft_type != MOELORA:
