@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,43 @@ def random_input_ids(batch_size: int, seq_len: int, seed: int = 1) -> torch.Long
     """Token ids in [1, VOCAB_SIZE): never the pad token."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+
+
+REMOTE_CODE_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    inputs, results = torch.load(sys.argv[1], weights_only=True), {}
+    for name, folder in zip(inputs["names"], sys.argv[2:-1]):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        result = results[name] = {"classes": {path: type(module).__module__ + "." + type(module).__name__
+                                              for path, module in model.named_modules()}}
+        with torch.no_grad():
+            result["logits"] = model(inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+            if "generate" in inputs and name in inputs["generate_for"]:
+                generated = model.generate(**inputs["generate"], do_sample=False, pad_token_id=0,
+                                           return_dict_in_generate=True)
+                result["sequences"] = generated.sequences
+                result["cache_layers"] = len(generated.past_key_values.layers)
+    torch.save(results, sys.argv[-1])
+    """
+)
+
+
+def load_as_remote_code_without_hf_moe(folders: dict[str, Path], inputs: dict, tmp_path: Path,
+                                       generate_for: list[str] | None = None) -> dict:
+    """Load every saved model of `folders` (name -> folder) in a fresh process without hf_moe, through
+    `trust_remote_code`, and return per name: `logits` of `inputs["input_ids"]` (with `inputs["attention_mask"]`
+    when given), `classes` (module path -> "module.Class" of the loaded model) and, when `inputs["generate"]` holds
+    generate's arguments, the greedy `sequences` and the number of `cache_layers` of its cache (for the names in
+    `generate_for`, all by default)."""
+    inputs = {**inputs, "names": list(folders), "generate_for": list(folders) if generate_for is None else generate_for}
+    torch.save(inputs, tmp_path / "remote_code_inputs.pt")
+    return run_child_without_hf_moe(REMOTE_CODE_CHILD, [tmp_path / "remote_code_inputs.pt", *folders.values()],
+                                    tmp_path)
 
 
 def run_child_without_hf_moe(script: str, args: list, tmp_path: Path) -> dict:

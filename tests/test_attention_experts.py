@@ -8,18 +8,17 @@ width 64 or 16); 3 attention experts, top-2.
 """
 
 import math
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
     PAD_TOKEN_ID,
+    load_as_remote_code_without_hf_moe,
     make_deepseek_config,
     make_mixtral_config,
     random_input_ids,
     randomize_weights_,
-    run_child_without_hf_moe,
 )
 from test_trainer import causal_lm_rows, train_one_step
 from torch.testing import assert_close
@@ -212,46 +211,28 @@ def test_the_attention_routers_losses_are_the_switch_and_z_losses_added_with_the
 # Save/load, remote code, gradient checkpointing, Trainer
 # --------------------------------------------------------------------------------------------------------------
 
-CHILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    inputs = torch.load(sys.argv[1], weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    generated = model.generate(inputs["prompt"], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
-    attention = type(model.model.layers[0].self_attn)
-    torch.save({"logits": logits, "generated": generated, "class": attention.__module__ + "." + attention.__name__},
-               sys.argv[3])
-    """
-)
-
-
 def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     model = experts_model("deepseek", seed=1)
     input_ids = random_input_ids(2, 7)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, -2:] = 0
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": random_input_ids(2, 4, seed=3)}
+    prompt = random_input_ids(2, 4, seed=3)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "generate": {"input_ids": prompt, "max_new_tokens": 6, "min_new_tokens": 6}}
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert (loaded.config.num_attention_experts, loaded.config.num_attention_experts_per_tok) == (3, 2)
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
-    torch.save(inputs, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "model"], tmp_path)
-    assert child["class"].startswith("transformers_modules.")
-    assert child["class"].endswith("modeling_hf_moe.MoEAttentionExperts")
+    child = load_as_remote_code_without_hf_moe({"model": tmp_path / "model"}, inputs, tmp_path)["model"]
+    attention = child["classes"]["model.layers.0.self_attn"]
+    assert attention.startswith("transformers_modules.") and attention.endswith("modeling_hf_moe.MoEAttentionExperts")
     with torch.no_grad():
         expected = model(input_ids, attention_mask=attention_mask).logits
     # bit-identical weights; memory-mapped ones may take another CPU matmul path (a few ulps)
     assert_close(child["logits"], expected, atol=ATOL, rtol=0)
-    assert torch.equal(child["generated"], greedy(model, inputs["prompt"], True))
+    assert torch.equal(child["sequences"], greedy(model, prompt, True))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -9,17 +9,16 @@ Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 to 8 experts).
 
 import math
 import re
-import textwrap
 
 import pytest
 import torch
 from conftest import (
     PAD_TOKEN_ID,
+    load_as_remote_code_without_hf_moe,
     make_deepseek_config,
     make_mixtral_config,
     random_input_ids,
     randomize_weights_,
-    run_child_without_hf_moe,
 )
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from test_trainer import causal_lm_rows, train_one_step
@@ -242,25 +241,6 @@ def test_attention_experts_routers_are_recorded_for_every_attention_sub_block():
 # --------------------------------------------------------------------------------------------------------------
 
 
-CHILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    inputs = torch.load(sys.argv[1], weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
-                                   max_new_tokens=4, pad_token_id=0, return_dict_in_generate=True)
-    torch.save({"logits": logits, "module": type(model).__module__, "sequences": generated.sequences,
-                "cache_layers": len(generated.past_key_values.layers)}, sys.argv[3])
-    """
-)
-
-
 def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     model = layout_model("deepseek", seed=1)
     input_ids = random_input_ids(2, 7)
@@ -272,9 +252,10 @@ def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     assert (loaded.config.first_k_dense_replace, loaded.config.moe_layer_freq) == (None, None)
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
-    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "model"], tmp_path)
-    assert child["module"].startswith("transformers_modules.")
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "generate": {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 4}}
+    child = load_as_remote_code_without_hf_moe({"model": tmp_path / "model"}, inputs, tmp_path)["model"]
+    assert child["classes"][""].startswith("transformers_modules.")
     assert child["cache_layers"] == NUM_ATTENTIONS
     with torch.no_grad():
         expected = model(input_ids, attention_mask=attention_mask).logits

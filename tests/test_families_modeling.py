@@ -9,8 +9,13 @@ norms, sinks and the selection bias included); logits must agree within 1e-5 abs
 
 import pytest
 import torch
-from conftest import PAD_TOKEN_ID, VOCAB_SIZE, random_input_ids, randomize_weights_, run_child_without_hf_moe
-from test_mla import CHILD_SCRIPT
+from conftest import (
+    PAD_TOKEN_ID,
+    VOCAB_SIZE,
+    load_as_remote_code_without_hf_moe,
+    random_input_ids,
+    randomize_weights_,
+)
 from test_modeling import _plan_regex
 from torch.testing import assert_close
 from transformers import (
@@ -400,12 +405,13 @@ def test_family_fields_and_logits_survive_save_and_load(family, tmp_path):
 def test_gpt_oss_like_model_loads_as_remote_code_without_hf_moe(tmp_path):
     _, model = make_pair("gpt_oss", seed=1)
     model.save_pretrained(tmp_path / "model")
-    inputs = {"input_ids": random_input_ids(2, 7), "prompt": random_input_ids(2, 4, seed=3)}
-    torch.save(inputs, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "model", tmp_path / "inputs.pt"], tmp_path)
-    assert child["attention_class"].startswith("transformers_modules.")
+    prompt = random_input_ids(2, 4, seed=3)
+    inputs = {"input_ids": random_input_ids(2, 7),
+              "generate": {"input_ids": prompt, "max_new_tokens": 6, "min_new_tokens": 6}}
+    child = load_as_remote_code_without_hf_moe({"model": tmp_path / "model"}, inputs, tmp_path)["model"]
+    assert child["classes"]["model.layers.0.self_attn"].startswith("transformers_modules.")
     with torch.no_grad():
         assert_close(child["logits"], model(inputs["input_ids"]).logits, atol=1e-6, rtol=0)
-        expected = model.generate(inputs["prompt"], do_sample=False, max_new_tokens=6, min_new_tokens=6,
+        expected = model.generate(prompt, do_sample=False, max_new_tokens=6, min_new_tokens=6,
                                   pad_token_id=PAD_TOKEN_ID)
-    assert torch.equal(child["generated"], expected)
+    assert torch.equal(child["sequences"], expected)

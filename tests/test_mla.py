@@ -5,11 +5,16 @@ Every model is tiny and fp32: hidden 32, 4 heads, q rank 24, kv rank 16, nope 8 
 (v != q/k head dim, as in DeepSeek, where 128 != 192).
 """
 
-import textwrap
 
 import pytest
 import torch
-from conftest import PAD_TOKEN_ID, make_deepseek_config, random_input_ids, randomize_weights_, run_child_without_hf_moe
+from conftest import (
+    PAD_TOKEN_ID,
+    load_as_remote_code_without_hf_moe,
+    make_deepseek_config,
+    random_input_ids,
+    randomize_weights_,
+)
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_trainer import causal_lm_rows, train_one_step
 from torch.testing import assert_close
@@ -294,36 +299,19 @@ def test_trainer_step_with_aux_loss_updates_attention_and_router(tmp_path):
 # Save and load, with hf_moe and as remote code without it
 # --------------------------------------------------------------------------------------------------------------
 
-CHILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder, inputs = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(inputs["input_ids"]).logits
-    generated = model.generate(inputs["prompt"], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
-    torch.save({"logits": logits, "generated": generated,
-                "attention_class": type(model.model.layers[0].self_attn).__module__ + "."
-                + type(model.model.layers[0].self_attn).__name__}, sys.argv[3])
-    """
-)
-
-
 def test_saved_model_loads_as_remote_code_without_hf_moe(tmp_path):
     model = mla_model(seed=1)
     model.save_pretrained(tmp_path / "model")
-    inputs = {"input_ids": random_input_ids(2, 7), "prompt": random_input_ids(2, 4, seed=3)}
-    torch.save(inputs, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "model", tmp_path / "inputs.pt"], tmp_path)
-    assert child["attention_class"].startswith("transformers_modules.")
-    assert child["attention_class"].endswith("modeling_hf_moe.MoEMultiLatentAttention")
+    prompt = random_input_ids(2, 4, seed=3)
+    inputs = {"input_ids": random_input_ids(2, 7),
+              "generate": {"input_ids": prompt, "max_new_tokens": 6, "min_new_tokens": 6}}
+    child = load_as_remote_code_without_hf_moe({"model": tmp_path / "model"}, inputs, tmp_path)["model"]
+    attention = child["classes"]["model.layers.0.self_attn"]
+    assert attention.startswith("transformers_modules.")
+    assert attention.endswith("modeling_hf_moe.MoEMultiLatentAttention")
     with torch.no_grad():
         assert_close(child["logits"], model(inputs["input_ids"]).logits, atol=1e-6, rtol=0)
-    assert torch.equal(child["generated"], greedy(model, inputs["prompt"], new_tokens=6))
+    assert torch.equal(child["sequences"], greedy(model, prompt, new_tokens=6))
 
 
 def test_config_round_trips_with_head_dim_as_the_rotary_dim(tmp_path):

@@ -7,18 +7,17 @@ Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 experts of width 6
 """
 
 import math
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
     PAD_TOKEN_ID,
+    load_as_remote_code_without_hf_moe,
     make_deepseek_config,
     make_mixtral_config,
     random_input_ids,
     randomize_weights_,
-    run_child_without_hf_moe,
 )
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from test_trainer import causal_lm_rows, train_one_step
@@ -302,22 +301,6 @@ def test_greedy_generation_with_cache_matches_without_cache(family, overrides):
     assert_close(step[:, -1], full[:, -1], atol=ATOL, rtol=0)
 
 
-CHILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    inputs = torch.load(sys.argv[1], weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    torch.save({"logits": logits, "module": type(model).__module__}, sys.argv[3])
-    """
-)
-
-
 def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     model = null_model("deepseek", seed=1)
     input_ids = random_input_ids(2, 7)
@@ -329,9 +312,9 @@ def test_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     assert loaded.model.layers[1].mlp.gate.null_weight.shape == (3, 32)
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
-    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "model"], tmp_path)
-    assert child["module"].startswith("transformers_modules.")
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    child = load_as_remote_code_without_hf_moe({"model": tmp_path / "model"}, inputs, tmp_path)["model"]
+    assert child["classes"][""].startswith("transformers_modules.")
     with torch.no_grad():
         expected = model(input_ids, attention_mask=attention_mask).logits
     assert_close(child["logits"], expected, atol=1e-6, rtol=0)

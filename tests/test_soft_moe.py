@@ -5,18 +5,17 @@ caching, save/load and remote code, gradient checkpointing, Trainer and config v
 Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 experts of width 64, 2 layers).
 """
 
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
     PAD_TOKEN_ID,
+    load_as_remote_code_without_hf_moe,
     make_deepseek_config,
     make_mixtral_config,
     random_input_ids,
     randomize_weights_,
-    run_child_without_hf_moe,
 )
 from test_trainer import causal_lm_rows, classification_rows, train_one_step
 from torch.testing import assert_close
@@ -173,47 +172,29 @@ def test_soft_merging_greedy_generation_with_cache_matches_without_cache(family)
 # Save/load, remote code, gradient checkpointing, Trainer
 # --------------------------------------------------------------------------------------------------------------
 
-CHILD_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["hf_moe"] = None  # `import hf_moe` raises ImportError in this process
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    inputs, result = torch.load(sys.argv[1], weights_only=True), {}
-    for kind in ("soft_moe", "soft_merging"):
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[2] + "/" + kind, trust_remote_code=True).eval()
-        with torch.no_grad():
-            result[kind] = model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        result[kind + "_class"] = type(model.model.layers[0].mlp).__module__ + "." + type(model.model.layers[0].mlp).__name__
-    result["generated"] = model.generate(inputs["prompt"], do_sample=False, max_new_tokens=6, min_new_tokens=6,
-                                         pad_token_id=0)
-    torch.save(result, sys.argv[3])
-    """
-)
-
-
 def test_soft_models_save_load_and_load_as_remote_code_without_hf_moe(tmp_path):
     models = {"soft_moe": soft_model("soft_moe", seed=1), "soft_merging": soft_model("soft_merging", seed=2)}
     input_ids = random_input_ids(2, 7)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, -2:] = 0
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt": random_input_ids(2, 4, seed=3)}
+    prompt = random_input_ids(2, 4, seed=3)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "generate": {"input_ids": prompt, "max_new_tokens": 6, "min_new_tokens": 6}}
     for kind, model in models.items():
         model.save_pretrained(tmp_path / "models" / kind)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / kind).eval()
         assert loaded.config.moe_block_type == kind
         for key, tensor in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], tensor), (kind, key)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    child = run_child_without_hf_moe(CHILD_SCRIPT, [tmp_path / "inputs.pt", tmp_path / "models"], tmp_path)
+    children = load_as_remote_code_without_hf_moe({kind: tmp_path / "models" / kind for kind in models}, inputs,
+                                                  tmp_path, generate_for=["soft_merging"])  # Soft MoE is not causal
     for kind, class_name in (("soft_moe", "MoESoftBlock"), ("soft_merging", "MoESoftMergingBlock")):
-        assert child[kind + "_class"].startswith("transformers_modules.")
-        assert child[kind + "_class"].endswith("modeling_hf_moe." + class_name)
+        block = children[kind]["classes"]["model.layers.0.mlp"]
+        assert block.startswith("transformers_modules.") and block.endswith("modeling_hf_moe." + class_name)
         with torch.no_grad():
             expected = models[kind](input_ids, attention_mask=attention_mask).logits
-        assert_close(child[kind], expected, atol=1e-6, rtol=0)
-    assert torch.equal(child["generated"], greedy(models["soft_merging"], inputs["prompt"], True))
+        assert_close(children[kind]["logits"], expected, atol=1e-6, rtol=0)
+    assert torch.equal(children["soft_merging"]["sequences"], greedy(models["soft_merging"], prompt, True))
 
 
 @pytest.mark.parametrize("kind", ["soft_moe", "soft_merging"])
