@@ -912,7 +912,9 @@ def our_tensor_shapes(config: MoEDecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def parameter_counts(config: MoEDecoderConfig, names: Iterable[str] | None = None) -> tuple[int, int]:
     """(total, active per token) parameters of our model for `config`, over the state-dict `names` (default: all
-    of them, a tied head counted once). A token runs k of the E routed experts of each sparse layer."""
+    of them, a tied head counted once). A token runs k of the E routed experts of each sparse layer. "Active" is
+    the most a token can run: a token that picks null experts (`num_null_experts`) runs fewer real ones, and under
+    Mixture-of-Depths (`mod_capacity`) a token skips the routed blocks it is not chosen for."""
     shapes = our_tensor_shapes(config)
     if names is None:
         names = [name for name in shapes if not (name == "lm_head.weight" and config.tie_word_embeddings)]
