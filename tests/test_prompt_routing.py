@@ -77,3 +77,20 @@ def test_hook_computes_features_once_per_prompt(monkeypatch):
         with generation_routing(model.get_base_model()):
             model.generate(input_ids=ids[:, :3], max_new_tokens=4, do_sample=False, use_cache=use_cache)
         assert len(calls) == 1, use_cache
+
+
+def test_prompt_features_run_without_dropout_and_restore_every_mode():
+    """In a training model with attention dropout the features are still the eval-mode ones (the same in training and
+    at inference), and every module's training switch is as it was."""
+    model = mol_model(stage=2)
+    base = model.get_base_model()
+    ids = token_ids(batch=2, seq=6, seed=5)
+    expected = prompt_features(base.eval(), 1, None, input_ids=ids)
+    for module in base.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    model.train()
+    base.model.layers[0].mlp.eval()  # a mixed state, restored as it was
+    modes = {name: module.training for name, module in base.named_modules()}
+    assert_close(prompt_features(base, 1, None, input_ids=ids), expected, rtol=0, atol=0)
+    assert modes == {name: module.training for name, module in base.named_modules()}

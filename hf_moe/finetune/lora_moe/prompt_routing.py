@@ -130,18 +130,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module):
-    """Every adapter layer of `model` runs as its base layer inside the block (without touching requires_grad, as
-    peft's `enable_adapters(False)` would)."""
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    saved = [layer._disable_adapters for layer in layers]
-    for layer in layers:
+def frozen_base(model: nn.Module):
+    """Inside the block `model` runs as its frozen base model in eval mode: every adapter layer as its base layer
+    (without touching requires_grad, as peft's `enable_adapters(False)` would) and no dropout; each module's switches
+    are restored after."""
+    modules = list(model.modules())
+    adapters = [module for module in modules if isinstance(module, BaseTunerLayer)]
+    disabled, training = [layer._disable_adapters for layer in adapters], [module.training for module in modules]
+    for layer in adapters:
         layer._disable_adapters = True
+    model.eval()
     try:
         yield
     finally:
-        for layer, value in zip(layers, saved):
+        for layer, value in zip(adapters, disabled):
             layer._disable_adapters = value
+        for module, value in zip(modules, training):
+            module.training = value
 
 
 @torch.no_grad()
@@ -149,7 +154,8 @@ def prompt_features(model: nn.Module, layer: int, mask: torch.Tensor | None, *, 
                     attention_mask=None, position_ids=None) -> torch.Tensor:
     """[B, hidden] fp32: the mean over the prompt tokens (`mask` [B, S]; None = all) of the frozen base model's
     hidden state after decoder layer `layer` (0 = the input embeddings; the last layer's output is taken before the
-    model's final norm), with every adapter disabled. `model` is the
+    model's final norm), with every adapter disabled and in eval mode (no dropout: the same features in training and
+    at inference). `model` is the
     adapted transformers model (the PeftModel's base model); its own forward hooks do not run."""
     num_layers = len(decoder_layers(model))
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= num_layers:
@@ -165,7 +171,7 @@ def prompt_features(model: nn.Module, layer: int, mask: torch.Tensor | None, *, 
     handle = decoder_layers(model)[layer - 1].register_forward_hook(stop)
     model.__dict__[_COMPUTING_FEATURES] = True
     try:
-        with adapters_disabled(model):
+        with frozen_base(model):
             model.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=False)
     except _FeaturesReady as ready:
