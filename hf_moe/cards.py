@@ -190,8 +190,9 @@ def expert_load(model: torch.nn.Module, batches: Iterable) -> dict:
     """Routing of `model` over `batches`: per router (rows) the share of its routed tokens that each expert got.
 
     `batches`: input_ids tensors ([B, S] or [S]) or dicts with `input_ids` and optionally `attention_mask` (padding
-    is not counted; other keys are ignored). Top-k routers count each token's k dispatched slots (slots dropped by
-    capacity are not); dense LoRAMoE gates count each token's softmax weights. Returns `{"rows": labels, "share":
+    is not counted) and `task_ids` (for routers chosen by task, MMoE task gates); other keys are ignored. Top-k
+    routers count each token's k dispatched slots (slots dropped by capacity are not); dense LoRAMoE gates count each
+    token's softmax weights. Returns `{"rows": labels, "share":
     [[...], ...], "tokens": tokens counted}`; each row sums to 1.
     """
     routers = _routers(model)
@@ -215,8 +216,9 @@ def expert_load(model: torch.nn.Module, batches: Iterable) -> dict:
     try:
         for batch in batches:
             inputs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else {
-                key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
-            inputs = {key: (value if value.dim() > 1 else value[None]).to(device) for key, value in inputs.items()}
+                key: batch[key] for key in ("input_ids", "attention_mask", "task_ids") if key in batch}
+            inputs = {key: (value if value.dim() > 1 or key == "task_ids" else value[None]).to(device)  # [S] -> [1, S]
+                      for key, value in inputs.items()}
             mask = inputs.get("attention_mask")
             current["tokens"] = mask.reshape(-1).bool() if mask is not None else None
             total_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
@@ -435,11 +437,14 @@ def architecture(folder: Path) -> dict | None:
 
 def adapter_table(folder: Path, adapter_config: dict) -> dict:
     """The adapter table: method, experts, rank, adapted modules, and adapter parameters in total and per token
-    (a stacked expert tensor [E, ...] of a top-k method counts k/E of its parameters per token)."""
+    (a stacked expert tensor [E, ...] of a top-k method counts k/E of its parameters per token, a router per task
+    [num_tasks, E, in] 1/num_tasks)."""
     from safetensors import safe_open
 
     peft_type, top_k = adapter_config.get("peft_type", "LORA"), adapter_config.get("top_k")
-    experts = adapter_config.get("num_experts")
+    if peft_type in ("MOCLE", "MIXTURE_OF_LORAS", "EXPERT_GATE"):  # one expert per sequence (MoCLE: + the universal)
+        top_k = 1
+    experts = adapter_config.get("num_experts") or adapter_config.get("num_tasks")  # one expert per task: num_tasks
     with safe_open(folder / "adapter_model.safetensors", framework="pt") as weights:
         shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
     total = active = 0
@@ -449,15 +454,28 @@ def adapter_table(folder: Path, adapter_config: dict) -> dict:
             layer = re.search(r"layers\.(\d+)\.", name)
             k = top_k[int(layer.group(1))] if layer else max(top_k)
         stacked = len(shape) == 3 and name.rsplit(".", 1)[-1].endswith(("_A", "_B"))
+        per_task = len(shape) == 3 and name.endswith("_router")  # MMoE task gates: a token uses its task's router
         total += size
-        active += size * min(k, shape[0]) // shape[0] if stacked and k else size
+        active += size * min(k, shape[0]) // shape[0] if stacked and k else size // shape[0] if per_task else size
     method = {"MIXLORA": "MixLoRA", "LORAMOE": "LoRAMoE", "MOLA": "MoLA", "MOELORA": "MOELoRA",
-              "PESC": "PESC"}.get(peft_type)
+              "PESC": "PESC", "MOCLE": "MoCLE", "MIXTURE_OF_LORAS": "Mixture-of-LoRAs", "EXPERT_GATE": "Expert Gate"
+              }.get(peft_type)
     routing = {"MIXLORA": f"top-{top_k} of {experts} LoRA experts per FFN block",
                "LORAMOE": f"{experts} LoRA experts per adapted Linear, mixed by dense softmax gates",
                "MOLA": f"top-{top_k} of {experts} LoRA experts per adapted Linear",
                "MOELORA": f"{experts} LoRA experts per adapted Linear, mixed by per-task gates",
-               "PESC": f"top-{top_k} of {experts} adapter experts on each FFN block's output"}.get(peft_type)
+               "PESC": f"top-{top_k} of {experts} adapter experts on each FFN block's output",
+               "MOCLE": f"top-1 of {experts} LoRA experts per adapted Linear, chosen per sequence by its prompt's "
+                        f"cluster ({adapter_config.get('num_clusters')} k-means clusters), plus a universal LoRA "
+                        f"expert",
+               "MIXTURE_OF_LORAS": f"one of {experts} LoRA experts (one per task) per adapted Linear, chosen per "
+                                   f"sequence by its task (stage 1) or its router on the prompt (stage 2)",
+               "EXPERT_GATE": f"one of {experts} LoRA experts (one per task) per adapted Linear, chosen per sequence "
+                              f"by the task autoencoder that best reconstructs its prompt's features"}.get(peft_type)
+    if routing and adapter_config.get("task_gates"):
+        routing += f", one router per task ({adapter_config.get('num_tasks')} tasks, MMoE gates)"
+    if routing and adapter_config.get("gate_sharing") == "global":
+        routing += " (one task gate for the whole model)"
     targets = adapter_config.get("target_modules")
     targets = ", ".join(f"`{t}`" for t in sorted(targets)) if isinstance(targets, list) else f"`{targets}`"
     return {"peft_type": peft_type, "method": method or peft_type, "moe": method is not None, "experts": experts,

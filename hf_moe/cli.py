@@ -302,10 +302,11 @@ def run_materialize(args: argparse.Namespace) -> int:
 def add_finetune_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "finetune", formatter_class=_HelpFormatter,
-        help="fine-tune from a YAML recipe (full, lora, mixlora, loramoe, mola, moelora, pesc, mixture_of_loras)",
+        help="fine-tune from a YAML recipe (full, lora, mixlora, loramoe, mola, moelora, pesc, mixture_of_loras, "
+             "mocle, expert_gate)",
         description=(
             "Run the fine-tune a YAML recipe describes: model (folder or Hub id), method (full, lora, mixlora,\n"
-            "loramoe, mola, moelora, pesc, mixture_of_loras) with its peft options, data (local json/jsonl/csv/parquet or a Hub dataset) and training\n"
+            "loramoe, mola, moelora, pesc, mixture_of_loras, mocle, expert_gate) with its peft options, data (local json/jsonl/csv/parquet or a Hub dataset) and training\n"
             "(TrainingArguments). The whole recipe is checked before anything is loaded. OUT gets the adapter or\n"
             "the full model (safetensors), the tokenizer and recipe.yaml. Examples: recipes/*.yaml."
         ),

@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 
 import hf_moe
 from hf_moe.cards import (
+    adapter_table,
     card_kind,
     card_text,
     expert_load,
@@ -251,6 +252,22 @@ def test_a_mixlora_fine_tune_and_its_materialized_model_get_their_cards(tiny, tm
     card = read_card(moe)
     assert card_kind(moe) == "finetuned" and "| eval_loss |" in card.text and "![Share of routed" in card.text
     assert (moe / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize(("peft_type", "method"), [("MIXTURE_OF_LORAS", "Mixture-of-LoRAs"),
+                                                  ("EXPERT_GATE", "Expert Gate")])
+def test_adapter_table_of_a_per_sequence_method_counts_one_expert_per_token(peft_type, method, tmp_path):
+    """One LoRA expert per task, one chosen per sequence: of the stacked A [3, r, in] / B [3, out, r] a token runs one
+    expert's third; the router [3, in] runs whole."""
+    from safetensors.torch import save_file
+
+    prefix = peft_type.lower() + "_"
+    save_file({f"layers.0.q_proj.{prefix}A": torch.zeros(3, 2, 8), f"layers.0.q_proj.{prefix}B": torch.zeros(3, 8, 2),
+               f"layers.0.q_proj.{prefix}router": torch.zeros(3, 8)}, tmp_path / "adapter_model.safetensors")
+    table = adapter_table(tmp_path, {"peft_type": peft_type, "num_tasks": 3, "r": 2, "target_modules": ["q_proj"]})
+    assert (table["method"], table["experts"], table["top_k"]) == (method, 3, 1)
+    assert table["experts_text"].startswith("one of 3 LoRA experts (one per task)")
+    assert (table["total"], table["active"]) == (2 * 48 + 24, 2 * 16 + 24)
 
 
 def test_a_plain_saved_model_gets_a_model_card(tmp_path):

@@ -150,14 +150,17 @@ def test_default_target_modules_for_llama_and_a_clear_error_otherwise():
 # MixLoRA forward
 
 
-def naive_mixlora_block(block: MixLoraFeedForward, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
+def naive_mixlora_block(block: MixLoraFeedForward, x: torch.Tensor, adapter: str = "default",
+                        router: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's definition, one token and one expert at a time: y = sum_{e in top-k} w_e FFN_e(x) with
-    FFN_e = down_e(act(gate_e x) * up_e x) and every projection W + (alpha / r) B_e A_e (biases kept)."""
+    FFN_e = down_e(act(gate_e x) * up_e x) and every projection W + (alpha / r) B_e A_e (biases kept). `router`
+    [E, H]: the router to use (default: the block's)."""
     ffn, w, s, k = block.base_layer, block.adapter_tensors(adapter), block.scaling[adapter], block.top_k[adapter]
+    router = w["router"] if router is None else router
     tokens = x.reshape(-1, x.shape[-1])
     out = torch.zeros_like(tokens)
     for t, token in enumerate(tokens):
-        probs = torch.softmax(w["router"] @ token, dim=-1)
+        probs = torch.softmax(router @ token, dim=-1)
         top = probs.topk(k)
         for weight, e in zip(top.values / top.values.sum(), top.indices):
             gate = F.linear(token, ffn.gate_proj.weight + s * w["gate_B"][e] @ w["gate_A"][e], ffn.gate_proj.bias)

@@ -282,6 +282,10 @@ METHOD_RECIPES = {
     "mixlora": ("mixlora.yaml", {"data.prompt_template": "{prompt}"}),
     "loramoe": ("loramoe.yaml", {"data.prompt_template": "{prompt}"}),
     "mola": ("mola.yaml", {"data.prompt_template": "{prompt}"}),
+    "mocle": ("mocle.yaml", {"data.prompt_field": "instruction", "data.response_field": "output",
+                             "peft.num_clusters": 2}),  # its k-means is fitted on the 8 rows: seeded too
+    "expert_gate": ("expert_gate.yaml", {"data.prompt_field": "instruction", "data.response_field": "output",
+                                         "data.task_field": "task_type"}),  # two tasks: the rows' types
 }
 SHORT_RUN = {"data.max_length": 24, "training.max_steps": 2, "training.per_device_train_batch_size": 2,
              "training.gradient_accumulation_steps": 1, "training.save_strategy": "no", "training.logging_steps": 1,

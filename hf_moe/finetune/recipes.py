@@ -2,6 +2,7 @@
 
     model: path/to/model                 # local folder or Hub id
     method: mixlora                      # full | lora | mixlora | loramoe | mola | moelora | pesc | mixture_of_loras
+                                         # | mocle | expert_gate
     peft: {r: 8, num_experts: 8}         # the method's config fields (peft's LoraConfig for `lora`)
     data: {train_file: train.jsonl, prompt_field: instruction, response_field: output, max_length: 512}
     training: {learning_rate: 2.0e-4, max_steps: 1000, per_device_train_batch_size: 4}   # TrainingArguments
@@ -43,10 +44,13 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "lora", "mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras")
-LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras")
-# the methods that read each row's task (data.task_field -> peft.task_names -> task_ids)
-TASK_METHODS = ("moelora", "mixture_of_loras")
+METHODS = ("full", "lora", "mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras", "mocle",
+           "expert_gate")
+LORA_MOE_METHODS = ("mixlora", "loramoe", "mola", "moelora", "pesc", "mixture_of_loras", "mocle", "expert_gate")
+# the methods that read each row's task (data.task_field -> peft.task_names -> task_ids): always, or with MMoE task
+# gates (`peft.task_gates: true`); `reads_tasks` decides for one recipe
+TASK_METHODS = ("moelora", "mixture_of_loras", "expert_gate")
+TASK_GATE_METHODS = ("mixlora", "loramoe", "mola")
 # token routers, measured for the card's expert-load picture (MOELoRA's gate needs task ids, not only tokens)
 ROUTED_METHODS = ("mixlora", "loramoe", "mola", "pesc")
 MOE_MODEL_TYPES = ("hf_moe_mixtral", "hf_moe_deepseek")
@@ -168,10 +172,20 @@ class _Problems(list):
 def peft_config_class(method: str):
     from peft import LoraConfig
 
-    from .lora_moe import LoraMoeConfig, MixLoraConfig, MixtureOfLorasConfig, MoeLoraConfig, MolaConfig, PescConfig
+    from .lora_moe import (
+        ExpertGateConfig,
+        LoraMoeConfig,
+        MixLoraConfig,
+        MixtureOfLorasConfig,
+        MocleConfig,
+        MoeLoraConfig,
+        MolaConfig,
+        PescConfig,
+    )
 
     return {"lora": LoraConfig, "mixlora": MixLoraConfig, "loramoe": LoraMoeConfig, "mola": MolaConfig,
-            "moelora": MoeLoraConfig, "pesc": PescConfig, "mixture_of_loras": MixtureOfLorasConfig}[method]
+            "moelora": MoeLoraConfig, "pesc": PescConfig, "mixture_of_loras": MixtureOfLorasConfig,
+            "mocle": MocleConfig, "expert_gate": ExpertGateConfig}[method]
 
 
 def build_peft_config(method: str, options: dict):
@@ -185,6 +199,23 @@ def build_peft_config(method: str, options: dict):
         return config_class(task_type="CAUSAL_LM", **options)
     except (TypeError, ValueError) as error:
         raise ValueError(f"recipe section `peft` is invalid for method {method!r}: {error}") from error
+
+
+def reads_tasks(method, peft) -> bool:
+    """Does `method` with the recipe's `peft` fields read each row's task (data.task_field -> peft.task_names ->
+    task_ids)? The `TASK_METHODS` always; the `TASK_GATE_METHODS` when their adapter config says so
+    (`lora_moe.model.uses_task_ids`: `task_gates: true`), not when the fields build no config (an error reported on
+    its own)."""
+    from .lora_moe.model import uses_task_ids
+
+    if method in TASK_METHODS:
+        return True
+    if method not in TASK_GATE_METHODS or not isinstance(peft, dict):
+        return False
+    try:
+        return uses_task_ids(build_peft_config(method, peft))
+    except ValueError:
+        return False
 
 
 def validate_recipe(recipe: dict) -> dict:
@@ -218,7 +249,7 @@ def validate_recipe(recipe: dict) -> dict:
     data = recipe.get("data")
     if problems.check(isinstance(data, dict), "data", data, "a mapping with train_file or dataset, and a text format"):
         data = recipe["data"] = {"split": "train", "max_length": 512, **data}
-        _check_data(data, method, problems)
+        _check_data(data, method, reads_tasks(method, peft), problems)
 
     training = recipe["training"] or {}
     if problems.check(isinstance(training, dict), "training", training, "a mapping of TrainingArguments fields"):
@@ -299,7 +330,8 @@ def _model_problems(model: str, trust_remote_code: bool) -> list[str]:
     return []
 
 
-def _check_data(data: dict, method, problems: _Problems) -> None:
+def _check_data(data: dict, method, tasks: bool, problems: _Problems) -> None:
+    """`tasks`: the method, with its peft fields, reads each row's task (`reads_tasks`)."""
     for key, value in data.items():
         problems.check(key in DATA_FIELDS, f"data.{key}", value, f"allowed fields: {list(DATA_FIELDS)}")
     problems.check(("train_file" in data) != ("dataset" in data), "data.train_file", data.get("train_file"),
@@ -321,10 +353,18 @@ def _check_data(data: dict, method, problems: _Problems) -> None:
                    "a string containing {prompt}")
     problems.check("type_field" not in data or method == "loramoe", "data.type_field", data.get("type_field"),
                    "LoRAMoE's sample types: only with method 'loramoe'")
-    problems.check("task_field" not in data or method in TASK_METHODS, "data.task_field", data.get("task_field"),
-                   f"the task column of MOELoRA and Mixture-of-LoRAs: only with methods {list(TASK_METHODS)}")
-    problems.check(method not in TASK_METHODS or isinstance(data.get("task_field"), str), "data.task_field",
-                   data.get("task_field"), f"method {method!r} needs the name of the data's task column")
+    problems.check(method != "mocle" or "text_field" not in data, "data.text_field", data.get("text_field"),
+                   "MoCLE clusters each sequence by its prompt: give prompt_field and response_field, or "
+                   "messages_field")
+    problems.check(method != "expert_gate" or "text_field" not in data, "data.text_field", data.get("text_field"),
+                   "Expert Gate routes each sequence by its prompt's reconstruction errors: give prompt_field and "
+                   "response_field, or messages_field")
+    problems.check("task_field" not in data or tasks, "data.task_field", data.get("task_field"),
+                   f"the task column: only with methods {list(TASK_METHODS)}, or {list(TASK_GATE_METHODS)} with "
+                   f"peft.task_gates: true (MMoE gates)")
+    problems.check(not tasks or isinstance(data.get("task_field"), str), "data.task_field", data.get("task_field"),
+                   f"method {method!r}{'' if method in TASK_METHODS else ' with peft.task_gates'} needs the name of "
+                   f"the data's task column")
     max_length = data["max_length"]
     problems.check(isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 1,
                    "data.max_length", max_length, "an integer > 1")
@@ -342,7 +382,7 @@ def _as_list(value) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: load, then tokenize into input_ids / attention_mask / labels (-100 where no loss)
 
-TASK_IDS_COLUMN = "task_ids"  # MOELoRA, Mixture-of-LoRAs: the id of the row's task in peft.task_names
+TASK_IDS_COLUMN = "task_ids"  # the methods that read tasks: the id of the row's task in peft.task_names
 
 
 def load_data(data: dict):
@@ -364,9 +404,10 @@ def load_data(data: dict):
     return train, evaluation
 
 
-def task_names_of(dataset, column: str) -> list[str]:
-    """MOELoRA's task names: the distinct values of the task column, sorted (a task's id is its index)."""
-    return sorted({str(value) for value in dataset[column]})
+def task_names_of(datasets, column: str) -> list[str]:
+    """The task names: the distinct values of the task column in `datasets` (train and eval: a task an eval split
+    happens to hold alone still gets an id), sorted (a task's id is its index)."""
+    return sorted({str(value) for dataset in datasets if dataset is not None for value in dataset[column]})
 
 
 def tokenize_example(example: dict, tokenizer, data: dict) -> dict:
@@ -552,9 +593,9 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
         from .lora_moe.mixture_of_loras import stage2_options
 
         recipe["peft"] = stage2_options(recipe["peft"], recipe["init_adapter"])
-    if method in TASK_METHODS:  # task names -> ids, saved in the adapter config so that the ids keep their meaning
+    if reads_tasks(method, recipe["peft"]):  # task names -> ids, saved in the adapter config: ids keep their meaning
         recipe["peft"] = {**recipe["peft"], "task_names": recipe["peft"].get("task_names")
-                          or task_names_of(train_raw, data["task_field"])}
+                          or task_names_of([train_raw, eval_raw], data["task_field"])}
         data = {**data, "task_names": recipe["peft"]["task_names"]}
     train_dataset = tokenize_dataset(train_raw, tokenizer, data)
     eval_dataset = tokenize_dataset(eval_raw, tokenizer, data) if eval_raw is not None else None
@@ -581,6 +622,10 @@ def run_recipe(path_or_dict, overwrite: bool = False, **overrides) -> RecipeResu
         from .lora_moe.mixture_of_loras import load_experts
 
         load_experts(model, recipe["init_adapter"])
+    if method == "mocle":  # the k-means centroids of the training prompts, fitted before training
+        from .lora_moe.mocle import fit_clusters_on_dataset
+
+        fit_clusters_on_dataset(model, train_dataset, collator, training.get("per_device_train_batch_size", 8))
     group_learning_rates = apply_parameter_groups(model, recipe.get("parameter_groups") or {}, method)
     if method != "full":
         model.print_trainable_parameters()

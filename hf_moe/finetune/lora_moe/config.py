@@ -5,13 +5,17 @@
 | `MixLoraConfig` | MIXLORA | each FFN block: expert e = frozen FFN + its own LoRA on gate/up/down; plain LoRA on the targeted attention projections | top-k per token, renormalised (Mixtral) | Switch load balancing, `router_aux_loss_coef` |
 | `LoraMoeConfig` | LORAMOE | each targeted Linear: frozen W + N LoRA experts | dense softmax over all experts | Localized Balancing Constraint, `lbc_weight` / `lbc_delta` |
 | `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
-| `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence | none |
+| `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence; the gate per Linear or one for the model (`gate_sharing`) | none |
 | `PescConfig` (`pesc.py`) | PESC | each FFN block: expert e = frozen FFN followed by its own bottleneck adapter, y + A_e(y); plain LoRA on the targeted attention projections | top-k per token, softmax over the k logits (= renormalised) | Switch load balancing, `router_aux_loss_coef` |
 | `MixtureOfLorasConfig` (`mixture_of_loras.py`) | MIXTURE_OF_LORAS | each targeted Linear: frozen W + one LoRA expert per task | one expert per sequence: its task id (stage 1) or its router's top-1 on the prompt (stage 2) | stage 2: the routers' cross-entropy with the task ids, `router_loss_coef` |
+| `MocleConfig` (`mocle.py`) | MOCLE | each targeted Linear: frozen W + E LoRA experts + a universal LoRA expert | one expert per sequence: the top-1 of a gate on the learned embedding of its prompt's k-means cluster (centroids fitted on the training prompts, `fit_clusters`), plus the universal expert | none |
+| `ExpertGateConfig` (`expert_gate.py`) | EXPERT_GATE | each targeted Linear: frozen W + one LoRA expert per task; one undercomplete autoencoder per task for the whole model | one expert per sequence: its task id (training forwards with task ids) or the autoencoder with the smallest reconstruction error of the prompt's frozen features (relevance softmax(-error / `temperature`)) | the task autoencoders' reconstruction loss, `autoencoder_loss_coef` |
 
-MixLoRA, LoRAMoE and MoLA can add MoELoRA's contrastive loss among experts too (`ContrastiveLossFields`, off by
-default). MOELoRA cannot: its gate is a function of the task id alone, so no token is routed, and the loss's purpose
-(telling experts apart so that a token router can choose between them) does not arise.
+MixLoRA, LoRAMoE and MoLA can route each task with its own router (MMoE gates, `TaskGateFields.task_gates`, off by
+default: the router [E, in] becomes [num_tasks, E, in] and the model takes `task_ids`), and can add MoELoRA's
+contrastive loss among experts (`ContrastiveLossFields`, off by default). MOELoRA cannot add that loss: its gate is
+a function of the task id alone, so no token is routed, and the loss's purpose (telling experts apart so that a token
+router can choose between them) does not arise.
 
 Defaults follow the papers' reference code (see each class). `target_modules=None` picks the method's default
 modules for Llama, Mistral, Qwen2, Qwen3 and Gemma bases (`model.TARGET_MODULES`).
@@ -30,6 +34,9 @@ MIXLORA_ROUTING = ("mixlora", "mixlora-dynamic", "mixlora-switch")
 
 # MoLA's layer-wise allocations (Gao et al. 2024), expert counts for the four quarters of the layers, lowest first.
 # Every preset spends the same 20 experts per quarter-set, as in the paper's equal-budget comparison.
+# MOELoRA's gate: one per adapted Linear (the authors' MMOELoraLinear) or one for the whole model (MMOELoraLinearS)
+GATE_SHARING = ("per_layer", "global")
+
 MOLA_PRESETS = {
     "uniform": (5, 5, 5, 5),  # MoLA-□
     "triangle": (2, 4, 6, 8),  # fewer experts in lower layers (the paper's best arXiv variant, "2-4-6-8")
@@ -130,13 +137,90 @@ class ContrastiveLossFields:
                  "must be a positive integer")
 
 
+@dataclass
+class TaskFields:
+    """The tasks of the methods that read each sample's task id (MOELoRA, Mixture-of-LoRAs, and MixLoRA, LoRAMoE and
+    MoLA with MMoE gates, `TaskGateFields`): how many there are, and their names by id. The ids are a model input,
+    `task_ids` in forward and generate (`model.install_task_ids_hook`); in a recipe, `data.task_field` names the
+    column whose values become `task_names`."""
+
+    num_tasks: int | None = field(
+        default=None, metadata=_help("Number of tasks; None = len(task_names). One of the two is needed before the "
+                                     "adapter is built."))
+    task_names: list[str] | None = field(
+        default=None, metadata=_help("Task names by id (task_names[i] has id i), e.g. the values of a dataset's task "
+                                     "column; saved so that the ids keep their meaning."))
+
+    def _check_task_fields(self) -> None:
+        if self.task_names is not None:
+            names = self.task_names
+            _require(isinstance(names, (list, tuple)) and len(names) > 0
+                     and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names),
+                     "task_names", names, "must be None or a non-empty list of distinct non-empty strings")
+            self.task_names = list(names)
+            if self.num_tasks is None:
+                self.num_tasks = len(self.task_names)
+            _require(self.num_tasks == len(self.task_names), "num_tasks", self.num_tasks,
+                     f"must equal the number of task_names ({len(self.task_names)})")
+        _require(self.num_tasks is None or _positive_int(self.num_tasks), "num_tasks", self.num_tasks,
+                 "must be None (= len(task_names)) or a positive integer")
+
+    def task_id(self, name: str) -> int:
+        """The id of the task `name` in `task_names`."""
+        _require(self.task_names is not None and name in self.task_names, "task_names", self.task_names,
+                 f"has no task {name!r}")
+        return self.task_names.index(name)
+
+    @property
+    def uses_task_ids(self) -> bool:
+        """Does the model take `task_ids`? Always for MOELoRA and Mixture-of-LoRAs; `TaskGateFields` decides for the
+        methods where tasks are an option. (`model.uses_task_ids` reads it from any config.)"""
+        return True
+
+
+@dataclass
+class TaskGateFields(TaskFields):
+    """MMoE gates (Ma et al. 2018, "Modeling Task Relationships in Multi-task Learning with Multi-gate
+    Mixture-of-Experts"), an option of the methods whose router chooses experts per token (MixLoRA, LoRAMoE, MoLA):
+    with `task_gates`, each router becomes one router per task over the same experts, and every token of a sample of
+    task t is routed by router t,
+
+        logits[b, s] = W_{g, task_ids[b]} x[b, s]          W_g [num_tasks, E, in] instead of [E, in]
+
+    Everything after the logits is unchanged: top-k / top-p / dense softmax, renormalisation, the recorded logits,
+    and the auxiliary losses (the Switch loss still pools every token of the batch, whatever its task; LoRAMoE's LBC
+    and the contrastive loss are per sequence anyway). The model then takes `task_ids` as MOELoRA does (forward,
+    once in generate; a recipe's `data.task_field`)."""
+
+    task_gates: bool = field(
+        default=False, metadata=_help("MMoE gates: one router per task (num_tasks or task_names needed), each sample's "
+                                      "tokens routed by its task's router; the model then takes `task_ids`."))
+
+    def _check_task_gate_fields(self) -> None:
+        _require(isinstance(self.task_gates, bool), "task_gates", self.task_gates, "must be true or false")
+        if not self.task_gates:
+            for name in ("num_tasks", "task_names"):
+                _require(getattr(self, name) is None, name, getattr(self, name),
+                         "tasks are only read with task_gates=True (one router per task): set task_gates, or leave "
+                         "it None")
+        self._check_task_fields()
+
+    @property
+    def uses_task_ids(self) -> bool:
+        return self.task_gates
+
+    def router_shape(self, num_experts: int, in_features: int) -> tuple[int, ...]:
+        """The shape of one router: [num_tasks, E, in] with task gates, [E, in] otherwise."""
+        return (self.num_tasks, num_experts, in_features) if self.task_gates else (num_experts, in_features)
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 @dataclass
-class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields):
+class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields, TaskGateFields):
     """MixLoRA (Li et al. 2024, arXiv 2404.15159): each targeted FFN block becomes a sparse MoE whose experts share the
     frozen FFN and add their own LoRA on gate/up/down; targeted Linears (attention projections) get plain LoRA.
 
@@ -158,7 +242,8 @@ class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields):
     and the experts see the jittered input, except with "mixlora-switch", where only the router does (both as
     MoE-PEFT and as transformers' Mixtral and SwitchTransformers). The experts' LoRA can have its own rank and alpha
     (`expert_r`, `expert_lora_alpha`; the attention LoRA keeps `r`, `lora_alpha`), and `expert_projections` picks
-    which FFN projections carry expert LoRA (the others stay frozen and shared).
+    which FFN projections carry expert LoRA (the others stay frozen and shared). `task_gates`: one router per task
+    (MMoE, `TaskGateFields`); `materialize` refuses such an adapter (an MoE checkpoint has one router per layer).
     """
 
     num_experts: int = field(default=8, metadata=_help("LoRA experts per FFN block."))
@@ -189,6 +274,7 @@ class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields):
         super().__post_init__()
         self.peft_type = MIXLORA
         self._check_contrastive_fields()
+        self._check_task_gate_fields()
         _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
         _require(_positive_int(self.top_k) and self.top_k <= self.num_experts, "top_k", self.top_k,
                  f"must be between 1 and num_experts={self.num_experts}")
@@ -228,7 +314,7 @@ class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields):
 
 
 @dataclass
-class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields):
+class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields, TaskGateFields):
     """LoRAMoE (Dou et al. 2024, arXiv 2312.09979): every targeted Linear gets N LoRA experts and a dense router.
 
         y = W x + b + lora_alpha / r * sum_e softmax(W_route x)_e B_e A_e x
@@ -245,7 +331,8 @@ class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields):
     summed over every LoRAMoE Linear of the model and added to the loss as `lbc_weight * sum`. Types come from the
     forward kwarg `lora_moe_type_ids` ([B] ints); without it the LBC is skipped, as in the reference.
     Defaults: 6 experts, r 4, alpha 32, dropout 0.05, delta 0.1, weight 0.1 (the paper; the repository's
-    `run_loramoe.sh` uses 8 experts and delta = weight = 0), on gate/up/down.
+    `run_loramoe.sh` uses 8 experts and delta = weight = 0), on gate/up/down. `task_gates`: one router per task
+    (MMoE, `TaskGateFields`).
     """
 
     r: int = field(default=4, metadata=_help("Rank of every LoRA expert."))
@@ -260,6 +347,7 @@ class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields):
         super().__post_init__()
         self.peft_type = LORAMOE
         self._check_contrastive_fields()
+        self._check_task_gate_fields()
         _require(_positive_int(self.num_experts), "num_experts", self.num_experts, "must be a positive integer")
         _require(_positive_int(self.lbc_num_types) and self.num_experts % self.lbc_num_types == 0, "lbc_num_types",
                  self.lbc_num_types, f"must be a positive divisor of num_experts={self.num_experts}")
@@ -268,7 +356,7 @@ class LoraMoeConfig(LoraExpertConfig, ContrastiveLossFields):
 
 
 @dataclass
-class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
+class MolaConfig(LoraExpertConfig, ContrastiveLossFields, TaskGateFields):
     """MoLA (Gao et al. 2024, arXiv 2402.08562): every targeted Linear gets E_l LoRA experts with a top-k router,
     with a number of experts that depends on the decoder layer l.
 
@@ -279,7 +367,8 @@ class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
     reference's default, fewer experts in lower layers), "inverted" 8-6-4-2, "hourglass" 8-2-2-8. `top_k`: an int or
     one per layer. Optional load balancing as the reference's `--obalance`: per layer the Switch loss over that
     layer's routers, divided by k_l, summed over layers (coefficient 0.001 there; off by default).
-    Defaults: r 8, alpha 16, dropout 0.05, top-2, all seven projections.
+    Defaults: r 8, alpha 16, dropout 0.05, top-2, all seven projections. `task_gates`: one router per task (MMoE,
+    `TaskGateFields`).
     """
 
     num_experts: int | list[int] | str = field(
@@ -294,6 +383,7 @@ class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
         super().__post_init__()
         self.peft_type = MOLA
         self._check_contrastive_fields()
+        self._check_task_gate_fields()
         if isinstance(self.num_experts, str):
             _require(self.num_experts in MOLA_PRESETS, "num_experts", self.num_experts,
                      f"allowed presets: {sorted(MOLA_PRESETS)}, or an int, or one int per layer")
@@ -332,40 +422,6 @@ class MolaConfig(LoraExpertConfig, ContrastiveLossFields):
 
 
 @dataclass
-class TaskFields:
-    """The tasks of the methods that read each sample's task id (MOELoRA, Mixture-of-LoRAs): how many there are, and
-    their names by id. The ids are a model input, `task_ids` in forward and generate (`model.install_task_ids_hook`);
-    in a recipe, `data.task_field` names the column whose values become `task_names`."""
-
-    num_tasks: int | None = field(
-        default=None, metadata=_help("Number of tasks; None = len(task_names). One of the two is needed before the "
-                                     "adapter is built."))
-    task_names: list[str] | None = field(
-        default=None, metadata=_help("Task names by id (task_names[i] has id i), e.g. the values of a dataset's task "
-                                     "column; saved so that the ids keep their meaning."))
-
-    def _check_task_fields(self) -> None:
-        if self.task_names is not None:
-            names = self.task_names
-            _require(isinstance(names, (list, tuple)) and len(names) > 0
-                     and all(isinstance(name, str) and name for name in names) and len(set(names)) == len(names),
-                     "task_names", names, "must be None or a non-empty list of distinct non-empty strings")
-            self.task_names = list(names)
-            if self.num_tasks is None:
-                self.num_tasks = len(self.task_names)
-            _require(self.num_tasks == len(self.task_names), "num_tasks", self.num_tasks,
-                     f"must equal the number of task_names ({len(self.task_names)})")
-        _require(self.num_tasks is None or _positive_int(self.num_tasks), "num_tasks", self.num_tasks,
-                 "must be None (= len(task_names)) or a positive integer")
-
-    def task_id(self, name: str) -> int:
-        """The id of the task `name` in `task_names`."""
-        _require(self.task_names is not None and name in self.task_names, "task_names", self.task_names,
-                 f"has no task {name!r}")
-        return self.task_names.index(name)
-
-
-@dataclass
 class MoeLoraConfig(LoraExpertConfig, TaskFields):
     """MOELoRA (Liu et al. 2024, arXiv 2310.18339): every targeted Linear gets N LoRA experts that split the rank r
     (each expert has rank r / N) and a task-motivated gate: the sample's task id picks a learned task embedding, and a
@@ -376,9 +432,12 @@ class MoeLoraConfig(LoraExpertConfig, TaskFields):
         y   = W x + b + lora_alpha / r * sum_i w_b,i B_i A_i dropout(x)      A_i [r/N, in], B_i [out, r/N]
 
     As the reference code (`MMOELoraLinear` of liuqidong07/MOELoRA-peft): the scaling uses the total rank r; A ~
-    N(0, 0.01), B = 0; the task embedding ~ N(0, 1) (nn.Embedding), the gate kaiming-uniform (nn.Linear); each
-    adapted Linear owns its task embedding and gate. Task ids are a model input: pass `task_ids` ([batch_size] ints in
-    [0, num_tasks)) to forward and once to `generate`; a forward without them raises (there is no default task).
+    N(0, 0.01), B = 0; the task embedding ~ N(0, 1) (nn.Embedding), the gate kaiming-uniform (nn.Linear).
+    `gate_sharing`: "per_layer" (the reference's `MMOELoraLinear`): each adapted Linear owns its task embedding and
+    gate; "global" (its `MMOELoraLinearS` with `PeftModelForCausalLMShared`): one task embedding and gate for the whole
+    model, whose weights w_b every adapted Linear uses (held, and saved, by the first adapted Linear). Task ids are
+    a model input: pass `task_ids` ([batch_size] ints in [0, num_tasks)) to forward and once to `generate`; a
+    forward without them raises (there is no default task).
     `task_names` maps names to ids (task_names[i] has id i) and is saved with the adapter.
     Defaults: the reference's experiment script (r 16 split over 8 experts, dropout 0.1; alpha 32 and task embedding
     dim 64 from its argument defaults), on every attention and FFN projection.
@@ -390,6 +449,9 @@ class MoeLoraConfig(LoraExpertConfig, TaskFields):
     lora_dropout: float = field(default=0.1, metadata=_help("Dropout on the LoRA inputs."))
     num_experts: int = field(default=8, metadata=_help("LoRA experts per targeted Linear; must divide r."))
     task_embedding_dim: int = field(default=64, metadata=_help("Dimension of the task embedding fed to the gate."))
+    gate_sharing: str = field(
+        default="per_layer", metadata=_help(f"One of {list(GATE_SHARING)}: every adapted Linear has its own task "
+                                            "embedding and gate, or one of each serves the whole model."))
 
     def __post_init__(self):
         super().__post_init__()
@@ -399,6 +461,8 @@ class MoeLoraConfig(LoraExpertConfig, TaskFields):
                  f"must be a multiple of num_experts={self.num_experts} (each expert has rank r / num_experts)")
         _require(_positive_int(self.task_embedding_dim), "task_embedding_dim", self.task_embedding_dim,
                  "must be a positive integer")
+        _require(self.gate_sharing in GATE_SHARING, "gate_sharing", self.gate_sharing,
+                 f"allowed values: {list(GATE_SHARING)}")
         self._check_task_fields()
 
     @property

@@ -1,5 +1,5 @@
-"""Per-sample ids from a dataset column to a forward kwarg: LoRAMoE's types (`lora_moe_type_ids`) and MOELoRA's
-task ids (`task_ids`).
+"""Per-sample ids from a dataset column to a forward kwarg: LoRAMoE's types (`lora_moe_type_ids`) and the task ids
+(`task_ids`) of MOELoRA, Mixture-of-LoRAs, Expert Gate and the MMoE task gates of MixLoRA, LoRAMoE and MoLA.
 
     collator = TypeIdsCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False), column="task_type")
     args = TrainingArguments(..., remove_unused_columns=False)   # Trainer drops columns the forward does not name
@@ -7,7 +7,7 @@ task ids (`task_ids`).
 
 Each example's `column` value (an int type, e.g. 1 = world-knowledge sample, 0 = other, as in LoRAMoE's data) is
 removed from the example before the wrapped collator runs, and the batch gets `lora_moe_type_ids` [batch_size] long;
-`TaskIdsCollator` does the same with `task_ids` (the column holding MOELoRA's int task ids).
+`TaskIdsCollator` does the same with `task_ids` (the column holding the int task ids).
 """
 
 import torch
@@ -39,9 +39,9 @@ class TypeIdsCollator:
 
 
 class TaskIdsCollator(TypeIdsCollator):
-    """Wraps a data collator and adds `task_ids` (MOELoRA) from the per-example int `column`."""
+    """Wraps a data collator and adds `task_ids` from the per-example int `column`."""
 
-    key, role = TASK_IDS_KWARG, "MOELoRA's task ids"
+    key, role = TASK_IDS_KWARG, "the task ids"
 
     def __init__(self, collator=None, column: str = "task_ids"):
         super().__init__(collator, column)

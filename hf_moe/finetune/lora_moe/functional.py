@@ -70,6 +70,19 @@ def lora_mixture(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ga
     return F.linear(hidden.reshape(-1, num_experts * rank), stacked_b)
 
 
+def sequence_lora(tokens: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, experts: torch.Tensor,
+                  scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """scale_b * B_e A_e x[b, s] with one expert e = experts[b] per sequence b, [B, S, out].
+
+    tokens [B, S, in], A [E, r, in], B [E, out, r], experts [B] long, scale a float or [B] (one per sequence). Each
+    sequence's expert is gathered ([B, r, in], [B, out, r]: gradients reach only the experts used) and applied by
+    two batched matmuls; the scale multiplies the rank-r intermediate, not the wide output."""
+    hidden = torch.bmm(tokens, lora_a[experts].transpose(1, 2))  # [B, S, r]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(hidden.dtype).view(-1, 1, 1)
+    return torch.bmm(hidden * scale, lora_b[experts].transpose(1, 2))
+
+
 def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
                  scaling: float = 1.0) -> torch.Tensor:
     """scaling * B_e A_e x_s for every row s, with rows grouped by expert: [S, out].

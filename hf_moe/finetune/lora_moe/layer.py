@@ -5,9 +5,10 @@
 | `LoraMoeLinear`, `MolaLinear` (one `RoutedLoraLinear`) | an nn.Linear | LoRAMoE (dense gates), MoLA (top-k gates) |
 | `MixLoraFeedForward` | an FFN block (gate_proj, up_proj, down_proj, act_fn) | MixLoRA's experts |
 | `MixLoraLinear` | an nn.Linear | MixLoRA's plain LoRA on attention projections |
-| `MoeLoraLinear` | an nn.Linear | MOELoRA (rank split over experts, per-sample task gates) |
+| `MoeLoraLinear` | an nn.Linear | MOELoRA (rank split over experts, per-sample task gates, per layer or global) |
 
-Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in], held in
+Every adapter's weights are stacked over experts: `*_A` [E, r, in], `*_B` [E, out, r], `*_router` [E, in] (with MMoE
+task gates, `config.TaskGateFields`, one router per task: [num_tasks, E, in]), held in
 `nn.ParameterDict`s keyed by adapter name whose attribute names start with the method's prefix (`mixlora_`,
 `loramoe_`, `mola_`, `moelora_`), so peft saves exactly these tensors. While recording is on (see `aux_loss.py`),
 every router call appends a `RoutingRecord` that the auxiliary losses read after the forward; with MoELoRA's
@@ -83,6 +84,26 @@ def outside_activation_checkpointing():
     return torch.autograd.graph.saved_tensors_hooks(_saved_as_usual, _saved_as_usual)
 
 
+def checked_task_ids(task_ids: torch.Tensor | None, batch_size: int | None, num_tasks: int, who: str,
+                     device: torch.device) -> torch.Tensor:
+    """The task ids a layer was given (`model.install_task_ids_hook`), checked: one int per sample (`batch_size`
+    None: any number), each in [0, num_tasks); a ValueError saying what is wrong, in the words of `who` (the method),
+    otherwise. Returns them as a long tensor [B] on `device`."""
+    if task_ids is None:
+        raise ValueError(f"{who}: every sample needs its task: pass `task_ids` ([batch_size] ints in [0, "
+                         f"num_tasks)) to the model's forward, or once to `generate`.")
+    if task_ids.dim() != 1 or task_ids.dtype.is_floating_point or task_ids.is_complex():
+        raise ValueError(f"{who}: `task_ids` must be a 1-D integer tensor [batch_size], got dtype {task_ids.dtype} "
+                         f"and shape {tuple(task_ids.shape)}.")
+    if batch_size is not None and task_ids.shape[0] != batch_size:
+        raise ValueError(f"{who}: `task_ids` has shape {tuple(task_ids.shape)}, but the batch has {batch_size} "
+                         f"samples: give one task id per sample.")
+    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+        raise ValueError(f"{who}: `task_ids`={task_ids.tolist()} are invalid: ids must be in [0, "
+                         f"num_tasks={num_tasks}).")
+    return task_ids.to(device=device, dtype=torch.long)
+
+
 class LoraExpertLayer(BaseTunerLayer):
     """Plumbing shared by every layer of the three methods: per-adapter settings, creation and initialisation of the
     stacked parameters, and recording of router outputs. Subclasses list their containers in `adapter_layer_names`
@@ -104,6 +125,7 @@ class LoraExpertLayer(BaseTunerLayer):
         self.merged_adapters = []
         self._records: list[RoutingRecord] | None = None
         self._attention_mask: torch.Tensor | None = None  # of the forward being recorded
+        self.task_ids: torch.Tensor | None = None  # [B], set before every forward by model.install_task_ids_hook
 
     def _reference_weight(self) -> torch.Tensor:
         """A weight of the wrapped module: new adapter tensors take its device and dtype."""
@@ -154,7 +176,19 @@ class LoraExpertLayer(BaseTunerLayer):
     def _adapters_to_run(self) -> list[str]:
         if self.disable_adapters:
             return []
-        return [name for name in self.active_adapters if name in getattr(self, self.adapter_layer_names[0])]
+        return [name for name in self.active_adapters
+                if any(name in getattr(self, container) for container in self.adapter_layer_names)]
+
+    def _router_logits(self, tokens: torch.Tensor, router: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Router logits [T, E] of tokens [T, in], the T = B * S tokens of B samples: W_g x with one router [E, in],
+        or W_{g, task_ids[b]} x[b, s] with MMoE task gates (`TaskGateFields`; router [num_tasks, E, in]), where
+        each token is routed by the router of its sample's task."""
+        if router.dim() == 2:
+            return F.linear(tokens, router)
+        task_ids = checked_task_ids(self.task_ids, batch_size, router.shape[0], "MMoE task gates (`task_gates`=True)",
+                                    router.device)
+        per_sample = router[task_ids].transpose(1, 2)  # [B, in, E]
+        return torch.bmm(tokens.view(batch_size, -1, tokens.shape[-1]), per_sample).flatten(0, 1)
 
     # Recording (driven by the hooks of aux_loss.py)
     def start_recording(self, attention_mask: torch.Tensor | None = None) -> None:
@@ -249,14 +283,14 @@ class RoutedLoraLinear(LinearWithExperts):
     def update_layer(self, adapter_name: str, config, num_experts: int, top_k: int | None) -> None:
         base = self.get_base_layer()
         router, lora_a, lora_b = self.adapter_layer_names
-        shapes = {router: (num_experts, base.in_features), lora_a: (num_experts, config.r, base.in_features),
-                  lora_b: (num_experts, base.out_features, config.r)}
+        shapes = {router: config.router_shape(num_experts, base.in_features),  # [E, in], or [num_tasks, E, in]
+                  lora_a: (num_experts, config.r, base.in_features), lora_b: (num_experts, base.out_features, config.r)}
         self._add_adapter(adapter_name, config, shapes, num_experts, top_k)
 
     def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         weights = self.adapter_tensors(adapter_name)
         tokens = x.reshape(-1, x.shape[-1]).to(weights["A"].dtype)  # [T, in]
-        logits = F.linear(tokens, weights["router"])  # [T, E]
+        logits = self._router_logits(tokens, weights["router"], _batch_size(x))  # [T, E]
         gates, top_k_index = expert_gates(logits, self.top_k[adapter_name])
         record = self._record(adapter_name, logits, top_k_index, _batch_size(x))
         if self._wants_contrastive_sample(record):
@@ -406,7 +440,7 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         lora_shapes = {"gate": ((experts, r, hidden), (experts, width, r)),
                        "up": ((experts, r, hidden), (experts, width, r)),
                        "down": ((experts, r, width), (experts, hidden, r))}
-        shapes = {"mixlora_router": (experts, hidden)}
+        shapes = {"mixlora_router": config.router_shape(experts, hidden)}  # [E, H], or [num_tasks, E, H]
         for projection in config.projections_with_experts:
             name = projection.removesuffix("_proj")
             shapes[f"mixlora_{name}_A"], shapes[f"mixlora_{name}_B"] = lora_shapes[name]
@@ -441,7 +475,7 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
             if routing.strategy != "mixlora-switch":  # Mixtral jitters the experts' input too; Switch only the router's
                 x = router_input
         dtype = weights["router"].dtype
-        logits = F.linear(router_input.to(dtype), weights["router"])  # [T, E]
+        logits = self._router_logits(router_input.to(dtype), weights["router"], _batch_size(hidden_states))  # [T, E]
         gate_weights, top_k_index, valid = self.route(logits, adapter_name)  # [T, k]
         record = self._record(adapter_name, logits, top_k_index, _batch_size(hidden_states), valid)
         gate, up = ffn.gate_proj(x).to(dtype), ffn.up_proj(x).to(dtype)  # shared by every expert: once per token
@@ -469,7 +503,7 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         experts = top_k_index.reshape(-1)  # [S], S = T * k slots in token order
         sorted_slots = experts.argsort(stable=True)  # the slot at each sorted position
         sorted_position = sorted_slots.argsort()  # the sorted position of each slot
-        offsets = torch.bincount(experts, minlength=weights["router"].shape[0]).cumsum(0).to(torch.int32)
+        offsets = torch.bincount(experts, minlength=self.num_experts[adapter_name]).cumsum(0).to(torch.int32)
 
         def to_tokens(rows):  # [S, n] sorted by expert -> [T, k, n]
             return permute_rows(rows, sorted_position, sorted_slots).view(num_tokens, top_k, -1)
@@ -506,7 +540,8 @@ class MixLoraFeedForward(nn.Module, MixLoraLayer):
         rows, experts, valid = self._contrastive_slots(adapter_name, x.shape[0], batch_size, top_k_index, valid)
         token_rows = rows[..., None].expand_as(experts).reshape(-1)
         order = experts.reshape(-1).argsort(stable=True)  # the pairs sorted by expert
-        offsets = torch.bincount(experts.reshape(-1), minlength=weights["router"].shape[0]).cumsum(0).to(torch.int32)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts[adapter_name])
+        offsets = counts.cumsum(0).to(torch.int32)
         sorted_rows = token_rows[order]
 
         def with_lora(inputs, name, base=0.0):
@@ -545,14 +580,20 @@ class MoeLoraLinear(LinearWithExperts):
     Since the experts split one rank-r LoRA, the mix is one rank-r LoRA whose r inner features are scaled by their
     expert's weight: two matmuls, whatever N. `task_ids` [B] is set by the tuner's forward pre-hook on the model
     (`model.install_task_ids_hook`) before every forward; a forward without it raises.
+
+    With `gate_sharing="global"` only the model's first adapted Linear holds the adapter's task embedding and gate
+    (so peft saves them once, with that layer); every other layer reads them through `task_gate_owner` and computes
+    the same w_b from them (a [B, dim] x [dim, N] product: evaluated in each layer rather than cached across them, so
+    that activation checkpointing, which recomputes one decoder layer at a time, needs nothing else).
     """
 
     adapter_layer_names = ("moelora_task_embedding", "moelora_gate", "moelora_A", "moelora_B")
+    other_param_names = (*LoraExpertLayer.other_param_names, "task_gate_owner")
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config, layer_index: int | None = None):
         super().__init__()
         self._init_linear(base_layer, layer_index)
-        self.task_ids: torch.Tensor | None = None
+        self.task_gate_owner: dict[str, MoeLoraLinear] = {}  # adapter -> the layer holding its global gate
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -582,31 +623,29 @@ class MoeLoraLinear(LinearWithExperts):
         else:
             nn.init.normal_(self.moelora_B[adapter_name], std=0.01)
 
-    def expert_weights(self, adapter_name: str, task_ids: torch.Tensor) -> torch.Tensor:
-        """w = softmax(W_gate e[task_ids]) in fp32, [B, N]."""
-        weights = self.adapter_tensors(adapter_name)
-        num_tasks = weights["task_embedding"].shape[0]
-        if task_ids.dim() != 1 or task_ids.dtype.is_floating_point or task_ids.is_complex():
-            raise ValueError(f"MOELoRA's `task_ids` must be a 1-D integer tensor [batch_size], got dtype "
-                             f"{task_ids.dtype} and shape {tuple(task_ids.shape)}.")
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-            raise ValueError(f"MOELoRA's `task_ids`={task_ids.tolist()} are invalid: ids must be in [0, "
-                             f"num_tasks={num_tasks}).")
-        embedding = F.embedding(task_ids.to(weights["A"].device), weights["task_embedding"])  # [B, dim]
-        return torch.softmax(F.linear(embedding, weights["gate"]).float(), dim=-1)
+    def use_task_gate_of(self, adapter_name: str, owner: "MoeLoraLinear") -> None:
+        """gate_sharing="global": drop this layer's task embedding and gate of the adapter and use `owner`'s (the
+        tuner calls it on every adapted Linear but the first, which holds the model's one gate)."""
+        del self.moelora_task_embedding[adapter_name]
+        del self.moelora_gate[adapter_name]
+        self.task_gate_owner[adapter_name] = owner
+
+    def expert_weights(self, adapter_name: str, task_ids: torch.Tensor | None,
+                       batch_size: int | None = None) -> torch.Tensor:
+        """w = softmax(W_gate e[task_ids]) in fp32, [B, N], from this layer's gate or, with gate_sharing="global",
+        the model's one gate. The ids are checked first (`checked_task_ids`; `batch_size` None: any number)."""
+        gate_layer = self.task_gate_owner.get(adapter_name, self)
+        task_embedding = gate_layer.moelora_task_embedding[adapter_name]  # [num_tasks, dim]
+        gate = gate_layer.moelora_gate[adapter_name]  # [N, dim]
+        task_ids = checked_task_ids(task_ids, batch_size, task_embedding.shape[0], "MOELoRA", task_embedding.device)
+        return torch.softmax(F.linear(F.embedding(task_ids, task_embedding), gate).float(), dim=-1)
 
     def _experts(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        if self.task_ids is None:
-            raise ValueError("MOELoRA needs the task of every sample: pass `task_ids` ([batch_size] ints in [0, "
-                             "num_tasks)) to the model's forward, or once to `generate`.")
         batch = _batch_size(x)
-        if self.task_ids.shape[:1] != (batch,):
-            raise ValueError(f"MOELoRA's `task_ids` has shape {tuple(self.task_ids.shape)}, but the batch has {batch} "
-                             f"samples: give one task id per sample.")
         weights = self.adapter_tensors(adapter_name)
         lora_a, lora_b = weights["A"], weights["B"]  # [N, r/N, in], [N, out, r/N]
         experts, rank = lora_a.shape[:2]
-        gates = self.expert_weights(adapter_name, self.task_ids).to(lora_a.dtype)  # [B, N]
+        gates = self.expert_weights(adapter_name, self.task_ids, batch).to(lora_a.device, lora_a.dtype)  # [B, N]
         tokens = x.reshape(batch, -1, x.shape[-1]).to(lora_a.dtype)  # [B, S, in]
         hidden = F.linear(self.lora_dropout[adapter_name](tokens), lora_a.reshape(experts * rank, -1))  # [B, S, r]
         hidden = hidden * gates.repeat_interleave(rank, dim=-1).unsqueeze(1)

@@ -14,7 +14,8 @@ biases (Qwen2) or q/k norms (Qwen3), or the adapter skipped some layers' FFN (`l
 is a `DeepSeekMoEConfig` with no shared expert, dense FFNs where the adapter left them, and the same routing.
 
 PESC adapters are refused (`pesc.MATERIALIZE_REFUSAL` says why): their experts, an FFN followed by a nonlinear
-adapter, are not FFNs of ours.
+adapter, are not FFNs of ours. So are MixLoRA adapters with MMoE task gates (`task_gates`): a router per task, chosen
+by a task id the checkpoint has no input for.
 """
 
 import os
@@ -67,6 +68,10 @@ def materialize(base: str | os.PathLike, adapter: str | os.PathLike, out: str | 
     if adapter_config.routing_strategy != "mixlora":
         raise ConversionError(f"materialize writes top-k routed MoE checkpoints; {adapter} has `routing_strategy`="
                               f"{adapter_config.routing_strategy!r} (allowed: 'mixlora').")
+    if adapter_config.task_gates:
+        raise ConversionError(f"{adapter} has `task_gates`=True: its routers are one per task, chosen by each sample's "
+                              f"task id, and an MoE checkpoint has one router per layer and no task input (allowed: "
+                              f"task_gates=False).")
     base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, use_safetensors=True)
     fields = dense_fields(base_model.config.to_dict())
     out_dtype = dtype or AutoConfig.from_pretrained(str(base)).dtype or torch.float32

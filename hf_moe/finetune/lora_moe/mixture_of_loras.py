@@ -43,16 +43,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import LoraExpertConfig, TaskFields, _help, _number, _require
+from .functional import sequence_lora
 from .layer import LinearWithExperts, LoraExpertLayer, RoutingRecord, _batch_size, outside_activation_checkpointing
 from .losses import AuxLossContext
-from .model import ATTENTION, FFN, SUPPORTED_MODEL_TYPES, LoraExpertTuner, install_task_ids_hook, remove_task_ids_hook
+from .model import ATTENTION, FFN, SUPPORTED_MODEL_TYPES, LoraExpertTuner, require_tasks
 from .peft_types import add_peft_type
 from .prompt_routing import (
     PromptRouting,
     SequenceRoutedLayer,
-    install_prompt_routing_hooks,
     pool_prompt,
-    remove_prompt_routing_hooks,
 )
 
 MIXTURE_OF_LORAS = add_peft_type("MIXTURE_OF_LORAS")
@@ -191,9 +190,8 @@ class MixtureOfLorasLinear(LinearWithExperts, SequenceRoutedLayer):
         batch = _batch_size(x)
         tokens = x.reshape(batch, -1, x.shape[-1]).to(weights["A"].dtype)  # [B, S, in]
         experts = self.choose_experts(tokens, adapter_name)  # [B]
-        lora_a, lora_b = weights["A"][experts], weights["B"][experts]  # [B, r, in], [B, out, r]: gradients reach them
-        hidden = torch.bmm(self.lora_dropout[adapter_name](tokens), lora_a.transpose(1, 2))  # [B, S, r]
-        delta = torch.bmm(hidden * self.scaling[adapter_name], lora_b.transpose(1, 2))  # [B, S, out]
+        delta = sequence_lora(self.lora_dropout[adapter_name](tokens), weights["A"], weights["B"], experts,
+                              self.scaling[adapter_name])  # [B, S, out]
         return delta.view(*x.shape[:-1], -1)
 
     def choose_experts(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -276,15 +274,8 @@ class MixtureOfLorasModel(LoraExpertTuner):
 
     def _prepare_adapter_config(self, peft_config: MixtureOfLorasConfig, model_config: dict) -> MixtureOfLorasConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        if peft_config.num_tasks is None:
-            raise ValueError("Mixture-of-LoRAs' `num_tasks` is None and so is `task_names`: set one of them (one "
-                             "expert per task).")
+        require_tasks(peft_config, "Mixture-of-LoRAs (one expert per task)")
         return peft_config
-
-    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        super()._post_injection_hook(model, config, adapter_name)
-        install_task_ids_hook(model)
-        install_prompt_routing_hooks(model)
 
     def _layer_options(self, config, key, layer_index) -> dict:
         return {}
@@ -302,13 +293,6 @@ class MixtureOfLorasModel(LoraExpertTuner):
     def _check_merge_allowed(self):
         raise ValueError("MixtureOfLorasModel: each sequence uses the expert of its task or of its router's choice, "
                          "so the experts cannot be merged into the base weights.")
-
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if merge:
-            self._check_merge_allowed()
-        remove_task_ids_hook(self.model)
-        remove_prompt_routing_hooks(self.model)
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
 
 # ----------------------------------------------------------------------------------------------------------------

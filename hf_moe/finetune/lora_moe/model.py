@@ -25,6 +25,7 @@ from .layer import (
     MolaLinear,
 )
 from .losses import AuxLossContext, contrastive_loss, layerwise_switch_loss, lbc_loss, pooled_z_loss, switch_loss
+from .prompt_routing import install_prompt_routing_hooks, remove_prompt_routing_hooks
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -48,6 +49,20 @@ def decoder_layer_index(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def uses_task_ids(config) -> bool:
+    """Does the adapter of `config` (any PEFT config) read each sample's task id, a `task_ids` model input? MOELoRA,
+    Mixture-of-LoRAs, and MixLoRA, LoRAMoE and MoLA with MMoE gates (`config.TaskFields.uses_task_ids`)."""
+    return getattr(config, "uses_task_ids", False) is True
+
+
+def require_tasks(config, who: str) -> None:
+    """An adapter that reads task ids is built for `num_tasks` tasks: refuse one that has neither it nor
+    `task_names` (a recipe fills `task_names` from the data's task column before building the adapter)."""
+    if config.num_tasks is None:
+        raise ValueError(f"{who}: `num_tasks` is None and so is `task_names`: set one of them (the number of tasks, "
+                         f"or their names by id).")
+
+
 def refuse_ffn_projections(peft_config, reason: str) -> None:
     """Methods that adapt whole FFN blocks refuse `target_modules` naming an FFN projection, saying why (`reason`)."""
     if isinstance(peft_config.target_modules, str):
@@ -59,9 +74,9 @@ def refuse_ffn_projections(peft_config, reason: str) -> None:
 
 
 class LoraExpertTuner(BaseTuner):
-    """What the three tuners share: default targets, the aux-loss hooks, and refusing to merge (the routing depends
-    on the input). Subclasses say which layer a module gets (`_new_layer`, `_layer_options`) and which auxiliary
-    losses the method adds (`aux_losses`)."""
+    """What the tuners share: default targets, the aux-loss hooks, the task-id hook of adapters that read task ids
+    (`uses_task_ids`), and refusing to merge (the routing depends on the input). Subclasses say which layer a module
+    gets (`_new_layer`, `_layer_options`) and which auxiliary losses the method adds (`aux_losses`)."""
 
     def _prepare_adapter_config(self, peft_config: LoraExpertConfig, model_config: dict) -> LoraExpertConfig:
         self.num_decoder_layers = model_config.get("num_hidden_layers")
@@ -72,10 +87,16 @@ class LoraExpertTuner(BaseTuner):
                                  f"for {peft_config.peft_type}: set target_modules (defaults exist for "
                                  f"{sorted(self.target_module_mapping)}).")
             peft_config.target_modules = set(self.target_module_mapping[model_type])
+        if getattr(peft_config, "task_gates", False):
+            require_tasks(peft_config, f"{peft_config.peft_type} with `task_gates`=True (one router per task)")
         return peft_config
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         install_aux_loss_hooks(model)
+        if uses_task_ids(config):
+            install_task_ids_hook(model)
+        if getattr(config, "routes_per_sequence", False):  # decisions taken on the prompt (prompt_routing.py)
+            install_prompt_routing_hooks(model)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer_index = decoder_layer_index(current_key)
@@ -131,6 +152,8 @@ class LoraExpertTuner(BaseTuner):
         if merge:
             self._check_merge_allowed()
         remove_aux_loss_hooks(self.model)
+        remove_task_ids_hook(self.model)
+        remove_prompt_routing_hooks(self.model)
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
 
@@ -225,8 +248,8 @@ class MolaModel(LoraExpertTuner):
 
 
 def _set_task_ids(model, args, kwargs):
-    """Forward pre-hook: pop `task_ids` (or its forwarded name) and hand it to every layer that reads task ids, those
-    with a `task_ids` attribute (MOELoRA's, Mixture-of-LoRAs'); None when absent, so that a forward without it raises
+    """Forward pre-hook: pop `task_ids` (or its forwarded name) and hand it to every LoRA-expert layer (read by
+    MOELoRA's, Mixture-of-LoRAs' and MMoE task-gated routers); None when absent, so that a forward without it raises
     rather than reusing an earlier batch's ids. The ids stay set after the forward, for the recomputation of
     activation checkpointing in the backward pass."""
     task_ids = kwargs.pop(TASK_IDS_KWARG, None)
@@ -272,9 +295,9 @@ def generation_task_ids(model: nn.Module, task_ids):
 
 
 def install_task_ids_hook(model: nn.Module) -> None:
-    """Make `model(..., task_ids=...)` reach the MOELoRA layers. The hook sits on the adapted transformers model, so
-    it sees every forward however the model is called: through `PeftModel` or `PeftModelForCausalLM`, by Trainer, and
-    by `generate` at every decoding step (through `generation_task_ids`)."""
+    """Make `model(..., task_ids=...)` reach the layers that read task ids. The hook sits on the adapted transformers
+    model, so it sees every forward however the model is called: through `PeftModel` or `PeftModelForCausalLM`, by
+    Trainer, and by `generate` at every decoding step (through `generation_task_ids`)."""
     if _set_task_ids not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_set_task_ids, with_kwargs=True)
 
@@ -288,7 +311,9 @@ def remove_task_ids_hook(model: nn.Module) -> None:
 class MoeLoraModel(LoraExpertTuner):
     """MOELoRA: Linears -> `MoeLoraLinear` (N LoRA experts of rank r / N, mixed by per-sample task gates). The model
     takes `task_ids` ([batch_size] ints) in forward and generate; no auxiliary loss (nor MoELoRA's contrastive loss:
-    no token is routed, see config.py)."""
+    no token is routed, see config.py). With `gate_sharing="global"` the first adapted Linear (in module order, so
+    the same one when the adapter is loaded again) keeps the adapter's task embedding and gate, and every other one
+    drops its own and reads that one (`MoeLoraLinear.use_task_gate_of`)."""
 
     prefix = "moelora_"
     tuner_layer_cls = MoeLoraLinear
@@ -296,14 +321,17 @@ class MoeLoraModel(LoraExpertTuner):
 
     def _prepare_adapter_config(self, peft_config: MoeLoraConfig, model_config: dict) -> MoeLoraConfig:
         peft_config = super()._prepare_adapter_config(peft_config, model_config)
-        if peft_config.num_tasks is None:
-            raise ValueError("MOELoRA's `num_tasks` is None and so is `task_names`: set one of them (the number of "
-                             "tasks, or their names by id).")
+        require_tasks(peft_config, "MOELoRA")
         return peft_config
 
-    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        super()._post_injection_hook(model, config, adapter_name)
-        install_task_ids_hook(model)
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        super()._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        if peft_config.gate_sharing == "global":
+            layer = getattr(parent, target_name)
+            owner = next(module for module in self.model.modules()  # the first layer that kept the adapter's gate
+                         if isinstance(module, MoeLoraLinear) and adapter_name in module.moelora_gate)
+            if owner is not layer:
+                layer.use_task_gate_of(adapter_name, owner)
 
     def _layer_options(self, config: MoeLoraConfig, key, layer_index) -> dict:
         return {}
@@ -314,9 +342,3 @@ class MoeLoraModel(LoraExpertTuner):
     def _check_merge_allowed(self):
         raise ValueError("MoeLoraModel: the experts' mix depends on each sample's task id, so the adapter cannot be "
                          "merged into the base weights.")
-
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if merge:
-            self._check_merge_allowed()
-        remove_task_ids_hook(self.model)
-        return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)

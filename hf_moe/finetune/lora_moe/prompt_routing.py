@@ -26,8 +26,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .model import generation_task_ids
-
 _GENERATION_CHOICES = "_prompt_routing_generation_choices"
 _FORWARD_CHOICES = "_prompt_routing_forward_choices"
 _CACHE_CHOICES = "_prompt_routing_choices"
@@ -263,6 +261,8 @@ def generation_routing(model: nn.Module, task_ids=None):
     """Within the block, the first forward of `model` (generate's prefill: the prompt) takes every sequence's
     decisions and every later forward keeps them, with a cache (one new token a step) or without (the whole sequence
     again). `task_ids`, when given, reach every step as in MOELoRA's `generation_task_ids`."""
+    from .model import generation_task_ids  # model.py installs this module's hooks
+
     model.__dict__[_GENERATION_CHOICES] = {}
     try:
         if task_ids is None:

@@ -18,21 +18,30 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import LoraMoeConfig, MixLoraConfig, MoeLoraConfig, MolaConfig
+from .expert_gate import EXPERT_GATE, ExpertGateConfig, ExpertGateModel
 from .mixture_of_loras import MIXTURE_OF_LORAS, MixtureOfLorasConfig, MixtureOfLorasModel
-from .model import FORWARDED_TASK_IDS_KWARG, LoraMoeModel, MixLoraModel, MoeLoraModel, MolaModel, generation_task_ids
+from .mocle import MOCLE, MocleConfig, MocleModel
+from .model import (
+    FORWARDED_TASK_IDS_KWARG,
+    LoraMoeModel,
+    MixLoraModel,
+    MoeLoraModel,
+    MolaModel,
+    generation_task_ids,
+    uses_task_ids,
+)
 from .peft_types import LORAMOE, MIXLORA, MOELORA, MOLA
 from .pesc import PESC, PescConfig, PescModel
 from .prompt_routing import generation_routing
 
 METHODS = {MIXLORA: (MixLoraConfig, MixLoraModel), LORAMOE: (LoraMoeConfig, LoraMoeModel),
            MOLA: (MolaConfig, MolaModel), MOELORA: (MoeLoraConfig, MoeLoraModel), PESC: (PescConfig, PescModel),
-           MIXTURE_OF_LORAS: (MixtureOfLorasConfig, MixtureOfLorasModel)}
-# the methods whose layers read `task_ids` (model.install_task_ids_hook)
-TASK_ID_METHODS = (MOELORA, MIXTURE_OF_LORAS)
+           MIXTURE_OF_LORAS: (MixtureOfLorasConfig, MixtureOfLorasModel), MOCLE: (MocleConfig, MocleModel),
+           EXPERT_GATE: (ExpertGateConfig, ExpertGateModel)}
 
 
 def register_lora_moe_methods() -> None:
-    """Make MIXLORA, LORAMOE, MOLA, MOELORA, PESC and MIXTURE_OF_LORAS known to peft."""
+    """Make MIXLORA, LORAMOE, MOLA, MOELORA, PESC, MIXTURE_OF_LORAS, MOCLE and EXPERT_GATE known to peft."""
     for peft_type, (config_class, model_class) in METHODS.items():
         if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_class:
             continue
@@ -45,18 +54,20 @@ def register_lora_moe_methods() -> None:
 
 def forward_task_ids_to_moelora() -> None:
     """`PeftModelForCausalLM.forward` has a `task_ids` argument of its own, which it hands on to POLY adapters only
-    and drops otherwise. Wrap it (once) so that with an active MOELORA or MIXTURE_OF_LORAS adapter the ids travel on,
-    under `FORWARDED_TASK_IDS_KWARG`, to the adapted model, whose forward pre-hook gives them to the layers.
+    and drops otherwise. Wrap it (once) so that with an active adapter that reads them (`model.uses_task_ids`: MOELORA,
+    MIXTURE_OF_LORAS, MMoE-gated MIXLORA / LORAMOE / MOLA) the ids travel on, under `FORWARDED_TASK_IDS_KWARG`, to
+    the adapted model, whose forward pre-hook gives them to the layers.
     `generate` passes unknown model kwargs to transformers, which refuses them: wrap it too, so that `task_ids` given
-    once to generate reach every decoding step (`model.generation_task_ids`), and so that Mixture-of-LoRAs keeps the
-    experts its routers chose on the prompt for every generated token (`prompt_routing.generation_routing`)."""
+    once to generate reach every decoding step (`model.generation_task_ids`), and so that the methods that route per
+    sequence (`routes_per_sequence`: Mixture-of-LoRAs, MoCLE) keep what they decided on the prompt for every generated
+    token (`prompt_routing.generation_routing`)."""
     forward, generate = PeftModelForCausalLM.forward, PeftModelForCausalLM.generate
     if getattr(forward, "_forwards_task_ids_to_moelora", False):
         return
 
     @functools.wraps(forward)
     def forward_with_task_ids(self, *args, task_ids=None, **kwargs):
-        if task_ids is not None and self.active_peft_config.peft_type in TASK_ID_METHODS:
+        if task_ids is not None and uses_task_ids(self.active_peft_config):
             kwargs[FORWARDED_TASK_IDS_KWARG] = task_ids
             task_ids = None
         return forward(self, *args, task_ids=task_ids, **kwargs)
@@ -66,7 +77,7 @@ def forward_task_ids_to_moelora() -> None:
         if getattr(self.active_peft_config, "routes_per_sequence", False):  # decided on the prompt, kept for every token
             with generation_routing(self.get_base_model(), kwargs.pop("task_ids", None)):
                 return generate(self, *args, **kwargs)
-        if kwargs.get("task_ids") is None or self.active_peft_config.peft_type != MOELORA:
+        if kwargs.get("task_ids") is None or not uses_task_ids(self.active_peft_config):
             return generate(self, *args, **kwargs)
         with generation_task_ids(self.get_base_model(), kwargs.pop("task_ids")):
             return generate(self, *args, **kwargs)
