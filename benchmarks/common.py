@@ -50,6 +50,24 @@ def onednn_linear():
     return _onednn_linear
 
 
+def auto_choices() -> str:
+    """Which kernel "auto" (our models' default) ran for each shape it met in this process, as Markdown bullets (on a
+    CPU it times the candidates at the first call of each shape: hf_moe/modeling/kernel_choice.py). Printed by the
+    scripts that run "ours auto", and written under their tables."""
+    from hf_moe.modeling.kernel_choice import CALIBRATE, PIN_ENV, chosen_kernels
+    if os.environ.get(PIN_ENV, CALIBRATE).strip() not in ("", CALIBRATE):
+        return f"\"auto\" was pinned to `{os.environ[PIN_ENV].strip()}` ({PIN_ENV})."
+    lines = []
+    for key, kernel in chosen_kernels().items():
+        fields = dict(part.split("=", 1) for part in key.split("; "))
+        lines.append(f"- {fields['dtype']}, H {fields['hidden']}, {fields['experts']} experts of "
+                     f"{fields['intermediate']}, top-{fields['top_k']}, gradients: {fields['gradients']}, token bucket "
+                     f"{fields['tokens']} (candidates {fields['candidates']}): `{kernel}`")
+    if not lines:
+        return ""
+    return "\"auto\" ran (timed on this machine at the first call of each shape):\n" + "\n".join(lines)
+
+
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work, so that wall time covers it (GPU kernels run asynchronously)."""
     if torch.device(device).type == "cuda":

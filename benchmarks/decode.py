@@ -12,7 +12,7 @@ with the same active FLOPs per token.
 import argparse
 
 import torch
-from common import device_names, markdown_table, round_robin_medians, write_section
+from common import auto_choices, device_names, markdown_table, round_robin_medians, write_section
 from models import FAMILIES, build_models
 
 
@@ -55,8 +55,12 @@ def main():
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         measure(True, 4, 3, 1, dtype, args.device)
+        print(auto_choices())
         return
     table = measure(False, args.prompt_len, args.new_tokens, args.repeats, dtype, args.device)
+    choices = auto_choices()
+    print(choices)
+    table += f"\n\n{choices}" if choices else ""
     suffix, on_gpu = device_names(args.device)
     section = "decode" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
     switch = ("On a GPU, `generate()` runs `batched_mm` for the decoding steps of the models set to `grouped_mm` "

@@ -49,7 +49,7 @@ def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.fl
     ours.load_state_dict(state)
     floor = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=top_k * width + shared))
     models = {"dense floor": floor, "transformers grouped_mm": native}
-    for implementation in ("sorted_mm", "grouped_mm", "eager"):
+    for implementation in ("auto", "sorted_mm", "grouped_mm", "eager"):  # "auto": our default
         model = type(ours)(copy.deepcopy(ours.config))  # its own config: the experts kernel is a config setting
         model.load_state_dict(ours.state_dict())
         model.set_experts_implementation(implementation)

@@ -14,7 +14,7 @@ dense SwiGLU FFN with the same active FLOPs per token. Reports medians (ms) and 
 import argparse
 
 import torch
-from common import device_names, markdown_table, round_robin_medians, write_section
+from common import auto_choices, device_names, markdown_table, round_robin_medians, write_section
 from torch import nn
 from transformers import MixtralConfig, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -30,7 +30,7 @@ SHAPES = {
 }
 SMOKE_SHAPES = {"mixtral-like": (32, 4, 2, 48, 0), "deepseek-like": (32, 8, 3, 16, 32)}
 TOKEN_COUNTS = (1, 16, 512, 4096)
-IMPLEMENTATIONS = ("sorted_mm", "grouped_mm", "batched_mm", "eager")
+IMPLEMENTATIONS = ("auto", "sorted_mm", "grouped_mm", "batched_mm", "eager")  # "auto": our default
 
 
 def build_blocks(shape, dtype, device):
@@ -128,15 +128,18 @@ def main():
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         measure(SMOKE_SHAPES, (1, 16), dtype, lambda tokens: 1, args.device)
+        print(auto_choices())
         return
     table = measure(SHAPES, args.token_counts, dtype, lambda tokens: repeats(tokens, args.device), args.device)
+    choices = auto_choices()
+    print(choices)
     suffix, on_gpu = device_names(args.device)
     write_section(
         f"moe-block-{args.dtype}{suffix}",
         f"## (a) One MoE layer, {args.dtype}{on_gpu}: median ms (speed relative to the dense floor)\n\n"
         "Floor: a dense SwiGLU FFN with the same active FLOPs per token. Cells: time in ms (floor time / time).\n"
         "Last column: time of the best transformers path (its own block or our block under transformers' kernels) "
-        "divided by the time of `sorted_mm`.\n\n" + table,
+        "divided by the time of `sorted_mm`.\n\n" + table + (f"\n\n{choices}" if choices else ""),
     )
 
 

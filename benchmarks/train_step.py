@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import device_names, markdown_table, round_robin_medians, synchronize, write_section
+from common import auto_choices, device_names, markdown_table, round_robin_medians, synchronize, write_section
 from models import FAMILIES, build_models
 
 
@@ -101,8 +101,12 @@ def main():
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         measure(True, 2, 8, 1, dtype, args.device)
+        print(auto_choices())
         return
     table = measure(False, args.batch, args.seq_len, args.repeats, dtype, args.device)
+    choices = auto_choices()
+    print(choices)
+    table += f"\n\n{choices}" if choices else ""
     suffix, on_gpu = device_names(args.device)
     section = "train-step" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
     write_section(section, f"## (b) Whole-model training step, {args.dtype}{on_gpu} (H 512, 4 layers, vocab 32000, "

@@ -199,6 +199,18 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _experts_kernel_choices(tmp_path_factory):
+    """"auto" times the experts kernels at the first call of each shape and keeps its choices in a file
+    (hf_moe/modeling/kernel_choice.py). The suite keeps them in a folder of its own and, unless HF_MOE_AUTO_KERNEL is
+    set, pins "auto" to `sorted_mm`, so that no test pays for a timing or depends on its outcome;
+    test_kernel_calibration.py times for real. Child processes inherit both settings."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_MOE_CACHE", str(tmp_path_factory.mktemp("hf_moe_cache")))
+        patch.setenv("HF_MOE_AUTO_KERNEL", os.environ.get("HF_MOE_AUTO_KERNEL", "sorted_mm"))
+        yield
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> Family:
     """Runs a test once per family (Mixtral-style and DeepSeek-style)."""

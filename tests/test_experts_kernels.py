@@ -34,8 +34,9 @@ def products(request, monkeypatch):
     yield request.param
 
 
-def experts_module(implementation: str, hidden_act: str = "silu") -> MoEExperts:
-    config = make_mixtral_config(hidden_act=hidden_act)
+def experts_module(implementation: str = "auto", **overrides) -> MoEExperts:
+    """Mixtral-like fused experts (make_mixtral_config with `overrides`) under `implementation`, seeded weights."""
+    config = make_mixtral_config(**overrides)
     config._experts_implementation = implementation
     torch.manual_seed(0)
     experts = MoEExperts(config)
@@ -78,7 +79,7 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
     blocks of the other two (left uninitialised, then zeroed) must be exactly zero."""
     outputs = {}
     for implementation in ("eager", "sorted_mm"):
-        experts = experts_module(implementation, hidden_act)
+        experts = experts_module(implementation, hidden_act=hidden_act)
         hidden = torch.randn(10, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
         index = torch.randint(0, experts_used, (10, 2), generator=torch.Generator().manual_seed(2))
         index = index * (4 // experts_used)
@@ -186,30 +187,24 @@ def test_onednn_weight_gradients_sum_over_each_block_padded_with_zero_rows(monke
     assert torch.equal(out[1], torch.zeros(16, 8))
 
 
-@pytest.mark.parametrize(("case", "runs"), [
-    *[pytest.param(case, "sorted_mm", marks=pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="x86-64 with oneDNN"))
-      for case in ("fp32", "training")],
-    ("bf16", "grouped_mm"), ("oneDNN off", "grouped_mm"), ("biases", "grouped_mm"),
-])
-def test_auto_runs_sorted_mm_where_it_is_faster_and_grouped_mm_elsewhere(monkeypatch, case, runs):
-    """"auto" (our models' default) runs `sorted_mm` in fp32 on x86-64 CPUs, for inference and training, where its
-    products go through oneDNN, and transformers' `grouped_mm` for other dtypes, with oneDNN off, and for layouts
-    `sorted_mm` refuses."""
+@pytest.mark.skipif(not ON_X86_WITH_ONEDNN, reason="oneDNN's linear runs the fp32 products on x86-64 CPUs only")
+def test_the_torch_mm_variant_keeps_every_product_on_torch_mm(monkeypatch):
+    """"auto"'s candidate `sorted_mm/torch.mm`: the same kernel with its fp32 products on `torch.mm` (MKL), the
+    other matrix library, faster on some CPUs (test_kernel_calibration.py checks it against eager)."""
     calls = []
-    for name in ("sorted_mm", "grouped_mm"):
-        monkeypatch.setattr(experts_kernels, f"{name}_experts_forward", lambda *args, name=name: calls.append(name))
-    experts = experts_module("auto").to(torch.bfloat16 if case == "bf16" else torch.float32)
-    experts.has_bias = case == "biases"
-    hidden = torch.randn(3, 32, dtype=experts.gate_up_proj.dtype)
-    with torch.backends.mkldnn.flags(enabled=case != "oneDNN off"), torch.set_grad_enabled(case == "training"):
-        experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=hidden.dtype))
-    assert calls == [runs]
+    monkeypatch.setattr(experts_kernels, "_onednn_linear", lambda *args: calls.append(1))
+    experts = experts_module("sorted_mm")
+    hidden = torch.randn(40, 32, requires_grad=True)
+    index = torch.tensor([[0, 1], [1, 0]] * 20)
+    experts_kernels.sorted_mm_torch_mm_experts_forward(experts, hidden, index, torch.rand(40, 2)).sum().backward()
+    assert calls == [] and hidden.grad is not None
 
 
 def test_auto_matches_eager_in_outputs_and_gradients():
-    """What "auto" runs (`sorted_mm` through oneDNN on x86-64 in fp32, inference and training) gives eager's outputs
-    and gradients, with expert blocks longer than the 32 rows up to which oneDNN's row counts are exact (the windows
-    of the row products, the zero padding of the weight gradients' sums)."""
+    """What "auto" runs under the suite's pin (`sorted_mm`, through oneDNN on x86-64 in fp32, inference and
+    training; test_kernel_calibration.py forces each other candidate) gives eager's outputs and gradients, with expert
+    blocks longer than the 32 rows up to which oneDNN's row counts are exact (the windows of the row products, the
+    zero padding of the weight gradients' sums)."""
     results = {}
     for implementation in ("auto", "eager"):
         hidden = torch.randn(100, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()

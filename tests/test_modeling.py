@@ -189,7 +189,8 @@ def test_from_pretrained_applies_attention_and_experts_implementation(family, tm
 def test_default_experts_implementation_is_auto(family):
     """transformers only switches kernels for models whose modeling file holds `@use_experts_implementation`; our
     kernels are registered next to transformers' own, and where transformers would default to `grouped_mm` our models
-    default to "auto" (`sorted_mm` or `grouped_mm`, test_experts_kernels.py). An explicit choice is kept."""
+    default to "auto" (the kernel timed fastest on this CPU, test_kernel_calibration.py). An explicit choice is
+    kept."""
     assert family.causal_lm().config._experts_implementation == "auto"
     assert {"sorted_mm", "auto"} <= set(ALL_EXPERTS_FUNCTIONS)
     assert family.causal_lm(experts_implementation="grouped_mm").config._experts_implementation == "grouped_mm"

@@ -467,10 +467,12 @@ def test_bf16_checkpoint_with_fp32_routers_round_trips_bit_exactly(sources, tmp_
 @pytest.mark.parametrize("fmt", ["deepseek_v3", "glm4_moe"])
 def test_bf16_import_routes_in_fp32_as_transformers_does(imported, fmt):
     """DeepSeek-V3 and GLM-4.5 keep the router weight and logits in fp32 in a bf16 model (`router_in_fp32`): in bf16
-    our model gives transformers' logits exactly, and the router weight loads as fp32."""
+    our model gives transformers' logits exactly (under transformers' experts kernel: "auto" may choose another one),
+    and the router weight loads as fp32."""
     built = imported(fmt)
     native = AutoModelForCausalLM.from_pretrained(built.native_dir, dtype=torch.bfloat16).eval()
-    ours = AutoModelForCausalLM.from_pretrained(built.ours_dir, dtype=torch.bfloat16).eval()
+    ours = AutoModelForCausalLM.from_pretrained(built.ours_dir, dtype=torch.bfloat16,
+                                                experts_implementation="grouped_mm").eval()
     assert ours.config.router_in_fp32
     assert ours.model.layers[-1].mlp.gate.weight.dtype == torch.float32
     input_ids = torch.randint(1, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(5))

@@ -2,12 +2,17 @@
 """`sorted_mm`: an experts implementation for fused 3D expert weights with its own backward; and "auto".
 
 Registered in transformers' `ExpertsInterface` as "sorted_mm", so any model with `@use_experts_implementation`
-experts can select it (`experts_implementation="sorted_mm"`). "auto", registered too and the default of this
-project's models, runs it where it was faster than transformers' kernels (BENCHMARKS.md): in fp32 on x86-64 CPUs,
-for inference and training, where all its products (forward, input and weight gradients) go through oneDNN rather
-than the MKL that torch's fp32 `mm` calls. It runs transformers' `grouped_mm` elsewhere: on a GPU `sorted_mm`'s
-backward runs at 0.83-0.99x of `grouped_mm`'s speed on an H100, and in bf16 both run the same oneDNN products.
-`sorted_mm` also keeps 14-25% less memory for the backward than `grouped_mm`.
+experts can select it (`experts_implementation="sorted_mm"`). In fp32 on x86-64 CPUs all its products (forward,
+input and weight gradients) go through oneDNN rather than the MKL that torch's fp32 `mm` calls. It keeps 14-25% less
+memory for the backward than transformers' `grouped_mm`.
+
+"auto", registered too and the default of this project's models, runs on a CPU whichever kernel was fastest for the
+call's shapes on this machine: `sorted_mm` (through oneDNN, and through `torch.mm`), transformers' `grouped_mm`, and
+its `batched_mm` for inference on a few tokens, timed once per CPU model, torch version, shapes, token bucket and
+training or inference (kernel_choice.py; the decisions are cached on disk). The winner depends on the CPU: on an AMD
+EPYC whose MKL ran fp32 products at half oneDNN's rate `sorted_mm` won (BENCHMARKS.md), on an Intel Xeon whose MKL is
+fast `grouped_mm` did. `HF_MOE_AUTO_KERNEL=<kernel>` pins it (`auto_experts_forward`). On a GPU "auto" runs
+`grouped_mm`, untimed: there `sorted_mm`'s backward ran at 0.83-0.99x of `grouped_mm`'s speed on an H100.
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
 contiguous block of rows, and its backward four (on a CPU one product per expert, through oneDNN in fp32 on x86-64
@@ -34,6 +39,7 @@ transformers' `grouped_mm` instead.
 """
 
 import platform
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -41,9 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations import moe as transformers_moe
-from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+from transformers.integrations.moe import ExpertsInterface, batched_mm_experts_forward, grouped_mm_experts_forward
+
+from .kernel_choice import choose_kernel, gradients_needed, pinned_kernel, timeable, token_bucket
 
 SORTED_MM = "sorted_mm"
+SORTED_MM_TORCH_MM = "sorted_mm/torch.mm"  # "auto"'s name for `sorted_mm` with its products on `torch.mm`
+GROUPED_MM, BATCHED_MM = "grouped_mm", "batched_mm"  # transformers'
 AUTO = "auto"
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)  # torch >= 2.10 / 2.8-2.9
 
@@ -107,7 +117,8 @@ class _LoopProducts:
     18-28. The weight gradients' products sum over an expert's rows: there the block is padded with zero rows to the
     bucketed count."""
 
-    def __init__(self, ends: torch.Tensor):
+    def __init__(self, ends: torch.Tensor, onednn: bool = True):
+        self.onednn = onednn  # False: `torch.mm` even where oneDNN runs (see `_onednn_runs`)
         self.num_experts = ends.shape[0]
         self.blocks, start = [], 0  # (expert, start row, end row) of every expert with pairs, in sorted-row order
         for expert, end in enumerate(ends.tolist()):
@@ -119,7 +130,7 @@ class _LoopProducts:
     def rows_times(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows [S, in] @ weight[e] [in, out] on each expert's block -> [S, out]"""
         out = rows.new_empty(rows.shape[0], weight.shape[-1])
-        if _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; it has no `out=`
+        if self.onednn and _onednn_runs(rows):  # oneDNN's linear computes rows @ W^T, for W [out, in]; no `out=`
             for expert, start, end in self.blocks:
                 count = _bucketed(end - start)
                 window = _zero_padded(rows[start:start + count], count)  # [count, in]: fewer rows at the end
@@ -138,7 +149,7 @@ class _LoopProducts:
         out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
         for expert in set(range(self.num_experts)) - {expert for expert, _, _ in self.blocks}:
             out[expert].zero_()
-        onednn = _onednn_runs(left)
+        onednn = self.onednn and _onednn_runs(left)
         for expert, start, end in self.blocks:
             if onednn and end - start > _SHORT_SUM:  # src @ W^T for src = left^T, W = right^T: sums over the rows
                 count = _bucketed(end - start)  # the block's rows and zero rows
@@ -287,9 +298,10 @@ def _takes_layout(experts: nn.Module) -> bool:
 
 
 def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                              top_k_weights: torch.Tensor) -> torch.Tensor:
+                              top_k_weights: torch.Tensor, onednn: bool = True) -> torch.Tensor:
     """Experts forward for `@use_experts_implementation` modules with gated, bias-free, non-transposed weights
-    (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`)."""
+    (`gate_up_proj [E, 2I, H]` as [gate; up], `down_proj [E, H, I]`). `onednn=False`: the CPU products on `torch.mm`
+    even where they would go through oneDNN (`_onednn_runs`)."""
     if not _takes_layout(self):
         raise ValueError(
             "`experts_implementation`='sorted_mm' supports gated experts act(gate) * up with [gate; up] weights and "
@@ -307,7 +319,7 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     ends = torch.searchsorted(sorted_ids, experts, right=True, out_int32=True)  # [E], on the device: no sync
     unsort = None
     if not _grouped_kernel_applies(hidden_states, self.gate_up_proj):
-        products = _LoopProducts(ends)
+        products = _LoopProducts(ends, onednn)
         order = order[: products.num_rows]
     else:
         products = _GroupedProducts(ends)
@@ -324,15 +336,63 @@ def sorted_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     return _experts_forward(*arguments)[0]
 
 
+def sorted_mm_torch_mm_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`sorted_mm` with its products on `torch.mm` (MKL for fp32 on x86-64) even where oneDNN would run them."""
+    return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights, onednn=False)
+
+
+def auto_kernels() -> dict[str, Callable]:
+    """The kernels "auto" chooses from, by the names `HF_MOE_AUTO_KERNEL` takes (read at each call, so that tests can
+    replace them)."""
+    return {SORTED_MM: sorted_mm_experts_forward, SORTED_MM_TORCH_MM: sorted_mm_torch_mm_experts_forward,
+            GROUPED_MM: grouped_mm_experts_forward, BATCHED_MM: batched_mm_experts_forward}
+
+
+# `batched_mm` copies one [2I, H] and one [H, I] weight per (token, expert) pair: a candidate for decoding-sized
+# inference calls only (up to this many pairs in the token bucket), where it saves the sort
+_BATCHED_MM_PAIRS = 8
+
+
+def auto_candidates(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    gradients: str) -> list[str]:
+    """The kernels "auto" times for this call: `sorted_mm` where it takes the layout (also on `torch.mm` where its
+    products would otherwise go through oneDNN: the faster library depends on the CPU), transformers' `grouped_mm`,
+    and its `batched_mm` for inference on a few tokens."""
+    names = []
+    if _takes_layout(experts):
+        names.append(SORTED_MM)
+        if _onednn_runs(hidden_states):
+            names.append(SORTED_MM_TORCH_MM)
+    names.append(GROUPED_MM)
+    if gradients == "none" and token_bucket(hidden_states.shape[0]) * top_k_index.shape[-1] <= _BATCHED_MM_PAIRS:
+        names.append(BATCHED_MM)
+    return names
+
+
 def auto_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """"auto", the default of this project's models: `sorted_mm` where it was faster than transformers' kernels
-    (BENCHMARKS.md): in fp32 on x86-64 CPUs, its products through oneDNN (training steps, forward passes, decoding).
-    Transformers' `grouped_mm` elsewhere: on GPUs, where `sorted_mm`'s backward is slower; in bf16, where both run
-    torch's oneDNN products; and for weight layouts `sorted_mm` does not take."""
-    if _onednn_runs(hidden_states) and _takes_layout(self):
-        return sorted_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    """"auto", the default of this project's models. On a CPU it runs whichever of `auto_candidates` was fastest on
+    this machine for the call's shapes, timed at the first call of each (kernel_choice.py; cached on disk): which
+    kernel and matrix library win depends on the CPU (`sorted_mm` through oneDNN on an AMD EPYC, `grouped_mm` on an
+    Intel Xeon whose MKL is fast, BENCHMARKS.md). Elsewhere transformers' `grouped_mm`: on GPUs (where `sorted_mm`'s
+    backward is slower), for DTensor weights, under `torch.compile` and for an empty batch.
+    `HF_MOE_AUTO_KERNEL=<name>` pins the kernel (the names of `auto_kernels`; `sorted_mm` falls back to `grouped_mm`
+    for layouts it does not take)."""
+    if torch.compiler.is_compiling():  # no timing, no file or environment access inside a traced graph
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    kernels = auto_kernels()
+    name = pinned_kernel(kernels)
+    if name is not None:
+        if name in (SORTED_MM, SORTED_MM_TORCH_MM) and not _takes_layout(self):
+            name = GROUPED_MM
+    elif not timeable(self, hidden_states) or hidden_states.shape[0] == 0:
+        name = GROUPED_MM
+    else:
+        gradients = gradients_needed(self, hidden_states, top_k_weights)
+        candidates = {each: kernels[each] for each in auto_candidates(self, hidden_states, top_k_index, gradients)}
+        name = choose_kernel(self, hidden_states, top_k_index.shape[-1], gradients, candidates, fallback=GROUPED_MM)
+    return kernels[name](self, hidden_states, top_k_index, top_k_weights)
 
 
 ExpertsInterface.register(SORTED_MM, sorted_mm_experts_forward)
