@@ -1,9 +1,11 @@
-"""Mixture-of-Depths speed: a training step (forward + backward) and a prefill forward of one Mixtral-like model,
-without MoD and with MoD at several capacities, for two layouts of routed layers.
+"""Mixture-of-Depths speed: a training step (forward + backward) of one Mixtral-like model, without MoD and with MoD
+at several capacities, for two layouts of routed layers.
 
 Every candidate is the same model (same weights, same inputs); only `mod_capacity` / `mod_layers` differ, so the
 times show what skipping tokens saves and what the router and the gather/scatter cost (capacity 1.0: every token is
 chosen, nothing is saved). Round-robin medians in one process; speed = time without MoD / time (higher is faster).
+Training only: inference routes each token by the sign of its router logit (causal), not by the capacity, so with
+untrained routers an inference time says nothing about a capacity.
 
     python benchmarks/mod_speed.py            # full run, writes BENCHMARKS.md
     python benchmarks/mod_speed.py --smoke    # tiny shapes, prints only (used by the test suite)
@@ -52,21 +54,11 @@ def measure(shape: dict, batch: int, seq_len: int, repeats: int) -> list[list]:
             model(input_ids, labels=input_ids).loss.backward()
         return run
 
-    def prefill(model):
-        def run():
-            with torch.no_grad():
-                model(input_ids, use_cache=False)
-        return run
-
     for model in models.values():
         model.train()
     train = round_robin_medians({key: train_step(model) for key, model in models.items()}, repeats)
-    for model in models.values():
-        model.eval()
-    forward = round_robin_medians({key: prefill(model) for key, model in models.items()}, repeats)
-    base_train, base_forward = train[("no MoD", "-")], forward[("no MoD", "-")]
-    return [[*key, f"{train[key]:.1f}", f"{base_train / train[key]:.2f}x", f"{forward[key]:.1f}",
-             f"{base_forward / forward[key]:.2f}x"] for key in models]
+    base = train[("no MoD", "-")]
+    return [[*key, f"{train[key]:.1f}", f"{base / train[key]:.2f}x"] for key in models]
 
 
 def main():
@@ -79,7 +71,7 @@ def main():
     shape = SMOKE_SHAPE if args.smoke else SHAPE
     seq_len, repeats = (16, 1) if args.smoke else (args.seq_len, args.repeats)
     rows = measure(shape, args.batch, seq_len, repeats)
-    header = ["routed layers", "mod_capacity", "train step ms", "speed", "prefill ms", "speed"]
+    header = ["routed layers", "mod_capacity", "train step ms", "speed"]
     table = markdown_table(header, rows)
     print(table)
     if args.smoke:
