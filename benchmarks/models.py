@@ -4,6 +4,7 @@ and the dense Llama floor with the same active FLOPs per token."""
 import copy
 
 import torch
+from common import fair_floor_applies, through_onednn
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -24,10 +25,16 @@ FAMILIES = {"mixtral-like": (8, 2, 1408, 0), "qwen2moe-like": (16, 4, 352, 704)}
 SMOKE_FAMILIES = {"mixtral-like": (4, 2, 16, 0), "qwen2moe-like": (8, 2, 8, 16)}
 
 
+FAIR_FLOOR, FLOOR = "fair floor", "dense floor"
+
+
 def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.float32,
                  device: str = "cpu") -> dict[str, torch.nn.Module]:
     """name -> model (eval mode, in `dtype` on `device`), all with the same weights where the architecture is
-    shared."""
+    shared. "dense floor": the dense Llama as torch runs it (fp32 `nn.Linear` on MKL on x86-64); "fair floor", where
+    the two differ (`fair_floor_applies`): the same Llama with its MLP products (forward and backward) through oneDNN,
+    the library `sorted_mm` runs the experts' products on. Attention, LM head and embeddings stay as torch runs them in
+    both, as they do in the MoE models (their router and shared experts are `nn.Linear` too)."""
     common = SMOKE if smoke else COMMON
     experts, top_k, width, shared = (SMOKE_FAMILIES if smoke else FAMILIES)[family]
     torch.manual_seed(0)
@@ -48,7 +55,10 @@ def build_models(family: str, smoke: bool = False, dtype: torch.dtype = torch.fl
         state = native.state_dict()
     ours.load_state_dict(state)
     floor = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=top_k * width + shared))
-    models = {"dense floor": floor, "transformers grouped_mm": native}
+    models = {FLOOR: floor}
+    if fair_floor_applies(dtype, device):
+        models[FAIR_FLOOR] = through_onednn(copy.deepcopy(floor), lambda name: ".mlp." in name)
+    models["transformers grouped_mm"] = native
     for implementation in ("auto", "sorted_mm", "grouped_mm", "eager"):  # "auto": our default
         model = type(ours)(copy.deepcopy(ours.config))  # its own config: the experts kernel is a config setting
         model.load_state_dict(ours.state_dict())

@@ -1,9 +1,13 @@
 """(a) One MoE layer, forward and forward+backward, for T = 1, 16, 512, 4096 tokens.
 
-Compares, in one process, on the same weights and inputs: our MoE block under every experts implementation,
-transformers' own block (MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock, default `grouped_mm`), and the floor: a
-dense SwiGLU FFN with the same active FLOPs per token. Reports medians (ms) and speed relative to the floor
-(floor time / time: 1.0 = at the floor, higher is faster).
+Compares, in one process, on the same weights and inputs: our MoE block under every experts implementation ("auto",
+our default, first), transformers' own block (MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock, default `grouped_mm`),
+and two floors: a dense SwiGLU FFN with the same active FLOPs per token, as torch runs it (its fp32 products on MKL on
+x86-64), and the same FFN with its products (forward and backward) through oneDNN, the library `sorted_mm` runs the
+experts' products on: the fair floor (common.through_onednn; checked to compute the same outputs and gradients). In
+bf16 and on a GPU both floors run the same library and only one is timed. Reports medians (ms) and speed relative to
+the fair floor (floor time / time: 1.0 = at the floor, higher is faster), and our default's and transformers' speed
+relative to torch's floor in two more columns.
 
     python benchmarks/moe_block.py                 # full run, writes BENCHMARKS.md
     python benchmarks/moe_block.py --dtype bfloat16 --token-counts 1 16 512   # the bf16 table
@@ -12,9 +16,19 @@ dense SwiGLU FFN with the same active FLOPs per token. Reports medians (ms) and 
 """
 
 import argparse
+import copy
 
 import torch
-from common import auto_choices, device_names, markdown_table, round_robin_medians, write_section
+from common import (
+    auto_choices,
+    check_fair_floor,
+    device_names,
+    fair_floor_applies,
+    markdown_table,
+    round_robin_medians,
+    through_onednn,
+    write_section,
+)
 from torch import nn
 from transformers import MixtralConfig, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -77,12 +91,17 @@ def step(module, inputs, grad, backward):
 
 
 def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
-    header = ["shape", "T", "pass", "floor ms", "transformers grouped_mm", *[f"ours {i}" for i in IMPLEMENTATIONS],
-              "sorted_mm speed-up vs best transformers path"]
+    fair = fair_floor_applies(dtype, device)  # else the floor is the fair floor (the same library)
+    header = ["shape", "T", "pass", "fair floor ms" if fair else "floor ms", "transformers grouped_mm",
+              *[f"ours {i}" for i in IMPLEMENTATIONS], "ours auto vs best transformers path"]
+    if fair:
+        header[4:4] = ["MKL floor ms (speed vs fair floor)"]
+        header += ["ours auto vs MKL floor", "transformers vs MKL floor"]
     print(" | ".join(header), flush=True)
     rows = []
     for shape_name, shape in shapes.items():
         ours, ours_config, native, floor = build_blocks(shape, dtype, device)
+        fair_floor = through_onednn(copy.deepcopy(floor)) if fair else floor
         for tokens in token_counts:
             inputs = torch.randn(1, tokens, shape[0], dtype=dtype).to(device).requires_grad_()
             grad = torch.randn(1, tokens, shape[0], dtype=dtype).to(device)
@@ -91,9 +110,12 @@ def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
                 reference = ours(inputs)
                 tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: 8 mantissa bits, outputs of ~1
                 assert torch.allclose(native(inputs), reference, atol=tolerance), "native and ours disagree"
+            if fair:  # the same outputs and gradients (of the inputs and of every weight) as torch's floor
+                check_fair_floor(floor, fair_floor, lambda module: module(inputs), inputs)
             for backward in (False, True):
-                candidates = {"floor": lambda b=backward: step(floor, inputs, grad, b),
-                              "transformers": lambda b=backward: step(native, inputs, grad, b)}
+                candidates = {"fair floor": lambda b=backward: step(fair_floor, inputs, grad, b)} if fair else {}
+                candidates |= {"floor": lambda b=backward: step(floor, inputs, grad, b),
+                               "transformers": lambda b=backward: step(native, inputs, grad, b)}
                 for implementation in IMPLEMENTATIONS:
                     if implementation == "batched_mm" and tokens * shape[2] > 64:
                         continue  # copies one weight matrix per (token, expert): gigabytes at this size
@@ -106,13 +128,17 @@ def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
 
                     candidates[f"ours {implementation}"] = run
                 times = round_robin_medians(candidates, repeats=repeats_for(tokens), device=device)
-                floor_ms = times["floor"]
+                floor_ms = times["fair floor" if fair else "floor"]
                 best_transformers = min(ms for name, ms in times.items() if name == "transformers"
                                         or name in ("ours grouped_mm", "ours batched_mm", "ours eager"))
                 row = [shape_name, tokens, "fwd+bwd" if backward else "fwd", f"{floor_ms:.1f}"]
+                if fair:
+                    row.append(f"{times['floor']:.1f} ({floor_ms / times['floor']:.2f}x)")
                 for name in ("transformers", *[f"ours {impl}" for impl in IMPLEMENTATIONS]):
                     row.append(f"{times[name]:.1f} ({floor_ms / times[name]:.2f}x)" if name in times else "-")
-                row.append(f"{best_transformers / times['ours sorted_mm']:.2f}")
+                row.append(f"{best_transformers / times['ours auto']:.2f}")
+                if fair:
+                    row += [f"{times['floor'] / times[name]:.2f}x" for name in ("ours auto", "transformers")]
                 rows.append(row)
                 print(" | ".join(map(str, row)), flush=True)
     return markdown_table(header, rows)
@@ -133,13 +159,22 @@ def main():
     table = measure(SHAPES, args.token_counts, dtype, lambda tokens: repeats(tokens, args.device), args.device)
     choices = auto_choices()
     print(choices)
-    suffix, on_gpu = device_names(args.device)
+    suffix, on = device_names(args.device)
+    if fair_floor_applies(dtype, args.device):
+        floors = ("Fair floor: a dense SwiGLU FFN with the same active FLOPs per token, its three products (forward, "
+                  "input and weight gradients) through oneDNN, the library `sorted_mm` runs the experts' products on "
+                  "(same outputs and gradients as torch's FFN, checked at every point). MKL floor: the same FFN as "
+                  "torch runs it (`nn.Linear`: MKL for fp32 on x86-64). Cells: time in ms (fair floor time / time); "
+                  "the last two columns: MKL floor time / time.\n")
+    else:
+        floors = ("Floor: a dense SwiGLU FFN with the same active FLOPs per token (torch's `nn.Linear`, which runs "
+                  "the same matrix library as the experts' products here). Cells: time in ms (floor time / time).\n")
     write_section(
         f"moe-block-{args.dtype}{suffix}",
-        f"## (a) One MoE layer, {args.dtype}{on_gpu}: median ms (speed relative to the dense floor)\n\n"
-        "Floor: a dense SwiGLU FFN with the same active FLOPs per token. Cells: time in ms (floor time / time).\n"
-        "Last column: time of the best transformers path (its own block or our block under transformers' kernels) "
-        "divided by the time of `sorted_mm`.\n\n" + table + (f"\n\n{choices}" if choices else ""),
+        f"## (a) One MoE layer, {args.dtype}{on}: median ms (speed relative to the fair floor)\n\n" + floors +
+        "\"ours auto vs best transformers path\": time of the best transformers path (its own block or our block "
+        "under transformers' kernels) divided by the time of \"ours auto\" (our default).\n\n" + table
+        + (f"\n\n{choices}" if choices else ""),
     )
 
 

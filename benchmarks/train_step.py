@@ -2,7 +2,10 @@
 activation memory.
 
 Ours under each experts implementation vs transformers' native class on the same weights (MixtralForCausalLM,
-Qwen2MoeForCausalLM) vs the dense Llama floor with the same active FLOPs per token. Activation memory is what the
+Qwen2MoeForCausalLM) vs the dense Llama floor with the same active FLOPs per token, in two forms where they differ
+(fp32 on x86-64): the fair floor, its MLP products (forward and backward) through oneDNN as `sorted_mm` runs the
+experts' (checked to compute the same loss and gradients), and torch's own (MKL) floor; speeds are given against
+both (models.py). Activation memory is what the
 forward keeps for the backward at its end (the peak of a training step's activations): the bytes of the distinct
 storages autograd saves, parameters excluded, counted through `torch.autograd.graph.saved_tensors_hooks` (custom
 autograd functions such as `sorted_mm` save through the same hooks). The AdamW step is also timed on its own: it reads
@@ -19,8 +22,16 @@ import statistics
 import time
 
 import torch
-from common import auto_choices, device_names, markdown_table, round_robin_medians, synchronize, write_section
-from models import FAMILIES, build_models
+from common import (
+    auto_choices,
+    check_fair_floor,
+    device_names,
+    markdown_table,
+    round_robin_medians,
+    synchronize,
+    write_section,
+)
+from models import FAIR_FLOOR, FAMILIES, FLOOR, build_models
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
@@ -68,6 +79,10 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
         vocab = next(iter(models.values())).config.vocab_size
         torch.manual_seed(1)
         input_ids = torch.randint(0, vocab, (batch, seq_len)).to(device)
+        fair = FAIR_FLOOR in models
+        if fair:  # the same loss and gradients as torch's floor (training mode: no dropout in these models)
+            check_fair_floor(models[FLOOR], models[FAIR_FLOOR],
+                             lambda model, ids=input_ids: model.train()(ids, labels=ids).loss)
         optimizers = {name: fused_adamw(model) for name, model in models.items()}
         optimizer_ms = {name: [] for name in models}  # the AdamW step alone in each step, warm-up included
 
@@ -77,16 +92,18 @@ def measure(smoke: bool, batch: int, seq_len: int, repeats: int, dtype: torch.dt
         candidates = {name: (lambda n=name: train_step(n)) for name in models}
         times = round_robin_medians(candidates, repeats=repeats, device=device)
         tokens = batch * seq_len
-        floor = times["dense floor"]
+        floor = times[FAIR_FLOOR if fair else FLOOR]
         for name, ms in times.items():
             activations = saved_activation_bytes(models[name], input_ids) / 2**20
             parameters = sum(p.numel() for p in models[name].parameters()) / 1e6
             adamw_ms = statistics.median(optimizer_ms[name][-repeats:])  # the timed steps, not the warm-up
             rows.append([family, name, f"{ms:.0f}", f"{tokens / ms * 1000:.0f}", f"{floor / ms:.2f}",
-                         f"{activations:.0f}", f"{parameters:.0f}", f"{adamw_ms:.0f}"])
+                         *([f"{times[FLOOR] / ms:.2f}"] if fair else []), f"{activations:.0f}", f"{parameters:.0f}",
+                         f"{adamw_ms:.0f}"])
             print(" | ".join(rows[-1]), flush=True)
-    return markdown_table(["family", "model", "ms / step", "tokens / s", "speed vs dense floor",
-                           "saved activations (MiB)", "parameters (M)", "of which AdamW step (ms)"], rows)
+    speeds = ["speed vs fair floor", "speed vs MKL floor"] if FAIR_FLOOR in models else ["speed vs dense floor"]
+    return markdown_table(["family", "model", "ms / step", "tokens / s", *speeds, "saved activations (MiB)",
+                           "parameters (M)", "of which AdamW step (ms)"], rows)
 
 
 def main():
@@ -107,10 +124,24 @@ def main():
     choices = auto_choices()
     print(choices)
     table += f"\n\n{choices}" if choices else ""
-    suffix, on_gpu = device_names(args.device)
+    suffix, on = device_names(args.device)
     section = "train-step" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
-    write_section(section, f"## (b) Whole-model training step, {args.dtype}{on_gpu} (H 512, 4 layers, vocab 32000, "
-                  f"batch {args.batch} x {args.seq_len} tokens, fused AdamW)\n\n" + table)
+    write_section(section, f"## (b) Whole-model training step, {args.dtype}{on} (H 512, 4 layers, vocab 32000, "
+                  f"batch {args.batch} x {args.seq_len} tokens, fused AdamW)\n\n" + floors_note(dtype, args.device)
+                  + table)
+
+
+def floors_note(dtype: torch.dtype, device: str) -> str:
+    """What the floor rows of tables (b) and (c) are."""
+    from common import fair_floor_applies
+    if not fair_floor_applies(dtype, device):
+        return ("Dense floor: a dense Llama with the same active FLOPs per token, as torch runs it (its products "
+                "run the same matrix library as the experts' here).\n\n")
+    return ("Fair floor: a dense Llama with the same active FLOPs per token whose MLP products (forward, input and "
+            "weight gradients) run through oneDNN, the library `sorted_mm` runs the experts' products on; its "
+            "attention, LM head and embeddings run as torch runs them (MKL), as in the MoE models, whose router and "
+            "shared experts are `nn.Linear` layers on MKL too. Checked to compute the same loss and gradients as the "
+            "dense floor, the same Llama as torch runs it (`nn.Linear`: MKL for fp32 on x86-64).\n\n")
 
 
 if __name__ == "__main__":
