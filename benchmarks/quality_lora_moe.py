@@ -237,6 +237,12 @@ METHODS = {
         note="MixLoRA with task gates (MMoE: one router per task over the same 8 experts, top-2, as "
              "recipes/mixlora_task_gates.yaml, with the mixlora row's other options) reads each example's task id "
              "(the `task` column) in training and in evaluation, like MOELoRA: task ids are an input of the model."),
+    "mixlora_contrastive": Method(
+        MixLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "contrastive_loss_coef": 0.05,
+                                  "target_modules": ["mlp", *ATTENTION]},
+        recipe_method="mixlora",
+        note="MixLoRA with MoELoRA's contrastive loss among experts (coefficient 0.05, temperature 0.07, at most 64 "
+             "tokens a sequence) is the mixlora row plus that loss."),
     "moelora_global": Method(
         MoeLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
                                   "gate_sharing": "global", "target_modules": ATTENTION + FFN},
