@@ -77,10 +77,12 @@ def sequence_lora(tokens: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     tokens [B, S, in], A [E, r, in], B [E, out, r], experts [B] long, scale a float or [B] (one per sequence). Each
     sequence's expert is gathered ([B, r, in], [B, out, r]: gradients reach only the experts used) and applied by
     two batched matmuls; the scale multiplies the rank-r intermediate, not the wide output."""
-    hidden = torch.bmm(tokens, lora_a[experts].transpose(1, 2))  # [B, S, r]
+    # index_select, not lora_a[experts]: advanced indexing's backward accumulates in a thread-timing order on a CPU,
+    # so training would not repeat bit for bit per seed
+    hidden = torch.bmm(tokens, lora_a.index_select(0, experts).transpose(1, 2))  # [B, S, r]
     if isinstance(scale, torch.Tensor):
         scale = scale.to(hidden.dtype).view(-1, 1, 1)
-    return torch.bmm(hidden * scale, lora_b[experts].transpose(1, 2))
+    return torch.bmm(hidden * scale, lora_b.index_select(0, experts).transpose(1, 2))
 
 
 def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, offsets: torch.Tensor,
