@@ -164,8 +164,6 @@ class Method:
     size_step: int = 1  # the sizes searched: size_step, 2 * size_step, ...
     task_column: bool = False  # training reads each example's task from the tasks' `task` column
     eval_task_ids: bool = False  # evaluation gives the model task ids (the method defines them as a model input)
-    prompt_routing: bool = False  # routes each sequence on its prompt, the tokens before the first label: the
-    #                               answer-perplexity forward gets the labels so that it routes as generation does
     fit: Callable = fit_one_stage  # (fit_stage, options, max_steps) -> trained model: stages, extra fitting steps
     note: str = ""  # what the table's notes say of it
     diagnose: Callable | None = None  # (model, batches, examples) -> one line, printed after the evaluation
@@ -197,7 +195,7 @@ METHODS = {
     "mixture_of_loras": Method(
         MixtureOfLorasConfig, lambda k: {**lora_common(k), "task_names": TASK_NAMES,
                                          "target_modules": ATTENTION + FFN, **MIXTURE_OF_LORAS_STAGE2},
-        task_column=True, prompt_routing=True, fit=fit_mixture_of_loras,
+        task_column=True, fit=fit_mixture_of_loras,
         note=f"Mixture-of-LoRAs (one rank-r LoRA expert per task on every linear layer) spends the same step budget "
              f"in two runs: {STAGE1_SHARE:.0%} of the steps in stage 1 (each task's expert trains on its own "
              f"examples, selected by the `task` column), the rest in stage 2 (from stage 1's adapter, the routers "
@@ -209,7 +207,7 @@ METHODS = {
         MocleConfig, lambda k: {**lora_common(k), "num_experts": 4, "num_clusters": 8, "router_temperature": 0.05,
                                 "router_noise_std": 0.1, "universal_expert": True, "universal_mixing": "complement",
                                 "target_modules": ["q_proj", "v_proj"]},
-        prompt_routing=True, diagnose=mocle_clusters,
+        diagnose=mocle_clusters,
         note="MoCLE (4 LoRA experts of rank r and a universal expert of rank r on q and v, 8 k-means clusters of the "
              "training prompts' frozen features after the middle layer, fitted by the recipe runner before training, "
              "gate temperature 0.05, training noise 0.1, universal weight 1 - g: as recipes/mocle.yaml) chooses one "
@@ -219,7 +217,7 @@ METHODS = {
         ExpertGateConfig, lambda k: {**lora_common(k), "task_names": TASK_NAMES, "autoencoder_dim": 16,
                                      "temperature": 2.0, "autoencoder_loss_coef": 1.0, "statistics_samples": 1024,
                                      "target_modules": ATTENTION + FFN},
-        task_column=True, prompt_routing=True, diagnose=expert_gate_accuracy,
+        task_column=True, diagnose=expert_gate_accuracy,
         note="Expert Gate (one rank-r LoRA expert per task on every linear layer, one autoencoder per task on the "
              "frozen prompt features after the middle layer) trains each example's own task expert and autoencoder "
              "(task ids from the `task` column) and is evaluated without task ids: the autoencoder that reconstructs "
@@ -280,27 +278,6 @@ def matched_rank(base, method: str, target: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def prompt_routed_perplexity(model, batches) -> float:
-    """`hf_moe.quickstart.answer_perplexity` with the labels in the forward: a model that routes on the prompt (the
-    tokens before the first label) then routes as in generation, not on prompt + answer."""
-    import math
-
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels") if key in batch}
-        logits = model(**inputs).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((labels != -100).sum())
-    model.train(was_training)
-    return math.exp(total / count)
-
-
 def spread(values: list[float]) -> str:
     """'mean' for one value; 'mean (v1 / v2 ...)' for several."""
     mean = statistics.fmean(values)
@@ -502,8 +479,6 @@ def main():
                 task_names = TASK_NAMES if method.eval_task_ids else None
                 score = evaluate(model, tokenizer, examples, task_batches if task_names else batches,
                                  f"{name} seed {seed}", task_names)
-                if method.prompt_routing:
-                    score.answer_perplexity = prompt_routed_perplexity(model, batches)
                 if method.diagnose is not None:
                     print(f"{name} seed {seed}: {method.diagnose(model, batches, examples)}", flush=True)
                 scores.append(score)

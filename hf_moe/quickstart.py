@@ -146,12 +146,13 @@ def tokenized_batches(tokenizer, examples: list[dict], batch_size: int, task_nam
 
 @torch.no_grad()
 def answer_perplexity(model, batches) -> float:
-    """exp(mean NLL of the answer tokens and the closing eos), the prompt given."""
+    """exp(mean NLL of the answer tokens and the closing eos), the prompt given. The forward gets the labels, so that a
+    model that routes each sequence on its prompt (the tokens before the first label) routes as in generation."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "task_ids") if key in batch}
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "task_ids") if key in batch}
         logits = model(**inputs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
