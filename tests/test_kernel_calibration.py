@@ -8,12 +8,14 @@ of their own. Which kernel wins is the machine's business: the tests force each 
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from test_experts_kernels import experts_module
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -189,6 +191,32 @@ class SubclassedTensor(torch.Tensor):
     pass
 
 
+class CountingMode(TorchDispatchMode):
+    """A dispatch mode that sees every operation, as a FLOP counter does."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_timing_inside_a_dispatch_mode(monkeypatch):
+    """A dispatch mode would see the timing's operations as the model's: the call runs `grouped_mm`, undecided, and
+    the mode sees the call's operations only (as many as under a pinned `grouped_mm`)."""
+    no_timing(monkeypatch)
+    experts, inputs = experts_module(), routed_inputs(3)
+    with CountingMode() as mode:
+        out = experts(*inputs)
+    assert kernel_choice.chosen_kernels() == {}
+    monkeypatch.setenv(kernel_choice.PIN_ENV, "grouped_mm")
+    with CountingMode() as pinned:
+        pinned_out = experts(*inputs)
+    assert torch.equal(pinned_out, out) and mode.operations == pinned.operations > 0
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The real timing
 # ------------------------------------------------------------------------------------------------------------------
@@ -216,6 +244,17 @@ def test_a_real_calibration_end_to_end(monkeypatch, caplog):
     monkeypatch.setattr(kernel_choice, "_decisions", {})  # as a new process
     run(experts, 20, train=True)
     assert kernel_choice.chosen_kernels() == {key: kernel}
+
+
+def test_the_timing_runs_in_the_callers_thread(monkeypatch):
+    """Where the real calls run: the OpenMP team of the parallel regions belongs to the calling thread, and timed from
+    a thread of its own `sorted_mm` (oneDNN) ran slower than the caller runs it (kernel_choice's docstring)."""
+    threads = []
+    timed = kernel_choice._time
+    monkeypatch.setattr(kernel_choice, "_time", lambda *args: threads.append(threading.get_ident()) or timed(*args))
+    run(experts_module(), 20, train=True)
+    run(experts_module(), 3, train=False)
+    assert threads == [threading.get_ident()] * 2
 
 
 def test_seeded_runs_stay_reproducible_across_a_calibration():
@@ -390,7 +429,7 @@ def test_the_file_round_trips_between_processes_and_merges_their_entries(monkeyp
     [(key, kernel)] = kernel_choice.chosen_kernels().items()
     path = kernel_choice.cache_path()
     other = {"kernel": "grouped_mm", "ms": {"grouped_mm": 1.0}}  # another process's entry, written meanwhile
-    path.write_text(json.dumps({"format": 1, "decisions": {**stored_decisions(), "other key": other}}))
+    path.write_text(json.dumps({"format": kernel_choice._FORMAT, "decisions": {**stored_decisions(), "other key": other}}))
     run(experts_module(), 20, train=False)
     assert stored_decisions()["other key"] == other and stored_decisions()[key]["kernel"] == kernel
     monkeypatch.setattr(kernel_choice, "_decisions", {})  # a new process reads both
@@ -398,6 +437,22 @@ def test_the_file_round_trips_between_processes_and_merges_their_entries(monkeyp
     run(experts_module(), 20, train=True)
     run(experts_module(), 20, train=False)
     assert kernel_choice.chosen_kernels()[key] == kernel
+
+
+def test_a_file_of_another_format_is_timed_again_and_rewritten(monkeypatch, caplog):
+    """Format 1 was timed in a thread of its own, which favoured the wrong kernel: its decisions are not used."""
+    force(monkeypatch, "grouped_mm")
+    run(experts_module(), 20, train=True)
+    [key] = stored_decisions()
+    path = kernel_choice.cache_path()
+    path.write_text(json.dumps({"format": 1, "decisions": {key: {"kernel": "sorted_mm", "ms": {}}}}))
+    monkeypatch.setattr(kernel_choice, "_decisions", {})  # a new process
+    timed = force(monkeypatch, "grouped_mm")
+    with caplog.at_level(logging.INFO, logger=kernel_choice.__name__):
+        run(experts_module(), 20, train=True)
+    assert len(timed) == 1 and "timed by another version" in caplog.text
+    assert json.loads(path.read_text())["format"] == kernel_choice._FORMAT
+    assert stored_decisions()[key]["kernel"] == "grouped_mm"
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"decisions": {"k": {"ms": 1}}}', b"\xff\xfe"])

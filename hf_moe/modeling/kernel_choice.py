@@ -21,12 +21,16 @@ A corrupt file is ignored with a warning (its keys are timed again and the file 
 written keeps the decisions in memory only. Each decision is logged once per process (info level, transformers'
 logging). `HF_MOE_AUTO_KERNEL=<kernel>` pins "auto" to one kernel instead (`calibrate`, the default, measures).
 
-The timing runs in a thread of its own, so that none of the caller's autograd state reaches it (the graph being
-recorded, saved-tensor hooks such as activation checkpointing's, inference mode, dispatch modes), on tensors of its
-own: the expert weights are used detached (no copy, and no gradient reaches them) and the inputs are drawn from a
-private generator, leaving torch's random state as it was. Only CPU calls on plain tensors are timed (`timeable`):
-GPU, meta tensors, DTensors and `torch.compile` tracing never get here. Imports torch, transformers and
-huggingface_hub only (this folder is copied next to saved checkpoints as remote code).
+The timing runs in the caller's thread, where the real calls run: the OpenMP thread team that torch's, oneDNN's and
+MKL's parallel regions use belongs to the calling thread, and from a thread of its own the kernels made of many small
+parallel regions (`sorted_mm` through oneDNN) timed up to 1.3x slower than the caller would run them (on 2 cores,
+BENCHMARKS.md), which picked `grouped_mm` where `sorted_mm` decoded faster. It is shielded from the caller's
+autograd state: its tensors are its own (the expert weights are used detached, no copy, and no gradient reaches
+them; the inputs are drawn from a private generator, leaving torch's random state as it was), its graph is
+differentiated on its own, and its saved tensors bypass the caller's saved-tensor hooks (activation checkpointing's,
+for one). Only CPU calls on plain tensors outside any torch dispatch mode are timed (`timeable`): GPU, meta tensors,
+DTensors, a dispatch mode's interception (e.g. a FLOP counter) and `torch.compile` tracing never get here. Imports
+torch, transformers and huggingface_hub only (this folder is copied next to saved checkpoints as remote code).
 """
 
 import json
@@ -34,7 +38,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,6 +46,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -52,7 +56,7 @@ CACHE_ENV = "HF_MOE_CACHE"
 CALIBRATE = "calibrate"
 CACHE_FILE = "experts_kernels.json"
 MAX_TIMED_TOKENS = 256  # calls of more tokens are timed at this many: the ranking settles as the blocks grow
-_FORMAT = 1  # of the JSON file
+_FORMAT = 2  # of the JSON file; other formats' decisions are timed again (format 1: timed in a thread of its own)
 _MIN_ROUNDS, _MAX_ROUNDS = 2, 9  # timed calls per candidate: more while the rounds take under `_ROUNDS_BUDGET_S`
 _ROUNDS_BUDGET_S = 0.2
 _DROP_AFTER_WARMUP = 3.0  # a candidate whose warm-up took this many times the fastest warm-up is not timed further
@@ -95,8 +99,9 @@ def gradients_needed(experts: nn.Module, hidden_states: torch.Tensor, top_k_weig
 
 def timeable(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether a call can be timed: on a CPU, with plain tensors (a DTensor's operations, under tensor parallelism,
-    may talk to other ranks, which are not timing). Not under `torch.compile`: the caller checks that first."""
-    return hidden_states.device.type == "cpu" and all(
+    may talk to other ranks, which are not timing), outside torch dispatch modes (which would intercept the timing's
+    operations too). Not under `torch.compile`: the caller checks that first."""
+    return hidden_states.device.type == "cpu" and not is_in_torch_dispatch_mode() and all(
         type(tensor) in (torch.Tensor, nn.Parameter) for tensor in (hidden_states, _stored(experts, "down_proj")))
 
 
@@ -146,8 +151,9 @@ def choose_kernel(experts: nn.Module, hidden_states: torch.Tensor, top_k: int, g
         _decisions[memo] = (key, stored)
         return stored
     try:
-        timings = _time_in_thread(experts, candidates, hidden_states.dtype, hidden_states.shape[-1], top_k, gradients,
-                                  fields["tokens"], autocast)
+        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):  # not the caller's hooks
+            timings = _time(experts, candidates, hidden_states.dtype, hidden_states.shape[-1], top_k, gradients,
+                            fields["tokens"])
     except Exception as error:  # noqa: BLE001 (never fail the forward: the fallback kernel does the work)
         logger.warning(f"experts kernel \"auto\" could not time its candidates for {key} ({error!r}); it runs "
                        f"{fallback}")
@@ -216,24 +222,8 @@ def _stand_in(experts: nn.Module, weights_train: bool) -> nn.Module:
     return stand_in
 
 
-def _time_in_thread(experts, candidates, dtype, hidden_size, top_k, gradients, tokens, autocast) -> dict[str, float]:
-    """`_time` in a fresh thread (a clean autograd state; torch's intra-op thread count is shared), under the caller's
-    CPU autocast."""
-    result = {}
-
-    def work():
-        try:
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                result["timings"] = _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens)
-        except Exception as error:  # noqa: BLE001 (re-raised in the caller's thread)
-            result["error"] = error
-
-    thread = threading.Thread(target=work, name="hf_moe experts kernel timing", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["timings"]
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> dict[str, float]:
@@ -241,8 +231,8 @@ def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> 
     candidate still far behind after a second warm-up call is not timed further and keeps that call's time."""
     generator = torch.Generator().manual_seed(0)  # private: torch's global random state is left alone
     num_experts = experts.num_experts
-    hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype)
-    scores = torch.rand(tokens, num_experts, generator=generator)
+    hidden = torch.randn(tokens, hidden_size, generator=generator, device="cpu").to(dtype)
+    scores = torch.rand(tokens, num_experts, generator=generator, device="cpu")
     if top_k <= num_experts:  # distinct experts per token, as routers pick them
         top_k_weights, top_k_index = scores.topk(top_k, dim=-1)
     else:
@@ -292,7 +282,12 @@ def _read(path: Path) -> dict[str, dict]:
         logger.warning(f"cannot read the experts kernel choices in {path} ({error}); timing the kernels again")
         return {}
     try:
-        entries = json.loads(text)["decisions"]
+        content = json.loads(text)
+        if isinstance(content, dict) and content.get("format", _FORMAT) != _FORMAT:
+            logger.info(f"the experts kernel choices in {path} were timed by another version of hf-moe; timing "
+                        f"again")
+            return {}
+        entries = content["decisions"]
         if not all(isinstance(entry, dict) and isinstance(entry.get("kernel"), str) for entry in entries.values()):
             raise TypeError("an entry without a kernel name")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
