@@ -133,6 +133,19 @@ def random_input_ids(batch_size: int, seq_len: int, seed: int = 1) -> torch.Long
     return torch.randint(1, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
 
 
+def generate_with_and_without_cache(model, max_new_tokens: int, rtol: float = 1e-5, atol: float = 1e-5, **inputs):
+    """Greedy `generate` with the KV cache and without it: the same tokens and, step by step, the same scores within
+    the tolerances. Returns the cached run (`sequences`, `scores`)."""
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "output_scores": True,
+               "return_dict_in_generate": True, "pad_token_id": 0}
+    cached = model.generate(**inputs, use_cache=True, **options)
+    uncached = model.generate(**inputs, use_cache=False, **options)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for first, second in zip(cached.scores, uncached.scores, strict=True):
+        torch.testing.assert_close(first, second, rtol=rtol, atol=atol)
+    return cached
+
+
 REMOTE_CODE_CHILD = textwrap.dedent(
     """
     import sys

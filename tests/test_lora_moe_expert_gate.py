@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 from test_lora_moe import VOCAB, peft_model, tiny_llama, token_ids
@@ -294,13 +295,7 @@ def test_generate_keeps_the_prompts_decision_with_and_without_cache(monkeypatch)
         return calls[-1]
 
     monkeypatch.setattr(ExpertGateModel, "autoencoder_gate", gate)
-    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-               "pad_token_id": 0}
-    cached = model.generate(input_ids=prompt, use_cache=True, **options)
-    uncached = model.generate(input_ids=prompt, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-5, atol=1e-5)
+    generate_with_and_without_cache(model, 6, input_ids=prompt)
     assert len(calls) == 2 and all(torch.equal(call.expert, expected) for call in calls)  # once per generate
     assert torch.equal(decision(model), expected)
 

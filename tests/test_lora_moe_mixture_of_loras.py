@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig, PeftModel
 from test_lora_moe import VOCAB, causal_lm_loss, peft_model, tiny_llama, token_ids, train_one_step
 from test_recipes import RECIPES
@@ -301,13 +302,7 @@ def test_generate_keeps_the_prompts_choice_for_every_token_with_and_without_cach
     on_prompt = {id(layer): layer.prompt_routing.choices[(id(layer), "default")] for layer in layers(model).values()}
     assert len({tuple(experts.tolist()) for experts in on_prompt.values()}) > 1  # the routers do choose
     calls = spy_on_choices(monkeypatch)
-    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-               "pad_token_id": 0}
-    cached = model.generate(input_ids=prompt, use_cache=True, **options)
-    uncached = model.generate(input_ids=prompt, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-5, atol=1e-5)
+    cached = generate_with_and_without_cache(model, 6, input_ids=prompt)
     assert len(calls) == 2 * 6 * len(on_prompt)  # every layer, every step of both runs
     for layer, experts in calls:
         assert torch.equal(experts, on_prompt[layer])

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig, PeftModel
 from safetensors.torch import load_file
 from test_lora_moe import VOCAB, peft_model, tiny_llama, token_ids, train_one_step
@@ -338,13 +339,7 @@ def test_generate_keeps_the_prompts_cluster_with_and_without_cache(monkeypatch):
                         or original_gate(self, clusters, adapter))
     monkeypatch.setattr(MocleLinear, "_nearest_clusters", lambda self, routing, adapter: decisions.append(1)
                         or original_decide(self, routing, adapter))
-    options = {"max_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-               "pad_token_id": 0}
-    cached = model.generate(input_ids=prompt, use_cache=True, **options)
-    uncached = model.generate(input_ids=prompt, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-5, atol=1e-5)
+    cached = generate_with_and_without_cache(model, 5, input_ids=prompt)
     assert len(decisions) == 2 and len(gate_calls) == 2 * 5 * len(layers(model))  # decided once per generate
     assert all(torch.equal(clusters, on_prompt) for clusters in gate_calls)
     sequence = cached.sequences[:, :-1]  # the last step's scores: the forward on the sequence clustered by its prompt

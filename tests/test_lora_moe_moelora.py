@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig
 from safetensors.torch import load_file
 from test_lora_moe import adapter_state, peft_model, tiny_llama, token_ids, train_one_step
@@ -114,13 +115,7 @@ def test_building_without_num_tasks_or_task_names_names_them():
 @pytest.mark.parametrize("gate_sharing", ["per_layer", "global"])
 def test_generate_uses_the_task_ids_for_every_token_with_and_without_cache(gate_sharing):
     model, ids, task_ids = moelora_model(gate_sharing=gate_sharing), token_ids(2, 5), torch.tensor([2, 0])
-    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-               "pad_token_id": 0}
-    cached = model.generate(input_ids=ids, task_ids=task_ids, use_cache=True, **options)
-    uncached = model.generate(input_ids=ids, task_ids=task_ids, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-5, atol=1e-5)
+    cached = generate_with_and_without_cache(model, 6, input_ids=ids, task_ids=task_ids)
     with torch.no_grad():  # the last step's scores are the forward's logits on the sequence, with the same tasks
         logits = model(input_ids=cached.sequences[:, :-1], task_ids=task_ids).logits[:, -1]
     assert_close(cached.scores[-1], logits, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_fresh_python
+from conftest import generate_with_and_without_cache, run_fresh_python
 from peft import PeftConfig, get_peft_model
 from peft.utils import PeftType
 from test_lora_moe import causal_lm_loss, tiny_llama, token_ids, train_one_step
@@ -274,13 +274,7 @@ def test_gradient_accumulation_gives_the_same_aux_contribution(tmp_path):
 
 def test_generate_with_the_cache_equals_generate_without():
     model, ids = pesc_model(), token_ids(2, 5)
-    options = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True,
-               "pad_token_id": 0}
-    cached = model.generate(input_ids=ids, use_cache=True, **options)
-    uncached = model.generate(input_ids=ids, use_cache=False, **options)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-5, atol=1e-5)
+    cached = generate_with_and_without_cache(model, 6, input_ids=ids)
     with torch.no_grad():  # the last step's scores are the full forward's last logits
         logits = model(input_ids=cached.sequences[:, :-1]).logits[:, -1]
     assert_close(cached.scores[-1], logits, rtol=1e-5, atol=1e-5)

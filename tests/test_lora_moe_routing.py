@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig
 from test_lora_moe import (
     MIXLORA,
@@ -251,15 +252,7 @@ def test_gradient_accumulation_gives_the_same_aux_contribution(strategy, tmp_pat
 @pytest.mark.parametrize("strategy", ["mixlora", "mixlora-dynamic", "mixlora-switch"])
 def test_generate_with_cache_equals_without(strategy):
     model = peft_model(hf_moe.MixLoraConfig(**{**MIXLORA, **OPTIONS, "routing_strategy": strategy}))
-    ids = token_ids(2, 5)
-    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
-                "return_dict_in_generate": True}
-    with torch.no_grad():
-        cached = model.generate(input_ids=ids, use_cache=True, **settings)
-        uncached = model.generate(input_ids=ids, use_cache=False, **settings)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for cached_scores, uncached_scores in zip(cached.scores, uncached.scores):
-        assert_close(cached_scores, uncached_scores, rtol=1e-4, atol=1e-5)
+    generate_with_and_without_cache(model, 6, rtol=1e-4, input_ids=token_ids(2, 5))
 
 
 def test_materialize_refuses_routing_a_top_k_moe_cannot_express(tmp_path):

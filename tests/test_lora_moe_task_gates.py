@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import generate_with_and_without_cache
 from peft import PeftConfig
 from test_lora_moe import (
     MIXLORA,
@@ -135,13 +136,7 @@ def test_the_records_hold_each_tokens_logits_and_the_switch_loss_pools_the_whole
 @pytest.mark.parametrize("method", CONFIGS)
 def test_generate_with_cache_equals_without_with_the_task_ids_given_once(method):
     model, ids, task_ids = task_gated_model(method), token_ids(2, 5), torch.tensor([2, 0])
-    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0, "output_scores": True,
-                "return_dict_in_generate": True}
-    cached = model.generate(input_ids=ids, task_ids=task_ids, use_cache=True, **settings)
-    uncached = model.generate(input_ids=ids, task_ids=task_ids, use_cache=False, **settings)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for first, second in zip(cached.scores, uncached.scores):
-        assert_close(first, second, rtol=1e-4, atol=1e-5)
+    cached = generate_with_and_without_cache(model, 5, rtol=1e-4, input_ids=ids, task_ids=task_ids)
     with torch.no_grad():  # the last step's scores are the forward's logits on the sequence, with the same tasks
         logits = model(input_ids=cached.sequences[:, :-1], task_ids=task_ids).logits[:, -1]
     assert_close(cached.scores[-1], logits, rtol=1e-4, atol=1e-5)
