@@ -66,23 +66,13 @@ from pathlib import Path
 
 import torch
 from common import ROOT, markdown_table, write_section
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from hf_moe import (
-    ExpertGateConfig,
-    LoraMoeConfig,
-    MixLoraConfig,
-    MixtureOfLorasConfig,
-    MocleConfig,
-    MoeLoraConfig,
-    MolaConfig,
-    PescConfig,
-)
 from hf_moe.conversion.gguf import dense_source_folder
 from hf_moe.data import tiny_llama_path
 from hf_moe.data.tasks import load_tasks
-from hf_moe.finetune.recipes import run_recipe
+from hf_moe.finetune.recipes import peft_config_class, run_recipe
 from hf_moe.quickstart import QuickstartSettings, eval_examples, evaluate, tasks_recipe, tokenized_batches
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -159,7 +149,6 @@ def mocle_clusters(model, batches, examples: list[dict]) -> str:
 class Method:
     """One method of the comparison (one row of the table)."""
 
-    config: type  # its PEFT config class (the trainable parameters are counted on it)
     options: Callable[[int], dict]  # the recipe's `peft` section at size k: the knob the matcher searches
     size_step: int = 1  # the sizes searched: size_step, 2 * size_step, ...
     task_column: bool = False  # training reads each example's task from the tasks' `task` column
@@ -171,30 +160,30 @@ class Method:
 
 
 METHODS = {
-    "lora": Method(LoraConfig, lambda k: {**lora_common(k), "target_modules": ATTENTION + FFN}),
-    "mixlora": Method(MixLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2,
-                                                "target_modules": ["mlp", *ATTENTION]}),
-    "loramoe": Method(LoraMoeConfig, lambda k: {**lora_common(k), "num_experts": 6, "target_modules": FFN}),
-    "mola": Method(MolaConfig, lambda k: {**lora_common(k), "num_experts": "triangle", "top_k": 2,
-                                          "target_modules": ATTENTION + FFN}),
+    "lora": Method(lambda k: {**lora_common(k), "target_modules": ATTENTION + FFN}),
+    "mixlora": Method(lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2,
+                                 "target_modules": ["mlp", *ATTENTION]}),
+    "loramoe": Method(lambda k: {**lora_common(k), "num_experts": 6, "target_modules": FFN}),
+    "mola": Method(lambda k: {**lora_common(k), "num_experts": "triangle", "top_k": 2,
+                              "target_modules": ATTENTION + FFN}),
     "moelora": Method(
-        MoeLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
-                                  "target_modules": ATTENTION + FFN},
+        lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
+                   "target_modules": ATTENTION + FFN},
         size_step=8, task_column=True, eval_task_ids=True,  # its rank is split over 8 experts
         note="MOELoRA's gate reads each example's task id (the tasks' `task` column) in training and in evaluation: "
              "task ids are an input of the model it defines, as in its paper; its rank is the total over its 8 "
              "experts."),
     "pesc": Method(
-        PescConfig, lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "adapter_dim": k,
-                               "adapter_act": "gelu", "adapter_dropout": 0.0, "adapter_scaling": 1.0,
-                               "router_aux_loss_coef": 0.01, "target_modules": ["mlp", *ATTENTION]},
+        lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "adapter_dim": k,
+                   "adapter_act": "gelu", "adapter_dropout": 0.0, "adapter_scaling": 1.0,
+                   "router_aux_loss_coef": 0.01, "target_modules": ["mlp", *ATTENTION]},
         note="PESC (8 GELU bottleneck adapters, top-2, on each frozen FFN's output, scale 1, Switch balancing loss "
              "0.01, plain LoRA on attention, as recipes/pesc.yaml) has one size knob: its rank column is both the "
              "adapters' width d and the attention LoRA's rank; dropout 0 and lora_alpha 2r like the other methods "
              "(the authors: 0.1, and alpha 16 at r 64)."),
     "mixture_of_loras": Method(
-        MixtureOfLorasConfig, lambda k: {**lora_common(k), "task_names": TASK_NAMES,
-                                         "target_modules": ATTENTION + FFN, **MIXTURE_OF_LORAS_STAGE2},
+        lambda k: {**lora_common(k), "task_names": TASK_NAMES,
+                   "target_modules": ATTENTION + FFN, **MIXTURE_OF_LORAS_STAGE2},
         task_column=True, fit=fit_mixture_of_loras,
         note=f"Mixture-of-LoRAs (one rank-r LoRA expert per task on every linear layer) spends the same step budget "
              f"in two runs: {STAGE1_SHARE:.0%} of the steps in stage 1 (each task's expert trains on its own "
@@ -204,9 +193,9 @@ METHODS = {
              f"with its own warmup and cosine schedule. Evaluation gives no task id: the stage-2 routers choose each "
              f"sequence's expert on its prompt. Its trainable count is stage 2's (experts and routers)."),
     "mocle": Method(
-        MocleConfig, lambda k: {**lora_common(k), "num_experts": 4, "num_clusters": 8, "router_temperature": 0.05,
-                                "router_noise_std": 0.1, "universal_expert": True, "universal_mixing": "complement",
-                                "target_modules": ["q_proj", "v_proj"]},
+        lambda k: {**lora_common(k), "num_experts": 4, "num_clusters": 8, "router_temperature": 0.05,
+                   "router_noise_std": 0.1, "universal_expert": True, "universal_mixing": "complement",
+                   "target_modules": ["q_proj", "v_proj"]},
         diagnose=mocle_clusters,
         note="MoCLE (4 LoRA experts of rank r and a universal expert of rank r on q and v, 8 k-means clusters of the "
              "training prompts' frozen features after the middle layer, fitted by the recipe runner before training, "
@@ -214,9 +203,9 @@ METHODS = {
              "expert per sequence from its prompt's cluster, without task ids; dropout 0 and lora_alpha 2r like the "
              "other methods (the recipe: 0.1, alpha 4r)."),
     "expert_gate": Method(
-        ExpertGateConfig, lambda k: {**lora_common(k), "task_names": TASK_NAMES, "autoencoder_dim": 16,
-                                     "temperature": 2.0, "autoencoder_loss_coef": 1.0, "statistics_samples": 1024,
-                                     "target_modules": ATTENTION + FFN},
+        lambda k: {**lora_common(k), "task_names": TASK_NAMES, "autoencoder_dim": 16,
+                   "temperature": 2.0, "autoencoder_loss_coef": 1.0, "statistics_samples": 1024,
+                   "target_modules": ATTENTION + FFN},
         task_column=True, diagnose=expert_gate_accuracy,
         note="Expert Gate (one rank-r LoRA expert per task on every linear layer, one autoencoder per task on the "
              "frozen prompt features after the middle layer) trains each example's own task expert and autoencoder "
@@ -229,21 +218,21 @@ METHODS = {
              "benchmark's learning rate for everything (the recipe: 5e-4, autoencoders 3e-3), dropout 0 and "
              "lora_alpha 2r."),
     "mixlora_task_gates": Method(
-        MixLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "task_gates": True,
-                                  "task_names": TASK_NAMES, "target_modules": ["mlp", *ATTENTION]},
+        lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "task_gates": True,
+                   "task_names": TASK_NAMES, "target_modules": ["mlp", *ATTENTION]},
         task_column=True, eval_task_ids=True, recipe_method="mixlora",
         note="MixLoRA with task gates (MMoE: one router per task over the same 8 experts, top-2, as "
              "recipes/mixlora_task_gates.yaml, with the mixlora row's other options) reads each example's task id "
              "(the `task` column) in training and in evaluation, like MOELoRA: task ids are an input of the model."),
     "mixlora_contrastive": Method(
-        MixLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "contrastive_loss_coef": 0.05,
-                                  "target_modules": ["mlp", *ATTENTION]},
+        lambda k: {**lora_common(k), "num_experts": 8, "top_k": 2, "contrastive_loss_coef": 0.05,
+                   "target_modules": ["mlp", *ATTENTION]},
         recipe_method="mixlora",
         note="MixLoRA with MoELoRA's contrastive loss among experts (coefficient 0.05, temperature 0.07, at most 64 "
              "tokens a sequence) is the mixlora row plus that loss."),
     "moelora_global": Method(
-        MoeLoraConfig, lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
-                                  "gate_sharing": "global", "target_modules": ATTENTION + FFN},
+        lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
+                   "gate_sharing": "global", "target_modules": ATTENTION + FFN},
         size_step=8, task_column=True, eval_task_ids=True, recipe_method="moelora",
         note="MOELoRA global is the moelora row with one task embedding and one gate for the whole model "
              "(gate_sharing=\"global\", the authors' MMOELoraLinearS) instead of one per adapted Linear; task ids in "
@@ -260,7 +249,8 @@ def trainable_parameters(base, method: str, rank: int) -> int:
     """Trainable parameters of `method` at `rank` on `base`, counted on a model without weights (meta device)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-        model = get_peft_model(model, METHODS[method].config(task_type="CAUSAL_LM", **method_options(method, rank)))
+        config_class = peft_config_class(METHODS[method].recipe_method or method)
+        model = get_peft_model(model, config_class(task_type="CAUSAL_LM", **method_options(method, rank)))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
