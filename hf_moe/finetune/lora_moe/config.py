@@ -1,15 +1,29 @@
 """Configurations of the LoRA-expert methods: every hyperparameter is a field saved in adapter_config.json.
 
-| config | `peft_type` | experts live in | routing | auxiliary loss |
-|---|---|---|---|---|
-| `MixLoraConfig` | MIXLORA | each FFN block: expert e = frozen FFN + its own LoRA on gate/up/down; plain LoRA on the targeted attention projections | top-k per token, renormalised (Mixtral) | Switch load balancing, `router_aux_loss_coef` |
-| `LoraMoeConfig` | LORAMOE | each targeted Linear: frozen W + N LoRA experts | dense softmax over all experts | Localized Balancing Constraint, `lbc_weight` / `lbc_delta` |
-| `MolaConfig` | MOLA | each targeted Linear: frozen W + E_l LoRA experts, E_l per layer | top-k per token, renormalised | Switch load balancing per layer (off by default) |
-| `MoeLoraConfig` | MOELORA | each targeted Linear: frozen W + N LoRA experts of rank r / N | dense softmax of a task-id gate, one per sequence; the gate per Linear or one for the model (`gate_sharing`) | none |
-| `PescConfig` (`pesc.py`) | PESC | each FFN block: expert e = frozen FFN followed by its own bottleneck adapter, y + A_e(y); plain LoRA on the targeted attention projections | top-k per token, softmax over the k logits (= renormalised) | Switch load balancing, `router_aux_loss_coef` |
-| `MixtureOfLorasConfig` (`mixture_of_loras.py`) | MIXTURE_OF_LORAS | each targeted Linear: frozen W + one LoRA expert per task | one expert per sequence: its task id (stage 1) or its router's top-1 on the prompt (stage 2) | stage 2: the routers' cross-entropy with the task ids, `router_loss_coef` |
-| `MocleConfig` (`mocle.py`) | MOCLE | each targeted Linear: frozen W + E LoRA experts + a universal LoRA expert | one expert per sequence: the top-1 of a gate on the learned embedding of its prompt's k-means cluster (centroids fitted on the training prompts, `fit_clusters`), plus the universal expert | none |
-| `ExpertGateConfig` (`expert_gate.py`) | EXPERT_GATE | each targeted Linear: frozen W + one LoRA expert per task; one undercomplete autoencoder per task for the whole model | one expert per sequence: its task id (training forwards with task ids) or the autoencoder with the smallest reconstruction error of the prompt's frozen features (relevance softmax(-error / `temperature`)) | the task autoencoders' reconstruction loss, `autoencoder_loss_coef` |
+Each method: its config (`peft_type`); where its experts live; how it routes; its auxiliary loss.
+
+- `MixLoraConfig` (MIXLORA): each FFN block, expert e = the frozen FFN + its own LoRA on gate/up/down, plain LoRA on
+  the targeted attention projections; top-k per token, renormalised (Mixtral); Switch load balancing,
+  `router_aux_loss_coef`.
+- `LoraMoeConfig` (LORAMOE): each targeted Linear, frozen W + N LoRA experts; dense softmax over all experts;
+  Localized Balancing Constraint, `lbc_weight` / `lbc_delta`.
+- `MolaConfig` (MOLA): each targeted Linear, frozen W + E_l LoRA experts, E_l per layer; top-k per token,
+  renormalised; Switch load balancing per layer (off by default).
+- `MoeLoraConfig` (MOELORA): each targeted Linear, frozen W + N LoRA experts of rank r / N; dense softmax of a
+  task-id gate, one per sequence, the gate per Linear or one for the model (`gate_sharing`); no auxiliary loss.
+- `PescConfig` (PESC, `pesc.py`): each FFN block, expert e = the frozen FFN followed by its own bottleneck adapter,
+  y + A_e(y), plain LoRA on the targeted attention projections; top-k per token, softmax over the k logits
+  (= renormalised); Switch load balancing, `router_aux_loss_coef`.
+- `MixtureOfLorasConfig` (MIXTURE_OF_LORAS, `mixture_of_loras.py`): each targeted Linear, frozen W + one LoRA expert
+  per task; one expert per sequence, its task id (stage 1) or its router's top-1 on the prompt (stage 2); stage 2:
+  the routers' cross-entropy with the task ids, `router_loss_coef`.
+- `MocleConfig` (MOCLE, `mocle.py`): each targeted Linear, frozen W + E LoRA experts + a universal LoRA expert; one
+  expert per sequence, the top-1 of a gate on the learned embedding of its prompt's k-means cluster (centroids
+  fitted on the training prompts, `fit_clusters`), plus the universal expert; no auxiliary loss.
+- `ExpertGateConfig` (EXPERT_GATE, `expert_gate.py`): each targeted Linear, frozen W + one LoRA expert per task, and
+  one undercomplete autoencoder per task for the whole model; one expert per sequence, its task id (training
+  forwards with task ids) or the autoencoder with the smallest reconstruction error of the prompt's frozen features
+  (relevance softmax(-error / `temperature`)); the task autoencoders' reconstruction loss, `autoencoder_loss_coef`.
 
 MixLoRA, LoRAMoE and MoLA can route each task with its own router (MMoE gates, `TaskGateFields.task_gates`, off by
 default: the router [E, in] becomes [num_tasks, E, in] and the model takes `task_ids`), and can add MoELoRA's
@@ -32,11 +46,11 @@ FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # MixLoRA's routing strategies, named as in MoE-PEFT: top-k (Mixtral), top-p (dynamic), top-1 (Switch)
 MIXLORA_ROUTING = ("mixlora", "mixlora-dynamic", "mixlora-switch")
 
-# MoLA's layer-wise allocations (Gao et al. 2024), expert counts for the four quarters of the layers, lowest first.
-# Every preset spends the same 20 experts per quarter-set, as in the paper's equal-budget comparison.
 # MOELoRA's gate: one per adapted Linear (the authors' MMOELoraLinear) or one for the whole model (MMOELoraLinearS)
 GATE_SHARING = ("per_layer", "global")
 
+# MoLA's layer-wise allocations (Gao et al. 2024), expert counts for the four quarters of the layers, lowest first.
+# Every preset spends the same 20 experts per quarter-set, as in the paper's equal-budget comparison.
 MOLA_PRESETS = {
     "uniform": (5, 5, 5, 5),  # MoLA-□
     "triangle": (2, 4, 6, 8),  # fewer experts in lower layers (the paper's best arXiv variant, "2-4-6-8")
@@ -89,8 +103,8 @@ class LoraExpertConfig(PeftConfig):
         default=None, metadata=_help("Router weights ~ N(0, std); None = kaiming-uniform(a=sqrt(5)), nn.Linear's "
                                      "default."))
     use_rslora: bool = field(
-        default=False, metadata=_help("Rank-stabilised LoRA (Kalajdzievski 2023, arXiv 2312.03732): scale by lora_alpha / sqrt(r) "
-                                      "instead of lora_alpha / r."))
+        default=False, metadata=_help("Rank-stabilised LoRA (Kalajdzievski 2023, arXiv 2312.03732): scale by "
+                                      "lora_alpha / sqrt(r) instead of lora_alpha / r."))
 
     def __post_init__(self):
         super().__post_init__()
@@ -231,7 +245,8 @@ class MixLoraConfig(LoraExpertConfig, ContrastiveLossFields, TaskGateFields):
     the type of each matched module decides. Defaults: r 8, alpha 16, dropout 0.05, 8 experts, top-2 (the published
     MixLoRA adapters), router N(0, 0.02) and Switch loss 0.001 (MoE-PEFT's code default; its README examples use 0.01).
 
-    `routing_strategy` (the names and rules of MoE-PEFT's `moe_peft/adapters/mixlora/model.py`), p = softmax(W_router x):
+    `routing_strategy` (the names and rules of MoE-PEFT's `moe_peft/adapters/mixlora/model.py`),
+    p = softmax(W_router x):
         "mixlora"          top-k of p, renormalised to sum to one (as above)
         "mixlora-dynamic"  top-p: sort p descending, keep every expert whose cumulative sum is <= top_p plus the first
                            one past it (the smallest set with mass > top_p, no cap on its size); the weights are the
