@@ -230,6 +230,10 @@ METHODS = {
         recipe_method="mixlora",
         note="MixLoRA with MoELoRA's contrastive loss among experts (coefficient 0.05, temperature 0.07, at most 64 "
              "tokens a sequence) is the mixlora row plus that loss."),
+    "lora_qv": Method(
+        lambda k: {**lora_common(k), "target_modules": ["q_proj", "v_proj"]}, recipe_method="lora",
+        note="LoRA on q and v is plain LoRA on MoCLE's targets only, at the same budget (a higher rank): the baseline "
+             "that tells what MoCLE's cluster routing does from what its targets do."),
     "moelora_global": Method(
         lambda k: {**lora_common(k), "num_experts": 8, "task_names": TASK_NAMES,
                    "gate_sharing": "global", "target_modules": ATTENTION + FFN},

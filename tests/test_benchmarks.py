@@ -51,6 +51,7 @@ def test_quality_lora_moe_matches_the_newer_methods(quality_lora_moe):
     assert quality_lora_moe.matched_rank(tiny_llama_path(), "expert_gate", target) == (2, 247392)
     assert quality_lora_moe.matched_rank(tiny_llama_path(), "mixlora_task_gates", target) == (3, 291840)
     assert quality_lora_moe.matched_rank(tiny_llama_path(), "moelora_global", target) == (16, 263040)
+    assert quality_lora_moe.matched_rank(tiny_llama_path(), "lora_qv", target) == (73, 261632)  # MoCLE's targets
 
 
 def test_quality_lora_moe_mixture_of_loras_splits_the_step_budget(quality_lora_moe):
