@@ -215,6 +215,19 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _section_pattern(name: str) -> re.Pattern:
+    """The section `name` of a document: `<!-- name -->`, its body, `<!-- /name -->`."""
+    return re.compile(rf"<!-- {re.escape(name)} -->\n?(.*?)<!-- /{re.escape(name)} -->", re.DOTALL)
+
+
+def read_section(name: str, document: str = "BENCHMARKS.md") -> str | None:
+    """The body of the section `name` of `document` as `write_section` wrote it (its Command and Machine lines
+    included), or None where there is none."""
+    path = ROOT / document
+    match = _section_pattern(name).search(path.read_text()) if path.exists() else None
+    return match.group(1) if match else None
+
+
 def write_section(name: str, body: str, document: str = "BENCHMARKS.md", machine: str | None = None) -> None:
     """Replace (or append) the section between `<!-- name -->` markers in `document` (BENCHMARKS.md: speed and
     memory; QUALITY.md: the quality studies). `machine`: the machine line, `machine_description()` by default."""
@@ -224,6 +237,6 @@ def write_section(name: str, body: str, document: str = "BENCHMARKS.md", machine
     command = " ".join(["python", script, *sys.argv[1:]])
     block = (f"<!-- {name} -->\n{body}\n\nCommand: `{command}`  \nMachine: {machine or machine_description()}\n"
              f"<!-- /{name} -->")
-    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)
+    pattern = _section_pattern(name)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

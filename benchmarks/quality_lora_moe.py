@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import ROOT, markdown_table, write_section
+from common import markdown_table, read_section, write_section
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -315,14 +315,6 @@ class EarlierRows:
     sources: dict[str, list[str]] = field(default_factory=dict)  # command -> the methods whose rows it produced
 
 
-def read_section(name: str, document: str = "QUALITY.md") -> str | None:
-    path = ROOT / document
-    if not path.exists():
-        return None
-    match = re.search(rf"<!-- {re.escape(name)} -->\n(.*?)<!-- /{re.escape(name)} -->", path.read_text(), re.DOTALL)
-    return match.group(1) if match else None
-
-
 def earlier_rows(section: str) -> EarlierRows:
     tables = tables_of(section)
     if not tables:
@@ -433,7 +425,7 @@ def main():
                 f"5% warmup), {seeds_text}; {len(examples)} eval examples")
     earlier = None
     if args.add:
-        section = read_section(args.section)
+        section = read_section(args.section, "QUALITY.md")
         if section is None:
             raise SystemExit(f"--add: QUALITY.md has no section {args.section!r} to add rows to")
         earlier = earlier_rows(section)
