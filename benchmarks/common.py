@@ -7,7 +7,6 @@ Run benchmarks with a warmed allocator (WARMED_MALLOC), e.g.
 """
 
 import os
-import platform
 import re
 import statistics
 import sys
@@ -38,17 +37,11 @@ def machine_description(malloc: str | None = None) -> str:
 def cpu_model() -> tuple[str, str]:
     """(a section-name tag, words) for this CPU, e.g. ("amd-epyc-f25-m17", "AMD EPYC (family 25, model 17)"): the
     family and model numbers tell CPU generations apart under one model name (Zen 4 and Zen 5 EPYCs are both "AMD
-    EPYC")."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
-        name, family, model = fields["model name"], fields["cpu family"], fields["model"]
-    except (OSError, KeyError, ValueError):
-        name = platform.processor() or platform.machine()
-        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu", name
-    tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"{tag}-f{family}-m{model}", f"{name} (family {family}, model {model})"
+    EPYC"). The words are the CPU of "auto"'s kernel choices (kernel_choice.cpu_name)."""
+    from hf_moe.modeling.kernel_choice import cpu_identity, cpu_name
+    name, family, model = cpu_identity()
+    tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
+    return (tag if family is None else f"{tag}-f{family}-m{model}"), cpu_name()
 
 
 def onednn_linear():

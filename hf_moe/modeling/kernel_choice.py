@@ -33,6 +33,7 @@ DTensors, a dispatch mode's interception (e.g. a FLOP counter) and `torch.compil
 torch, transformers and huggingface_hub only (this folder is copied next to saved checkpoints as remote code).
 """
 
+import functools
 import json
 import os
 import platform
@@ -66,7 +67,6 @@ _WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "u
 Kernel = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _decisions: dict[tuple, tuple[str, str]] = {}  # (cache folder, what the key depends on) -> (key, kernel)
 _unwritable: set[Path] = set()  # cache files that could not be written (warned once)
-_cpu_name: str | None = None
 
 
 def pinned_kernel(kernels: Iterable[str]) -> str | None:
@@ -105,19 +105,23 @@ def timeable(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
         type(tensor) in (torch.Tensor, nn.Parameter) for tensor in (hidden_states, _stored(experts, "down_proj")))
 
 
+@functools.cache
+def cpu_identity() -> tuple[str, str | None, str | None]:
+    """(model name, family, model) of this CPU from /proc/cpuinfo; (the platform's processor name, None, None) where it
+    cannot be read."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        return fields["model name"], fields["cpu family"], fields["model"]
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine() or "unknown CPU", None, None
+
+
 def cpu_name() -> str:
     """The CPU's model name with its family and model numbers (which tell CPU generations apart under one name)."""
-    global _cpu_name
-    if _cpu_name is None:
-        _cpu_name = platform.processor() or platform.machine() or "unknown CPU"
-        try:
-            first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-            fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-            fields = {key.strip(): value.strip() for key, value in fields.items()}
-            _cpu_name = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
-        except (OSError, KeyError, ValueError):
-            pass
-    return _cpu_name
+    name, family, model = cpu_identity()
+    return name if family is None else f"{name} (family {family}, model {model})"
 
 
 def _cache_folder() -> str:
