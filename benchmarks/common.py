@@ -3,7 +3,9 @@
 Run benchmarks with a warmed allocator (WARMED_MALLOC), e.g.
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824 python ...
 (glibc otherwise returns large buffers to the OS and page-faults them back, adding 30-60% noise). Buffers above the
-32 MB threshold are still fresh pages on every allocation: page_faults.py measures what that costs.
+32 MB threshold are still fresh pages on every allocation: page_faults.py measures what that costs. README's setting
+for CPU training adds MALLOC_MMAP_MAX_=0 (glibc keeps those too); the training benchmarks then write sections of their
+own (`allocator_names`).
 """
 
 import os
@@ -29,6 +31,7 @@ def machine_description(malloc: str | None = None) -> str:
     cpu = cpu_model()[1]
     if malloc is None:
         malloc = "warmed malloc" if all(os.environ.get(name) for name in WARMED_MALLOC) else "default malloc"
+        malloc += allocator_names()[1]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{malloc}{gpu}")
@@ -182,6 +185,15 @@ def device_names(device: str) -> tuple[str, str]:
         tag, words = cpu_model()
         return f"-{tag}", f" on {words}"
     return f"-{device}", f" on {torch.cuda.get_device_name(device)}"
+
+
+def allocator_names() -> tuple[str, str]:
+    """(section-name suffix, words) for glibc's allocator setting where it keeps large freed blocks too
+    (`MALLOC_MMAP_MAX_=0`, README's setting for CPU training: no fresh, faulted-in pages for the [E, ...] weight
+    gradients of each step), else ("", ""): a training table measured that way never replaces one measured without."""
+    if os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return "-mmap-off", ", mmap off (MALLOC_MMAP_MAX_=0)"
+    return "", ""
 
 
 def round_robin_medians(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 1,

@@ -17,7 +17,7 @@ import argparse
 import math
 
 import torch
-from common import markdown_table, onednn_linear, round_robin_medians, write_section
+from common import device_names, markdown_table, onednn_linear, round_robin_medians, write_section
 from models import COMMON, FAMILIES, SMOKE, SMOKE_FAMILIES
 
 WORKING_SET = 256 * 2**20  # bytes cycled per product: well above the last-level cache
@@ -80,8 +80,9 @@ def main():
         timed_products(SMOKE_FAMILIES, SMOKE["hidden_size"], 2**16, 1)
         return
     rows, totals = timed_products(FAMILIES, COMMON["hidden_size"], WORKING_SET, args.repeats)
+    suffix, on = device_names("cpu")  # a section per CPU, as tables (a)-(c)
     body = (
-        "## Decode at batch 1: the FFN's matrix-vector products, fp32 (whole models of table (c), H 512)\n\n"
+        f"## Decode at batch 1: the FFN's matrix-vector products, fp32{on} (whole models of table (c), H 512)\n\n"
         + markdown_table(["family", "model", "product", "W [out, in]", "per token", "torch.mm: us, GB/s",
                           "oneDNN: us, GB/s", "torch.mm, W stored [in, out]: us, GB/s"], rows)
         + "\n\nOne FFN layer, the sum of its products per token, W as stored. The MoE runs its routed experts' "
@@ -91,7 +92,7 @@ def main():
         + markdown_table(["family", "floor us (torch.mm)", "floor us (oneDNN)", "MoE us", "MoE speed vs floor",
                           "MoE speed vs the oneDNN floor"], totals)
     )
-    write_section("decode-gemv", body)
+    write_section(f"decode-gemv{suffix}", body)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,25 @@ x86-64), and the same FFN with its products (forward and backward) through oneDN
 experts' products on: the fair floor (common.through_onednn; checked to compute the same outputs and gradients). In
 bf16 and on a GPU both floors run the same library and only one is timed. Reports medians (ms) and speed relative to
 the fair floor (floor time / time: 1.0 = at the floor, higher is faster), and our default's and transformers' speed
-relative to torch's floor in two more columns.
+relative to torch's floor in two more columns. With `--rounds N` each point is timed in N rounds (each a round-robin
+median) and the cells give the median over the rounds; three more columns list each round's speeds of our default and
+of transformers' block against the floor, and of our default against the best transformers path: the spread between
+rounds of one process.
 
     python benchmarks/moe_block.py                 # full run, writes BENCHMARKS.md
     python benchmarks/moe_block.py --dtype bfloat16 --token-counts 1 16 512   # the bf16 table
     python benchmarks/moe_block.py --device cuda   # on a GPU (its own BENCHMARKS.md sections)
     python benchmarks/moe_block.py --smoke         # tiny shapes, prints only (used by the test suite)
+    python benchmarks/moe_block.py --token-counts 512 4096 --rounds 3   # three rounds of each point: the spread
 """
 
 import argparse
 import copy
+import statistics
 
 import torch
 from common import (
+    allocator_names,
     auto_choices,
     check_fair_floor,
     device_names,
@@ -90,13 +96,29 @@ def step(module, inputs, grad, backward):
             module(inputs)
 
 
-def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
+def best_transformers(times: dict[str, float]) -> float:
+    """The time of the fastest transformers path: its own block, or our block under one of its kernels."""
+    return min(ms for name, ms in times.items()
+               if name in ("transformers", "ours grouped_mm", "ours batched_mm", "ours eager"))
+
+
+def timed_rounds(candidates, repeats: int, rounds: int, device: str) -> tuple[dict[str, float], list[dict]]:
+    """(median over the rounds of each candidate's round-robin median, the rounds' medians)."""
+    each = [round_robin_medians(candidates, repeats=repeats, device=device) for _ in range(rounds)]
+    return {name: statistics.median(round_times[name] for round_times in each) for name in candidates}, each
+
+
+def measure(shapes, token_counts, dtype, repeats_for, device="cpu", rounds=1):
     fair = fair_floor_applies(dtype, device)  # else the floor is the fair floor (the same library)
-    header = ["shape", "T", "pass", "fair floor ms" if fair else "floor ms", "transformers grouped_mm",
+    floor_name = "fair floor" if fair else "floor"
+    header = ["shape", "T", "pass", f"{floor_name} ms", "transformers grouped_mm",
               *[f"ours {i}" for i in IMPLEMENTATIONS], "ours auto vs best transformers path"]
     if fair:
         header[4:4] = ["MKL floor ms (speed vs fair floor)"]
         header += ["ours auto vs MKL floor", "transformers vs MKL floor"]
+    if rounds > 1:
+        header += [f"rounds: ours auto vs {floor_name}", f"rounds: transformers vs {floor_name}",
+                   "rounds: ours auto vs best transformers path"]
     print(" | ".join(header), flush=True)
     rows = []
     for shape_name, shape in shapes.items():
@@ -127,18 +149,20 @@ def measure(shapes, token_counts, dtype, repeats_for, device="cpu"):
                         step(ours, inputs, grad, b)
 
                     candidates[f"ours {implementation}"] = run
-                times = round_robin_medians(candidates, repeats=repeats_for(tokens), device=device)
-                floor_ms = times["fair floor" if fair else "floor"]
-                best_transformers = min(ms for name, ms in times.items() if name == "transformers"
-                                        or name in ("ours grouped_mm", "ours batched_mm", "ours eager"))
+                times, each_round = timed_rounds(candidates, repeats_for(tokens), rounds, device)
+                floor_ms = times[floor_name]
                 row = [shape_name, tokens, "fwd+bwd" if backward else "fwd", f"{floor_ms:.1f}"]
                 if fair:
                     row.append(f"{times['floor']:.1f} ({floor_ms / times['floor']:.2f}x)")
                 for name in ("transformers", *[f"ours {impl}" for impl in IMPLEMENTATIONS]):
                     row.append(f"{times[name]:.1f} ({floor_ms / times[name]:.2f}x)" if name in times else "-")
-                row.append(f"{best_transformers / times['ours auto']:.2f}")
+                row.append(f"{best_transformers(times) / times['ours auto']:.2f}")
                 if fair:
                     row += [f"{times['floor'] / times[name]:.2f}x" for name in ("ours auto", "transformers")]
+                if rounds > 1:
+                    row += [", ".join(f"{t[floor_name] / t[name]:.2f}x" for t in each_round)
+                            for name in ("ours auto", "transformers")]
+                    row.append(", ".join(f"{best_transformers(t) / t['ours auto']:.2f}" for t in each_round))
                 rows.append(row)
                 print(" | ".join(map(str, row)), flush=True)
     return markdown_table(header, rows)
@@ -150,16 +174,22 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat, print only")
     parser.add_argument("--token-counts", type=int, nargs="+", default=TOKEN_COUNTS, metavar="T")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the current CUDA GPU")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each point in this many rounds: cells give the median, more columns each round")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     dtype = getattr(torch, args.dtype)
     if args.smoke:
-        measure(SMOKE_SHAPES, (1, 16), dtype, lambda tokens: 1, args.device)
+        measure(SMOKE_SHAPES, (1, 16), dtype, lambda tokens: 1, args.device, args.rounds)
         print(auto_choices())
         return
-    table = measure(SHAPES, args.token_counts, dtype, lambda tokens: repeats(tokens, args.device), args.device)
+    table = measure(SHAPES, args.token_counts, dtype, lambda tokens: repeats(tokens, args.device), args.device,
+                    args.rounds)
     choices = auto_choices()
     print(choices)
     suffix, on = device_names(args.device)
+    allocator_suffix, allocator = allocator_names()
     if fair_floor_applies(dtype, args.device):
         floors = ("Fair floor: a dense SwiGLU FFN with the same active FLOPs per token, its three products (forward, "
                   "input and weight gradients) through oneDNN, the library `sorted_mm` runs the experts' products on "
@@ -170,8 +200,9 @@ def main():
         floors = ("Floor: a dense SwiGLU FFN with the same active FLOPs per token (torch's `nn.Linear`, which runs "
                   "the same matrix library as the experts' products here). Cells: time in ms (floor time / time).\n")
     write_section(
-        f"moe-block-{args.dtype}{suffix}",
-        f"## (a) One MoE layer, {args.dtype}{on}: median ms (speed relative to the fair floor)\n\n" + floors +
+        f"moe-block-{args.dtype}{suffix}{allocator_suffix}",
+        f"## (a) One MoE layer, {args.dtype}{on}{allocator}: median ms (speed relative to the fair floor)\n\n"
+        + floors +
         "\"ours auto vs best transformers path\": time of the best transformers path (its own block or our block "
         "under transformers' kernels) divided by the time of \"ours auto\" (our default).\n\n" + table
         + (f"\n\n{choices}" if choices else ""),

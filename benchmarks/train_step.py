@@ -23,6 +23,7 @@ import time
 
 import torch
 from common import (
+    allocator_names,
     auto_choices,
     check_fair_floor,
     device_names,
@@ -125,10 +126,11 @@ def main():
     print(choices)
     table += f"\n\n{choices}" if choices else ""
     suffix, on = device_names(args.device)
-    section = "train-step" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix
-    write_section(section, f"## (b) Whole-model training step, {args.dtype}{on} (H 512, 4 layers, vocab 32000, "
-                  f"batch {args.batch} x {args.seq_len} tokens, fused AdamW)\n\n" + floors_note(dtype, args.device)
-                  + table)
+    allocator_suffix, allocator = allocator_names()
+    section = "train-step" + ("" if args.dtype == "float32" else f"-{args.dtype}") + suffix + allocator_suffix
+    heading = (f"## (b) Whole-model training step, {args.dtype}{on}{allocator} (H 512, 4 layers, vocab 32000, batch "
+               f"{args.batch} x {args.seq_len} tokens, fused AdamW)\n\n")
+    write_section(section, heading + floors_note(dtype, args.device) + table)
 
 
 def floors_note(dtype: torch.dtype, device: str) -> str:

@@ -111,3 +111,25 @@ def test_quality_lora_moe_add_keeps_the_rows_of_methods_not_run(quality_lora_moe
                            + "Command: `python benchmarks/quality_lora_moe.py --methods mola pesc --add`  \n")
     assert again.sources == {"python benchmarks/quality_lora_moe.py --max-steps 800": ["lora"],
                              "python benchmarks/quality_lora_moe.py --methods mola pesc --add": ["mola", "pesc"]}
+
+
+def test_moe_block_rounds_give_one_speed_per_round(tmp_path):
+    """`--rounds N`: three more columns, each with one value per round, and a clear error for N < 1."""
+    script = str(BENCHMARKS / "moe_block.py")
+    result = subprocess.run([sys.executable, script, "--smoke", "--rounds", "2"], check=False, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line.split(" | ") for line in lines if line.startswith("shape | T | pass"))
+    # "... vs fair floor" where a fair floor applies (fp32 on x86-64), else "... vs floor"
+    assert [name.split(" vs ")[0] for name in header[-3:]] == ["rounds: ours auto", "rounds: transformers",
+                                                                 "rounds: ours auto"]
+    assert header[-1] == "rounds: ours auto vs best transformers path"
+    rows = [line.split(" | ") for line in lines if line.startswith(("mixtral-like |", "deepseek-like |"))]
+    assert len(rows) == 8  # two shapes, T = 1 and 16, fwd and fwd+bwd
+    for row in rows:
+        assert len(row) == len(header)
+        assert all(len(cell.split(", ")) == 2 for cell in row[-3:])
+    bad = subprocess.run([sys.executable, script, "--smoke", "--rounds", "0"], check=False, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--rounds must be at least 1, got 0" in bad.stderr
