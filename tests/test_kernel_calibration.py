@@ -246,6 +246,45 @@ def test_a_real_calibration_end_to_end(monkeypatch, caplog):
     assert kernel_choice.chosen_kernels() == {key: kernel}
 
 
+class ScriptedClock:
+    """Stands in for `time` in kernel_choice: each scripted kernel call advances the clock by its next duration."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def strftime(self, *args) -> str:
+        return "2026-01-01T00:00:00"
+
+    def kernel(self, durations_ms: list[float], calls: list[str], name: str):
+        durations = iter(durations_ms)
+
+        def forward(experts, hidden, index, weights):
+            calls.append(name)
+            self.now += next(durations) / 1000
+            return hidden.new_zeros(hidden.shape)
+
+        return forward
+
+
+@pytest.mark.parametrize("call_ms", [1.0, 500.0])  # rounds well within the time budget, and far beyond it
+def test_each_candidate_keeps_its_fastest_of_at_least_five_timed_calls(monkeypatch, call_ms):
+    """Noise on a shared machine only adds time: a kernel that is fastest in two of five calls wins over a steady one
+    that a median would have chosen; slow calls are timed five times too (after one warm-up call each)."""
+    clock, calls = ScriptedClock(), []
+    monkeypatch.setattr(kernel_choice, "time", clock)
+    spiky = [call_ms] + [call_ms, 4 * call_ms, 4 * call_ms, call_ms, 4 * call_ms] * 2  # warm-up, then the rounds
+    candidates = {"steady": clock.kernel([2 * call_ms] * 11, calls, "steady"),
+                  "spiky": clock.kernel(spiky, calls, "spiky")}
+    timings = kernel_choice._time(experts_module(), candidates, torch.float32, 32, 2, "none", 4)
+    assert timings == pytest.approx({"steady": 2 * call_ms, "spiky": call_ms})
+    timed_calls = calls.count("spiky") - 1
+    assert calls.count("steady") - 1 == timed_calls and timed_calls >= kernel_choice._MIN_ROUNDS == 5
+    assert timed_calls == (5 if call_ms == 500.0 else kernel_choice._MAX_ROUNDS)
+
+
 def test_the_timing_runs_in_the_callers_thread(monkeypatch):
     """Where the real calls run: the OpenMP team of the parallel regions belongs to the calling thread, and timed from
     a thread of its own `sorted_mm` (oneDNN) ran slower than the caller runs it (kernel_choice's docstring)."""
@@ -439,13 +478,15 @@ def test_the_file_round_trips_between_processes_and_merges_their_entries(monkeyp
     assert kernel_choice.chosen_kernels()[key] == kernel
 
 
-def test_a_file_of_another_format_is_timed_again_and_rewritten(monkeypatch, caplog):
-    """Format 1 was timed in a thread of its own, which favoured the wrong kernel: its decisions are not used."""
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_a_file_of_another_format_is_timed_again_and_rewritten(monkeypatch, caplog, old_format):
+    """Format 1 was timed in a thread of its own, which favoured the wrong kernel, format 2 kept the median of as few
+    as two calls: their decisions are not used."""
     force(monkeypatch, "grouped_mm")
     run(experts_module(), 20, train=True)
     [key] = stored_decisions()
     path = kernel_choice.cache_path()
-    path.write_text(json.dumps({"format": 1, "decisions": {key: {"kernel": "sorted_mm", "ms": {}}}}))
+    path.write_text(json.dumps({"format": old_format, "decisions": {key: {"kernel": "sorted_mm", "ms": {}}}}))
     monkeypatch.setattr(kernel_choice, "_decisions", {})  # a new process
     timed = force(monkeypatch, "grouped_mm")
     with caplog.at_level(logging.INFO, logger=kernel_choice.__name__):

@@ -5,7 +5,7 @@ Which kernel (and matrix library) is fastest depends on the CPU: on an AMD EPYC 
 about half oneDNN's rate, so `sorted_mm` through oneDNN won there; on an Intel Xeon whose MKL is fast transformers'
 `grouped_mm` won (BENCHMARKS.md, issue #27). So rather than a rule written for one CPU, "auto"
 (experts_kernels.py) hands the kernels that apply to a call to `choose_kernel`, which times each of them once on
-synthetic inputs of the call's shapes (round-robin: a warm-up call each, then the median of at least
+synthetic inputs of the call's shapes (round-robin: a warm-up call each, then the fastest of at least
 `_MIN_ROUNDS` calls) and keeps the fastest, per key:
 
     cpu (model name, family, model), torch version, intra-op threads, dtype (and CPU autocast), hidden size,
@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -57,8 +56,14 @@ CACHE_ENV = "HF_MOE_CACHE"
 CALIBRATE = "calibrate"
 CACHE_FILE = "experts_kernels.json"
 MAX_TIMED_TOKENS = 256  # calls of more tokens are timed at this many: the ranking settles as the blocks grow
-_FORMAT = 2  # of the JSON file; other formats' decisions are timed again (format 1: timed in a thread of its own)
-_MIN_ROUNDS, _MAX_ROUNDS = 2, 9  # timed calls per candidate: more while the rounds take under `_ROUNDS_BUDGET_S`
+_FORMAT = 3  # of the JSON file; other formats' decisions are timed again (format 1: timed in a thread of its own;
+# 2: the median of as few as 2 calls)
+# Timed calls per candidate: at least `_MIN_ROUNDS`, more while the rounds take under `_ROUNDS_BUDGET_S`. Each keeps
+# its fastest call: the noise of a shared machine (page faults of fresh gradient buffers, other processes) only adds
+# time. Training calls of a fine-grained layer (DeepSeek-like, 16 tokens: kernels 6-10% apart, each call about 300 ms
+# with its page faults) picked the fastest kernel in 3 of 6 timings with the median of 2 calls, in 6 of 6 with the
+# fastest of 5 (BENCHMARKS.md, "What "auto" picked on the Zen 4").
+_MIN_ROUNDS, _MAX_ROUNDS = 5, 9
 _ROUNDS_BUDGET_S = 0.2
 _DROP_AFTER_WARMUP = 3.0  # a candidate whose warm-up took this many times the fastest warm-up is not timed further
 # the weights transformers' kernels and ours read, as `@use_experts_implementation` modules name them
@@ -231,8 +236,9 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> dict[str, float]:
-    """Median ms of each candidate on synthetic inputs of `tokens` tokens, round-robin after a warm-up call each; a
-    candidate still far behind after a second warm-up call is not timed further and keeps that call's time."""
+    """Fastest ms of each candidate's timed calls on synthetic inputs of `tokens` tokens, round-robin after a warm-up
+    call each; a candidate still far behind after a second warm-up call is not timed further and keeps that call's
+    time."""
     generator = torch.Generator().manual_seed(0)  # private: torch's global random state is left alone
     num_experts = experts.num_experts
     hidden = torch.randn(tokens, hidden_size, generator=generator, device="cpu").to(dtype)
@@ -269,7 +275,7 @@ def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> 
             samples.append(run(candidates[name]))
         if rounds >= _MIN_ROUNDS and time.perf_counter() - start > _ROUNDS_BUDGET_S:
             break
-    return {**warmup, **{name: statistics.median(samples) for name, samples in timed.items()}}
+    return {**warmup, **{name: min(samples) for name, samples in timed.items()}}
 
 
 # ------------------------------------------------------------------------------------------------------------------
