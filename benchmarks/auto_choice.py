@@ -1,10 +1,12 @@
-"""Does "auto"'s timing predict decoding speed? Its verdicts on the batch-1 decoding call (one token), timed in the
+"""Does "auto"'s timing pick the fastest kernel? Its verdicts on the batch-1 decoding call (one token), timed in the
 caller's thread, as "auto" times, and in a thread of its own, as it timed before (hf_moe/modeling/kernel_choice.py),
 against greedy decoding at batch 1 with "auto" pinned to each candidate (`HF_MOE_AUTO_KERNEL`), on the models of
-table (c).
+table (c). With `--training`: its verdicts on the training call of table (a)'s layers (weight gradients too) at a
+few token counts, against the layer's forward and backward with "auto" pinned to each candidate.
 
-    python benchmarks/auto_choice.py            # writes BENCHMARKS.md
-    python benchmarks/auto_choice.py --smoke    # tiny models, prints only
+    python benchmarks/auto_choice.py              # writes BENCHMARKS.md
+    python benchmarks/auto_choice.py --training   # writes BENCHMARKS.md (a section of its own)
+    python benchmarks/auto_choice.py --smoke      # tiny models, prints only (both studies)
 """
 
 import argparse
@@ -16,22 +18,27 @@ import threading
 import torch
 from common import cpu_model, markdown_table, round_robin_medians, write_section
 from models import FAMILIES, SMOKE_FAMILIES, build_models
+from moe_block import SHAPES, SMOKE_SHAPES, build_blocks, step
 
 from hf_moe.modeling import kernel_choice
 from hf_moe.modeling.experts_kernels import auto_candidates, auto_kernels
 
 
-def verdicts(experts: torch.nn.Module, top_k: int, count: int, own_thread: bool) -> dict[str, tuple[int, float]]:
-    """candidate -> (how many of `count` timings it won, its median time in ms over them) for the one-token inference
-    call, each timing as "auto" runs one (`kernel_choice._time`)."""
-    hidden = torch.zeros(1, experts.gate_up_proj.shape[-1])
-    names = auto_candidates(experts, hidden, torch.zeros(1, top_k, dtype=torch.long), "none")
+def verdicts(experts: torch.nn.Module, top_k: int, count: int, own_thread: bool, gradients: str = "none",
+             tokens: int = 1) -> dict[str, tuple[int, float]]:
+    """candidate -> (how many of `count` timings it won, the median over them of its timed ms) for the call of
+    `tokens` tokens (`gradients` as `kernel_choice.gradients_needed` says), each timing as "auto" runs one
+    (`kernel_choice._time`)."""
+    hidden = torch.zeros(tokens, experts.gate_up_proj.shape[-1])
+    names = auto_candidates(experts, hidden, torch.zeros(tokens, top_k, dtype=torch.long), gradients)
     candidates = {name: auto_kernels()[name] for name in names}
+    bucket = kernel_choice.token_bucket(tokens)
     timings = []
 
     def time_once():
-        with torch.no_grad():
-            timings.append(kernel_choice._time(experts, candidates, hidden.dtype, hidden.shape[-1], top_k, "none", 1))
+        with torch.set_grad_enabled(gradients != "none"):
+            timings.append(kernel_choice._time(experts, candidates, hidden.dtype, hidden.shape[-1], top_k, gradients,
+                                               bucket))
 
     for _ in range(count):
         if own_thread:
@@ -44,23 +51,52 @@ def verdicts(experts: torch.nn.Module, top_k: int, count: int, own_thread: bool)
     return {name: (wins[name], statistics.median(timing[name] for timing in timings)) for name in names}
 
 
-def decode_speeds(model, kernels: list[str], repeats: int, new_tokens: int) -> dict[str, float]:
-    """kernel -> new tokens per second of greedy decoding at batch 1 with "auto" pinned to it (round-robin)."""
-    prompt = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+def pinned_times(run, kernels: list[str], repeats: int) -> dict[str, float]:
+    """kernel -> median ms of `run()` with "auto" pinned to it (`HF_MOE_AUTO_KERNEL`; round-robin)."""
 
-    def decode(kernel: str):
+    def pinned_run(kernel: str):
         os.environ[kernel_choice.PIN_ENV] = kernel
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        run()
 
     pinned = os.environ.get(kernel_choice.PIN_ENV)
     try:
-        times = round_robin_medians({kernel: (lambda k=kernel: decode(k)) for kernel in kernels}, repeats=repeats)
+        return round_robin_medians({kernel: (lambda k=kernel: pinned_run(k)) for kernel in kernels}, repeats=repeats)
     finally:
         os.environ.pop(kernel_choice.PIN_ENV, None)
         if pinned is not None:
             os.environ[kernel_choice.PIN_ENV] = pinned
+
+
+def decode_speeds(model, kernels: list[str], repeats: int, new_tokens: int) -> dict[str, float]:
+    """kernel -> new tokens per second of greedy decoding at batch 1 with "auto" pinned to it (round-robin)."""
+    prompt = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+
+    def decode():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    times = pinned_times(decode, kernels, repeats)
     return {kernel: new_tokens / times[kernel] * 1000 for kernel in kernels}
+
+
+def measure_training(smoke: bool, count: int, repeats: int, token_counts: list[int]) -> str:
+    """Table (a)'s layers in training: the verdicts of `count` timings per token count, and the layer's forward and
+    backward (`moe_block.step`) with "auto" pinned to each candidate."""
+    rows = []
+    for shape_name, shape in (SMOKE_SHAPES if smoke else SHAPES).items():
+        block, config, _, _ = build_blocks(shape, torch.float32, "cpu")
+        config._experts_implementation = "auto"
+        for tokens in token_counts:
+            timed = verdicts(block.experts, shape[2], count, own_thread=False, gradients="weights", tokens=tokens)
+            inputs = torch.randn(1, tokens, shape[0]).requires_grad_()
+            grad = torch.randn(1, tokens, shape[0])
+            steps = pinned_times(lambda b=block, x=inputs, g=grad: step(b, x, g, True), list(timed), repeats)
+            fastest = min(steps, key=steps.get)
+            for name in timed:
+                rows.append([shape_name, tokens, f"`{name}`", f"{timed[name][1]:.1f} ({timed[name][0]} of {count})",
+                             f"{steps[name]:.1f}" + (" (fastest)" if name == fastest else "")])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+    return markdown_table(["layer", "tokens", "kernel", "timed ms (verdicts won)", "layer fwd+bwd, ms"], rows)
 
 
 def measure(smoke: bool, count: int, repeats: int, new_tokens: int) -> str:
@@ -85,18 +121,31 @@ def main():
     parser.add_argument("--verdicts", type=int, default=8, help="timings per thread kind")
     parser.add_argument("--repeats", type=int, default=5, help="decodes per kernel (medians)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--training", action="store_true", help="the training study (table (a)'s layers)")
+    parser.add_argument("--token-counts", type=int, nargs="+", default=[16, 256], metavar="T",
+                        help="--training: the calls' token counts")
     args = parser.parse_args()
     if args.smoke:
         measure(True, 1, 1, 3)
+        measure_training(True, 1, 1, [4])
+        return
+    tag, cpu = cpu_model()
+    if args.training:
+        table = measure_training(False, args.verdicts, args.repeats, args.token_counts)
+        write_section(f"auto-choice-training-{tag}", (
+            f"## Does \"auto\"'s timing pick the fastest kernel for training? ({cpu})\n\n"
+            f"The training call (weight gradients too) of table (a)'s layers timed {args.verdicts} times per token "
+            f"count as \"auto\" times it (each candidate's fastest of at least five calls); the median over the "
+            f"timings of each candidate's value and how many timings it won. Then the layer's forward and backward "
+            f"with \"auto\" pinned to each candidate (round-robin, medians of {args.repeats}).\n\n{table}"))
         return
     table = measure(False, args.verdicts, args.repeats, args.new_tokens)
-    tag, cpu = cpu_model()
     write_section(f"auto-choice-{tag}", (
         f"## Does \"auto\"'s timing predict decoding? ({cpu})\n\n"
         f"Each family's one-token inference call (the batch-1 decoding step of table (c)'s models) timed "
         f"{args.verdicts} times as \"auto\" times it: in the caller's thread (as \"auto\" does) and in a thread of its "
-        f"own (as it did before); each timing's median per candidate, the median of those, and how many timings the "
-        f"candidate won. Then greedy decoding at batch 1 (prompt 16, {args.new_tokens} new tokens, medians of "
+        f"own (as it did before); each timing's value per candidate (\"auto\"'s rule at the time of the run), the "
+        f"median of those, and how many timings the candidate won. Then greedy decoding at batch 1 (prompt 16, {args.new_tokens} new tokens, medians of "
         f"{args.repeats}) with \"auto\" pinned to each candidate.\n\n{table}"))
 
 

@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("decode_gemv.py", "shared-expert gate"), ("onednn_ab.py", "sorted_mm, oneDNN forward only"),
     ("onednn_shapes.py", "mixtral-like | prefill | bucketed"),
     ("page_faults.py", "deepseek-like | one layer fwd+bwd, T=8 | ours sorted_mm"),
-    ("mod_speed.py", "| layers 1-3 | 0.125 |"), ("auto_choice.py", "qwen2moe-like | `grouped_mm` |"),
+    ("mod_speed.py", "| layers 1-3 | 0.125 |"), ("auto_choice.py", "deepseek-like | 4 | `sorted_mm` |"),
     ("quality_pretraining.py", "| expert_choice |"),
     pytest.param("quality_lora_moe.py", "| mixture_of_loras |", marks=pytest.mark.slow),
 ])
