@@ -24,21 +24,17 @@ from hf_moe.modeling import kernel_choice
 from hf_moe.modeling.experts_kernels import auto_candidates, auto_kernels
 
 
-def verdicts(experts: torch.nn.Module, top_k: int, count: int, own_thread: bool, gradients: str = "none",
-             tokens: int = 1) -> dict[str, tuple[int, float]]:
-    """candidate -> (how many of `count` timings it won, the median over them of its timed ms) for the call of
-    `tokens` tokens (`gradients` as `kernel_choice.gradients_needed` says), each timing as "auto" runs one
-    (`kernel_choice._time`)."""
-    hidden = torch.zeros(tokens, experts.gate_up_proj.shape[-1])
-    names = auto_candidates(experts, hidden, torch.zeros(tokens, top_k, dtype=torch.long), gradients)
+def verdicts(experts: torch.nn.Module, top_k: int, count: int, own_thread: bool) -> dict[str, tuple[int, float]]:
+    """candidate -> (how many of `count` timings it won, the median over them of its timed ms) for the one-token
+    inference call, each timing as "auto" runs one (`kernel_choice._time`)."""
+    hidden = torch.zeros(1, experts.gate_up_proj.shape[-1])
+    names = auto_candidates(experts, hidden, torch.zeros(1, top_k, dtype=torch.long), "none")
     candidates = {name: auto_kernels()[name] for name in names}
-    bucket = kernel_choice.token_bucket(tokens)
     timings = []
 
     def time_once():
-        with torch.set_grad_enabled(gradients != "none"):
-            timings.append(kernel_choice._time(experts, candidates, hidden.dtype, hidden.shape[-1], top_k, gradients,
-                                               bucket))
+        with torch.no_grad():
+            timings.append(kernel_choice._time(experts, candidates, hidden.dtype, hidden.shape[-1], top_k, "none", 1))
 
     for _ in range(count):
         if own_thread:
@@ -79,24 +75,60 @@ def decode_speeds(model, kernels: list[str], repeats: int, new_tokens: int) -> d
     return {kernel: new_tokens / times[kernel] * 1000 for kernel in kernels}
 
 
-def measure_training(smoke: bool, count: int, repeats: int, token_counts: list[int]) -> str:
-    """Table (a)'s layers in training: the verdicts of `count` timings per token count, and the layer's forward and
-    backward (`moe_block.step`) with "auto" pinned to each candidate."""
-    rows = []
+# How a timing's calls make each candidate's time, by the number of timed calls it uses: "auto"'s rule now for slow
+# calls (`kernel_choice._MIN_ROUNDS` calls, of which the fastest), its rule before (the median of 2), and all nine calls
+NOW = "fastest of 5 calls (now)"
+RULES = {NOW: lambda calls: min(calls[:5]),
+         "median of 2 calls (before)": lambda calls: statistics.median(calls[:2]),
+         "median of 9 calls": statistics.median, "fastest of 9 calls": min}
+
+
+def training_timings(experts: torch.nn.Module, top_k: int, count: int, tokens: int) -> list[dict[str, dict]]:
+    """`count` timings of the training call (weight gradients too) as "auto" times it, each with all its calls: rule
+    -> candidate -> ms (a candidate dropped after its warm-up keeps that call's time under every rule)."""
+    hidden = torch.zeros(tokens, experts.gate_up_proj.shape[-1])
+    names = auto_candidates(experts, hidden, torch.zeros(tokens, top_k, dtype=torch.long), "weights")
+    candidates = {name: auto_kernels()[name] for name in names}
+    timings = []
+    for _ in range(count):
+        warmup, calls = kernel_choice._timed_calls(experts, candidates, hidden.dtype, hidden.shape[-1], top_k,
+                                                   "weights", kernel_choice.token_bucket(tokens),
+                                                   min_rounds=kernel_choice._MAX_ROUNDS)
+        timings.append({rule: {**warmup, **{name: time_of(ms) for name, ms in calls.items()}}
+                        for rule, time_of in RULES.items()})
+    return timings
+
+
+def measure_training(smoke: bool, count: int, repeats: int, token_counts: list[int]) -> tuple[str, str]:
+    """Table (a)'s layers in training: `count` timings per token count, and the layer's forward and backward
+    (`moe_block.step`) with "auto" pinned to each candidate. Returns a table per kernel (its time under "auto"'s rule,
+    the timings it won, its step) and one per rule (the timings that picked the fastest step)."""
+    kernel_rows, rule_rows = [], []
     for shape_name, shape in (SMOKE_SHAPES if smoke else SHAPES).items():
         block, config, _, _ = build_blocks(shape, torch.float32, "cpu")
         config._experts_implementation = "auto"
         for tokens in token_counts:
-            timed = verdicts(block.experts, shape[2], count, own_thread=False, gradients="weights", tokens=tokens)
+            timings = training_timings(block.experts, shape[2], count, tokens)
+            names = list(timings[0][NOW])
             inputs = torch.randn(1, tokens, shape[0]).requires_grad_()
             grad = torch.randn(1, tokens, shape[0])
-            steps = pinned_times(lambda b=block, x=inputs, g=grad: step(b, x, g, True), list(timed), repeats)
+            steps = pinned_times(lambda b=block, x=inputs, g=grad: step(b, x, g, True), names, repeats)
             fastest = min(steps, key=steps.get)
-            for name in timed:
-                rows.append([shape_name, tokens, f"`{name}`", f"{timed[name][1]:.1f} ({timed[name][0]} of {count})",
-                             f"{steps[name]:.1f}" + (" (fastest)" if name == fastest else "")])
-                print(" | ".join(map(str, rows[-1])), flush=True)
-    return markdown_table(["layer", "tokens", "kernel", "timed ms (verdicts won)", "layer fwd+bwd, ms"], rows)
+            now = [timing[NOW] for timing in timings]
+            wins = collections.Counter(min(ms, key=ms.get) for ms in now)
+            for name in names:
+                kernel_rows.append([shape_name, tokens, f"`{name}`",
+                                    f"{statistics.median(ms[name] for ms in now):.1f} ({wins[name]} of {count})",
+                                    f"{steps[name]:.1f}" + (" (fastest)" if name == fastest else "")])
+                print(" | ".join(map(str, kernel_rows[-1])), flush=True)
+            for rule in RULES:
+                picked = sum(min(timing[rule], key=timing[rule].get) == fastest for timing in timings)
+                rule_rows.append([shape_name, tokens, rule, f"{picked} of {count}"])
+                print(" | ".join(map(str, rule_rows[-1])), flush=True)
+    return (markdown_table(["layer", "tokens", "kernel", "timed ms, fastest of 5 calls (timings won)",
+                            "layer fwd+bwd, ms"], kernel_rows),
+            markdown_table(["layer", "tokens", "a candidate's time", "timings that picked the fastest step"],
+                           rule_rows))
 
 
 def measure(smoke: bool, count: int, repeats: int, new_tokens: int) -> str:
@@ -131,13 +163,16 @@ def main():
         return
     tag, cpu = cpu_model()
     if args.training:
-        table = measure_training(False, args.verdicts, args.repeats, args.token_counts)
+        kernels, rules = measure_training(False, args.verdicts, args.repeats, args.token_counts)
         write_section(f"auto-choice-training-{tag}", (
             f"## Does \"auto\"'s timing pick the fastest kernel for training? ({cpu})\n\n"
             f"The training call (weight gradients too) of table (a)'s layers timed {args.verdicts} times per token "
-            f"count as \"auto\" times it (each candidate's fastest of at least five calls); the median over the "
-            f"timings of each candidate's value and how many timings it won. Then the layer's forward and backward "
-            f"with \"auto\" pinned to each candidate (round-robin, medians of {args.repeats}).\n\n{table}"))
+            f"count as \"auto\" times it, each timing with nine calls of each candidate after its warm-up (the time "
+            f"budget of \"auto\" stops these slow calls at five); then the layer's forward and backward with \"auto\" "
+            f"pinned to each candidate (round-robin, medians of {args.repeats}). Per kernel: the median over the "
+            f"timings of its time under \"auto\"'s rule (the fastest of the first five calls) and how many timings it "
+            f"won.\n\n{kernels}\n\nPer rule, the same timings' calls made into each candidate's time in other ways: "
+            f"how many timings picked the kernel whose step was fastest.\n\n{rules}"))
         return
     table = measure(False, args.verdicts, args.repeats, args.new_tokens)
     write_section(f"auto-choice-{tag}", (
@@ -145,8 +180,8 @@ def main():
         f"Each family's one-token inference call (the batch-1 decoding step of table (c)'s models) timed "
         f"{args.verdicts} times as \"auto\" times it: in the caller's thread (as \"auto\" does) and in a thread of its "
         f"own (as it did before); each timing's value per candidate (\"auto\"'s rule at the time of the run), the "
-        f"median of those, and how many timings the candidate won. Then greedy decoding at batch 1 (prompt 16, {args.new_tokens} new tokens, medians of "
-        f"{args.repeats}) with \"auto\" pinned to each candidate.\n\n{table}"))
+        f"median of those, and how many timings the candidate won. Then greedy decoding at batch 1 (prompt 16, "
+        f"{args.new_tokens} new tokens, medians of {args.repeats}) with \"auto\" pinned to each candidate.\n\n{table}"))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ _FORMAT = 3  # of the JSON file; other formats' decisions are timed again (forma
 # 2: the median of as few as 2 calls)
 # Timed calls per candidate: at least `_MIN_ROUNDS`, more while the rounds take under `_ROUNDS_BUDGET_S`. Each keeps
 # its fastest call: the noise of a shared machine (page faults of fresh gradient buffers, other processes) only adds
-# time. Training calls of a fine-grained layer (DeepSeek-like, 16 tokens: kernels 6-10% apart, each call about 300 ms
-# with its page faults) picked the fastest kernel in 3 of 6 timings with the median of 2 calls, in 6 of 6 with the
-# fastest of 5 (BENCHMARKS.md, "What "auto" picked on the Zen 4").
+# time. Training calls of a fine-grained layer (DeepSeek-like, 16 tokens, kernels 6-10% apart) picked the fastest
+# kernel in 6 of 6 timings with the fastest of 5 calls and in 3 of 6 with the median of 2, in a one-off run where each
+# call took about 300 ms with its page faults; where they took about 100 ms every rule picked it 8 of 8 times
+# (BENCHMARKS.md, "What "auto" picked on the Zen 4"; `benchmarks/auto_choice.py --training` compares the rules).
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 9
 _ROUNDS_BUDGET_S = 0.2
 _DROP_AFTER_WARMUP = 3.0  # a candidate whose warm-up took this many times the fastest warm-up is not timed further
@@ -236,9 +237,18 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> dict[str, float]:
-    """Fastest ms of each candidate's timed calls on synthetic inputs of `tokens` tokens, round-robin after a warm-up
-    call each; a candidate still far behind after a second warm-up call is not timed further and keeps that call's
-    time."""
+    """Fastest ms of each candidate's timed calls (`_timed_calls`); a candidate not timed further keeps its warm-up
+    call's time."""
+    warmup, timed = _timed_calls(experts, candidates, dtype, hidden_size, top_k, gradients, tokens)
+    return {**warmup, **{name: min(samples) for name, samples in timed.items()}}
+
+
+def _timed_calls(experts, candidates, dtype, hidden_size, top_k, gradients, tokens,
+                 min_rounds: int = _MIN_ROUNDS) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(ms of each candidate's warm-up call, ms of each timed call of the candidates timed further) on synthetic inputs
+    of `tokens` tokens: a warm-up call each, then round-robin rounds, at least `min_rounds` and more while they take
+    under `_ROUNDS_BUDGET_S` (at most `_MAX_ROUNDS`). A candidate still far behind after a second warm-up call is not
+    timed further."""
     generator = torch.Generator().manual_seed(0)  # private: torch's global random state is left alone
     num_experts = experts.num_experts
     hidden = torch.randn(tokens, hidden_size, generator=generator, device="cpu").to(dtype)
@@ -273,9 +283,9 @@ def _time(experts, candidates, dtype, hidden_size, top_k, gradients, tokens) -> 
     for rounds in range(1, _MAX_ROUNDS + 1):
         for name, samples in timed.items():
             samples.append(run(candidates[name]))
-        if rounds >= _MIN_ROUNDS and time.perf_counter() - start > _ROUNDS_BUDGET_S:
+        if rounds >= min_rounds and time.perf_counter() - start > _ROUNDS_BUDGET_S:
             break
-    return {**warmup, **{name: min(samples) for name, samples in timed.items()}}
+    return warmup, timed
 
 
 # ------------------------------------------------------------------------------------------------------------------
