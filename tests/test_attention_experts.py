@@ -7,6 +7,7 @@ Every model is tiny and fp32 (conftest's shapes: hidden 32, 4 heads of 8 over 2 
 width 64 or 16); 3 attention experts, top-2.
 """
 
+import copy
 import math
 
 import pytest
@@ -20,6 +21,8 @@ from conftest import (
     random_input_ids,
     randomize_weights_,
 )
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 from test_trainer import causal_lm_rows, train_one_step
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
@@ -268,6 +271,49 @@ def test_one_trainer_step_adds_the_attention_routers_losses_and_updates_the_expe
     assert_close(output.loss, task_loss + weighted, atol=1e-5, rtol=0)  # Trainer's loss holds every router loss
     for name, value in before.items():
         assert not torch.equal(model.get_parameter(name), value), name
+
+
+@pytest.mark.parametrize("layout", [None, [["attention", "moe"], ["attention", "dense", "attention", "moe"]]],
+                         ids=["layers", "block_layout"])
+def test_peft_lora_on_the_experts_query_and_output_projections_equals_the_merged_weights(tmp_path, layout):
+    """PEFT's `target_parameters` wraps the attention module that owns q_proj [E_a, nH * D, H] and o_proj; the model
+    must call that module with its input first (the wrapper's `x`). Each expert e gets its own W_e + s B_e A_e, with
+    PEFT's stacked factors A [E_a * r, in] and B [out, r * E_a] (rank slots outermost in A, experts innermost in B)."""
+    overrides = {} if layout is None else {"block_layout": layout}
+    model = experts_model(**overrides)
+    input_ids = random_input_ids(2, 7)
+    rank, alpha = 2, 4
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_parameters=["self_attn.q_proj", "self_attn.o_proj"]))
+    torch.manual_seed(5)
+    merged = copy.deepcopy(model)
+    attention_layers = [name for name, module in model.named_modules() if isinstance(module, MoEAttentionExperts)]
+    assert len(attention_layers) == (2 if layout is None else 3)
+    for layer in attention_layers:
+        for projection in ("q_proj", "o_proj"):
+            weight = merged.get_parameter(f"{layer}.{projection}")  # [E_a, out, in]
+            experts, out_features, in_features = weight.shape
+            (wrapper,) = [module for name, module in peft_model.named_modules()
+                          if name.startswith(f"base_model.model.{layer}") and isinstance(module, ParamWrapper)
+                          and module.parameter_name == projection]
+            lora_a, lora_b = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
+            with torch.no_grad():
+                lora_a.normal_(std=0.2)
+                lora_b.normal_(std=0.2)
+                a = lora_a.view(experts, rank, in_features)  # A_e [r, in]
+                b = lora_b.view(out_features, rank, experts).permute(2, 0, 1)  # B_e [out, r]
+                weight += (alpha / rank) * b @ a
+    with torch.no_grad():
+        expected = merged(input_ids).logits
+        assert (expected - model(input_ids).logits).abs().max() > 1e-2  # the adapters change the logits
+        assert_close(peft_model(input_ids).logits, expected, atol=ATOL, rtol=0)
+    peft_model(input_ids, labels=input_ids).loss.backward()
+    grads = [parameter.grad for name, parameter in peft_model.named_parameters() if "lora_" in name]
+    assert len(grads) == 4 * len(attention_layers) and all(grad is not None and grad.abs().sum() > 0 for grad in grads)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
+    with torch.no_grad():
+        assert_close(reloaded(input_ids).logits, expected, atol=ATOL, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

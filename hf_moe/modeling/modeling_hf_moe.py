@@ -875,7 +875,7 @@ class MoESubBlock(nn.Module):
         if self.kind != "attention":
             return run_feed_forward(self.mlp, hidden_states, token_mask)
         update, _ = self.self_attn(
-            hidden_states=hidden_states,
+            hidden_states,  # positional: PEFT's `target_parameters` wrapper takes the input as `x`
             position_embeddings=position_embeddings,
             attention_mask=causal_mask_for(attention_mask, self.attention_type),
             position_ids=position_ids,
@@ -937,7 +937,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
+            hidden_states,  # positional: PEFT's `target_parameters` wrapper takes the input as `x`
             position_embeddings=position_embeddings,
             attention_mask=causal_mask_for(attention_mask, self.attention_type),
             position_ids=position_ids,
@@ -996,7 +996,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
             past = past_chosen.shape[1]
             query_pos, key_chosen = index + past, torch.cat((past_chosen, chosen), dim=1)
         attention, _ = self.self_attn(
-            hidden_states=self.input_layernorm(selected),
+            self.input_layernorm(selected),  # positional, as in MoEDecoderLayer.forward
             position_embeddings=tuple(gather(states) for states in position_embeddings),
             attention_mask=depth_attention_mask(query_pos, key_chosen, hidden_states.dtype),
             position_ids=index + past,
