@@ -142,12 +142,40 @@ def test_fsdp2_trainer_matches_one_process_with_the_same_global_batch(model_dirs
 
 @pytest.mark.distributed
 def test_mixlora_fine_tune_under_ddp_matches_one_process(model_dirs, tmp_path):
-    torchrun("train_worker", model_dirs["llama"], tmp_path, "--mixlora")
+    torchrun("train_worker", model_dirs["llama"], tmp_path, "--adapter", "mixlora")
 
-    results = assert_same_training(model_dirs["llama"], tmp_path, LOGGED_PER_STEP + ("lora_moe/",), mixlora=True)
+    results = assert_same_training(model_dirs["llama"], tmp_path, LOGGED_PER_STEP + ("lora_moe/",), adapter="mixlora")
     assert results["wrapper"] == "DistributedDataParallel"
     assert results["tensors"] and all("mixlora_" in name or "lora_" in name for name in results["tensors"])
     assert any(key.startswith("lora_moe/") for key in results["log_history"][0])
+
+
+@pytest.mark.distributed
+def test_expert_gate_under_ddp_with_calibrated_statistics_matches_one_process(model_dirs, tmp_path):
+    # each rank calibrates on its own rows (r, r + 2, ...); the statistics must hold the first 5 prompts of all ranks,
+    # rows 0-4, as the single process's do, or the autoencoders train on other inputs
+    torchrun("train_worker", model_dirs["llama"], tmp_path, "--adapter", "expert_gate_calibrated")
+
+    results = assert_same_training(model_dirs["llama"], tmp_path, LOGGED_PER_STEP + ("lora_moe/",),
+                                   adapter="expert_gate_calibrated")
+    assert results["wrapper"] == "DistributedDataParallel"
+    assert results["tensors"]["base_model.expert_gate_feature_count.default"].item() == 5
+    assert "lora_moe/autoencoder_loss" in results["log_history"][0]
+
+
+@pytest.mark.distributed
+def test_expert_gate_statistics_from_ddp_training_forwards_are_every_ranks_first_prompts(model_dirs, tmp_path):
+    """Gathered by the training forwards, the statistics grow by 2 prompts per forward under torchrun and by 1 in one
+    process, so the first steps' losses differ; the final statistics must not (rows 0-4 in both)."""
+    torchrun("train_worker", model_dirs["llama"], tmp_path, "--adapter", "expert_gate")
+
+    tensors, _ = read_results(tmp_path)
+    expected, _, _ = train(str(model_dirs["llama"]), str(tmp_path / "reference"), adapter="expert_gate")
+    statistics = [name for name in expected if ".expert_gate_feature_" in name]
+    assert len(statistics) == 3
+    assert tensors["base_model.expert_gate_feature_count.default"].item() == 5
+    for name in statistics:
+        assert_close(tensors[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ without task ids) apply the gate's choice e_b; the gate reads frozen features on
 adapters and is decided on the prompt once (`PromptRouting.decide`), then kept for every generated token
 (`PeftModel.generate`, with or without a cache; a cache returned by the prompt's forward). mu and var (shared by
 every autoencoder, so that their errors stay comparable) are the mean and variance of the features of the first
-`statistics_samples` training prompts, accumulated by the training forwards (or up front by
+`statistics_samples` training prompts (of every data-parallel rank, merged in rank order, so that the ranks keep
+the same statistics), accumulated by the training forwards (or up front by
 `calibrate_feature_statistics`), then frozen; they are saved with the adapter. The autoencoders are model-level:
 one stack per adapter on the tuner (`ExpertGateModel`, parameters `expert_gate_encoder_weight` [K, h, d] ...),
 saved once in adapter_model.safetensors (peft 0.21 saves the tuner's own adapter containers as it does VeRA's
@@ -464,15 +465,37 @@ class ExpertGateModel(LoraExpertTuner):
     @torch.no_grad()
     def _update_statistics(self, adapter_name: str, features: torch.Tensor, limit: int) -> None:
         """Merge the first rows of features [B, d] (up to `limit` prompts in all) into the running mean and variance
-        (population variance; Chan et al.'s pairwise update, in float64)."""
+        (population variance; Chan et al.'s pairwise update, in float64). Under data parallelism (torch.distributed
+        initialised) every rank must call it at the same time: the ranks' rows are taken in rank order, as one
+        process would take the concatenated batch, and every rank keeps the same statistics."""
         count = self.expert_gate_feature_count[adapter_name]
-        rows = features[: max(0, limit - int(count.item()))].double()
-        if rows.shape[0] == 0:
+        room = max(0, limit - int(count.item()))
+        if room == 0:  # the same on every rank: their statistics are equal
             return
+        rows = features.double()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # this rank's share of the room: what the ranks before it do not take
+            counts = rows.new_zeros(torch.distributed.get_world_size())
+            counts[torch.distributed.get_rank()] = rows.shape[0]
+            torch.distributed.all_reduce(counts)
+            before = int(counts[: torch.distributed.get_rank()].sum().item())
+            rows = rows[: max(0, room - before)]
+        else:
+            rows = rows[:room]
+        totals = torch.cat([rows.new_tensor([rows.shape[0]]), rows.sum(dim=0)])  # [1 + d]: count, sum
+        if distributed:
+            torch.distributed.all_reduce(totals)
+        new = totals[0].item()
+        if new == 0:
+            return
+        batch_mean = totals[1:] / new
+        squares = (rows - batch_mean).square().sum(dim=0)  # [d], about the merged batch's mean
+        if distributed:
+            torch.distributed.all_reduce(squares)
+        batch_var = squares / new
         mean, var = self.expert_gate_feature_mean[adapter_name], self.expert_gate_feature_var[adapter_name]
-        seen, new = count.double(), float(rows.shape[0])
+        seen = count.double()
         total = seen + new
-        batch_mean, batch_var = rows.mean(dim=0), rows.var(dim=0, unbiased=False)
         delta = batch_mean - mean.double()
         merged_mean = mean.double() + delta * new / total
         if seen == 0:
@@ -547,7 +570,9 @@ def route_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 def calibrate_feature_statistics(model, batches, adapter_name: str = "default") -> int:
     """Add the prompt features of `batches` (dicts with input_ids and optionally attention_mask and labels) to the
     standardisation statistics, up to `statistics_samples` prompts in all, before training: the autoencoders then
-    train on fixed inputs from the first step. Returns the number of prompts in the statistics."""
+    train on fixed inputs from the first step. Under data parallelism every rank calls it with its own share of the
+    batches, the same number of batches on each, and the statistics merge every rank's prompts. Returns the number of
+    prompts in the statistics."""
     tuner = _tuner(model)
     limit = tuner.peft_config[adapter_name].statistics_samples
     for batch in batches:
