@@ -95,6 +95,36 @@ def test_gradients_of_inputs_weights_and_routing_match_eager(hidden_act, experts
         assert torch.equal(gradient[unused], torch.zeros_like(gradient[unused]))
 
 
+@pytest.mark.parametrize("grad_enabled", [False, True])
+@pytest.mark.parametrize("index", [[[2, 0]], [[3, 0, 2]], [[1, 3, 0, 2]], [[3, 1], [0, 2]], [[1, 3], [3, 0]]],
+                         ids=["1 token, 2 experts", "1 token, 3", "1 token, 4", "2 tokens, 4 experts", "2 tokens, 3"])
+def test_one_row_per_expert_runs_the_experts_in_pairs_and_matches_eager(monkeypatch, index, grad_enabled):
+    """On `torch.mm` (oneDNN off), where every expert got one row (decoding one token) the forward's products run
+    the experts two at a time as one batched product over a strided view of the weights (`_pairs_times`; an odd
+    expert alone). The backward's products, whose weights are read across their rows, keep the loop."""
+    pairs = []
+    pairs_times = experts_kernels._LoopProducts._pairs_times
+    monkeypatch.setattr(experts_kernels._LoopProducts, "_pairs_times",
+                        lambda self, *args: pairs.append(len(self.blocks)) or pairs_times(self, *args))
+    index = torch.tensor(index)
+    hidden = torch.randn(len(index), 32, generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(index.shape, generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for implementation in ("eager", "sorted_mm"):
+        experts = experts_module(implementation, num_experts_per_tok=index.shape[1])
+        inputs = (hidden.clone().requires_grad_(grad_enabled), index, weights.clone().requires_grad_(grad_enabled))
+        with torch.backends.mkldnn.flags(enabled=False), torch.set_grad_enabled(grad_enabled):
+            out = experts(*inputs)
+            if grad_enabled:
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
+        outputs[implementation] = (out, *(inputs[0].grad, inputs[2].grad, experts.gate_up_proj.grad,
+                                          experts.down_proj.grad)[: 4 if grad_enabled else 0])
+    for ours, reference in zip(outputs["sorted_mm"], outputs["eager"], strict=True):
+        assert_close(ours, reference, atol=1e-5, rtol=0)
+    one_row_each = len(set(index.flatten().tolist())) == index.numel()
+    assert pairs == ([index.numel()] * 2 if one_row_each else [])  # gate/up and down, once each
+
+
 def test_no_tokens(products):
     """An empty batch (or a rank that got no tokens) gives an empty output and zero weight gradients."""
     experts = experts_module("sorted_mm")

@@ -16,8 +16,8 @@ fast `grouped_mm` did. `HF_MOE_AUTO_KERNEL=<kernel>` pins it (`auto_experts_forw
 
 The (token, slot) pairs are sorted by expert; each expert that received tokens runs two matrix products on its
 contiguous block of rows, and its backward four (on a CPU one product per expert, through oneDNN in fp32 on x86-64
-and `torch.mm` otherwise; on a CUDA GPU each product is one call of torch's `grouped_mm` over all experts, with the
-block offsets on the device):
+and `torch.mm` otherwise, where a one-token call's forward runs its experts two at a time; on a CUDA GPU each product
+is one call of torch's `grouped_mm` over all experts, with the block offsets on the device):
 
     x_s  = hidden[token_of[s]]                      [S, H]      S = T * k pairs, sorted by expert
     gu_s = x_s @ gate_up_proj[e]^T                  [S, 2I]     per expert e, on its block of rows
@@ -135,10 +135,37 @@ class _LoopProducts:
                 count = _bucketed(end - start)
                 window = _zero_padded(rows[start:start + count], count)  # [count, in]: fewer rows at the end
                 out[start:end] = _onednn_linear(window, weight[expert].t(), None, "none", [], "")[: end - start]
+        elif self._pairs_apply(weight):
+            self._pairs_times(rows, weight, out)
         else:
             for expert, start, end in self.blocks:
                 torch.mm(rows[start:end], weight[expert], out=out[start:end])
         return out
+
+    def _pairs_apply(self, weight: torch.Tensor) -> bool:
+        """Whether `_pairs_times` runs: every block one row (decoding one token: S = k distinct experts), weight rows
+        [E, out, in] contiguous along `in` (the forward's transposed views), plain tensors (not a DTensor's shard)."""
+        return (len(self.blocks) > 1 and self.num_rows == len(self.blocks) and weight.stride(1) == 1
+                and type(weight) in (torch.Tensor, nn.Parameter))
+
+    def _pairs_times(self, rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+        """The experts' matrix-vector products two at a time: experts a < b as one batched product whose batch of two
+        is a strided view of `weight` (stride b - a experts: no copy), W_e [out, in] @ x_s [in, 1]. torch's batched
+        product runs the two on the cores side by side; a decoding step's products of about a megabyte each ran 1.5-2x
+        faster so than one after the other with every core on each (fp32, 2 cores of an AMD EPYC Zen 4, BENCHMARKS.md
+        "Decode at batch 1"), as the products of one token stream their weights at one core's bandwidth."""
+        by_row = weight.transpose(1, 2)  # [E, out, in], contiguous rows
+        size, stride = by_row.shape[1:], by_row.stride()
+        for first in range(0, len(self.blocks) - 1, 2):  # one row per block: block i is row i
+            (a, row, _), (b, _, _) = self.blocks[first], self.blocks[first + 1]
+            pair = by_row.as_strided((2, *size), ((b - a) * stride[0], *stride[1:]),
+                                     by_row.storage_offset() + a * stride[0])  # [2, out, in]: experts a and b
+            # the rows as [2, in, 1] of strides (in, 1, in), `.mT` of [2, 1, in]: with strides (in, 1, 1) (`[..., None]`)
+            # torch took a path 4-5x slower for the same product (one-off timing)
+            torch.bmm(pair, rows[row:row + 2, None, :].mT, out=out[row:row + 2, None, :].mT)
+        if len(self.blocks) % 2:
+            expert, row, _ = self.blocks[-1]
+            torch.mm(rows[row:row + 1], weight[expert], out=out[row:row + 1])
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """left[rows of e]^T @ right[rows of e] for every expert e -> [E, a, b] (a weight gradient), for left [S, a]

@@ -56,8 +56,8 @@ CACHE_ENV = "HF_MOE_CACHE"
 CALIBRATE = "calibrate"
 CACHE_FILE = "experts_kernels.json"
 MAX_TIMED_TOKENS = 256  # calls of more tokens are timed at this many: the ranking settles as the blocks grow
-_FORMAT = 3  # of the JSON file; other formats' decisions are timed again (format 1: timed in a thread of its own;
-# 2: the median of as few as 2 calls)
+_FORMAT = 4  # of the JSON file; other formats' decisions are timed again (format 1: timed in a thread of its own;
+# 2: the median of as few as 2 calls; 3: before `sorted_mm/torch.mm` ran one-token calls' experts in pairs)
 # Timed calls per candidate: at least `_MIN_ROUNDS`, more while the rounds take under `_ROUNDS_BUDGET_S`. Each keeps
 # its fastest call: the noise of a shared machine (page faults of fresh gradient buffers, other processes) only adds
 # time. Training calls of a fine-grained layer (DeepSeek-like, 16 tokens, kernels 6-10% apart) picked the fastest
