@@ -711,7 +711,8 @@ def _context(folder: Path, kind: str, facts: dict) -> dict:
         "loss_image": LOSS_IMAGE if (folder / LOSS_IMAGE).is_file() else None,
         "expert_load": _expert_load_context(folder, kind),
         "loading": {
-            "repo": given.get("repo_id") or "REPO_ID", "model_type": model_type, "custom_code": bool(arch and arch.get("custom_code")),
+            "repo": given.get("repo_id") or "REPO_ID", "model_type": model_type,
+            "custom_code": bool(arch and arch.get("custom_code")),
             "importable": model_type is not None and model_type in converters().importable, "base_model": name,
             "adapter": adapter["method"] if adapter else None, "plain_peft": bool(adapter and not adapter["moe"]),
             "materializable": bool(adapter and adapter["peft_type"] == "MIXLORA"),

@@ -306,9 +306,10 @@ def add_finetune_command(subparsers) -> None:
              "mocle, expert_gate)",
         description=(
             "Run the fine-tune a YAML recipe describes: model (folder or Hub id), method (full, lora, mixlora,\n"
-            "loramoe, mola, moelora, pesc, mixture_of_loras, mocle, expert_gate) with its peft options, data (local json/jsonl/csv/parquet or a Hub dataset) and training\n"
-            "(TrainingArguments). The whole recipe is checked before anything is loaded. OUT gets the adapter or\n"
-            "the full model (safetensors), the tokenizer and recipe.yaml. Examples: recipes/*.yaml."
+            "loramoe, mola, moelora, pesc, mixture_of_loras, mocle, expert_gate) with its peft options, data (local\n"
+            "json/jsonl/csv/parquet or a Hub dataset) and training (TrainingArguments). The whole recipe is checked\n"
+            "before anything is loaded. OUT gets the adapter or the full model (safetensors), the tokenizer and\n"
+            "recipe.yaml. Examples: recipes/*.yaml."
         ),
     )
     parser.add_argument("recipe", metavar="RECIPE", help="YAML recipe file")
@@ -400,12 +401,13 @@ def add_quickstart_command(subparsers) -> None:
         help="upcycle, MixLoRA fine-tune, evaluate and materialize the shipped tiny model, offline (minutes on CPU)",
         description=(
             "The whole story on the dense Llama and the multi-task dataset that ship with hf-moe, offline:\n"
-            "1. upcycle the dense model to a Mixtral-style MoE (exact, verified); 2. evaluate the dense model (exact match,\n"
-            "answer perplexity); 3. fine-tune it with MixLoRA; 4. evaluate again; 5. materialize the MixLoRA model as a\n"
-            "Mixtral-style checkpoint (checked against the adapter model); 6. print a summary. Every folder gets a\n"
-            "card with its expert-load heatmap. The same seed gives the same numbers on the same kind of CPU with the\n"
-            "same torch version; another CPU (e.g. Intel vs AMD) or torch version runs other matrix kernels, so the\n"
-            "numbers differ slightly there. It takes a few minutes on 2 CPU cores (more on slower machines)."
+            "1. upcycle the dense model to a Mixtral-style MoE (exact, verified); 2. evaluate the dense model\n"
+            "(exact match, answer perplexity); 3. fine-tune it with MixLoRA; 4. evaluate again; 5. materialize the\n"
+            "MixLoRA model as a Mixtral-style checkpoint (checked against the adapter model); 6. print a summary.\n"
+            "Every folder gets a card with its expert-load heatmap. The same seed gives the same numbers on the same\n"
+            "kind of CPU with the same torch version; another CPU (e.g. Intel vs AMD) or torch version runs other\n"
+            "matrix kernels, so the numbers differ slightly there. It takes a few minutes on 2 CPU cores (more on\n"
+            "slower machines)."
         ),
     )
     parser.add_argument("--output", metavar="DIR", default=defaults.output_dir, help="folder for everything it writes")

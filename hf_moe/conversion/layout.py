@@ -444,7 +444,8 @@ def _export_problems(config: MoEDecoderConfig, fmt: str) -> list[str]:
     checks = [
         ("routed_scaling_factor", config.routed_scaling_factor == 1.0,
          f"{fmt} routers do not scale the gate weights (allowed: 1.0)"),
-        ("router_type", config.router_type == "token_choice", f"{fmt} routes by token choice (allowed: 'token_choice')"),
+        ("router_type", config.router_type == "token_choice",
+         f"{fmt} routes by token choice (allowed: 'token_choice')"),
         ("scoring_func", config.scoring_func == "softmax", f"{fmt} routers use softmax scores (allowed: 'softmax')"),
         ("n_group", config.n_group == 1, f"{fmt} has no group-limited routing (allowed: 1)"),
         ("router_selection_bias", not config.router_selection_bias,
@@ -517,8 +518,8 @@ def check_exportable(config: MoEDecoderConfig, fmt: str) -> None:
     if problems:
         hint = ""
         if any(p.startswith(("`routed_scaling_factor`", "`shared_expert_gate`")) for p in problems):
-            hint = (f" (for a DeepSeek-style upcycle, run `hf-moe upcycle DENSE OUT --arch deepseek ... --format {fmt}` "
-                    f"instead: it folds the routed scale into the expert weights"
+            hint = (f" (for a DeepSeek-style upcycle, run `hf-moe upcycle DENSE OUT --arch deepseek ... "
+                    f"--format {fmt}` instead: it folds the routed scale into the expert weights"
                     + (" and gates the shared expert exactly" if fmt == "qwen2_moe" else "") + ")")
         raise ConversionError(f"cannot export to {fmt}: " + "; ".join(problems) + hint)
     for field in ("capacity_factor", "random_routing"):
