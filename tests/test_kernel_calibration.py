@@ -5,6 +5,7 @@ of their own. Which kernel wins is the machine's business: the tests force each 
 (`kernel_choice._time`), except one that times for real on tiny shapes, and check no timing threshold.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_mixtral_config, random_input_ids, randomize_weights_
+from peft import LoraConfig, get_peft_model
 from test_experts_kernels import experts_module
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from hf_moe import MixtralMoEForCausalLM
 from hf_moe.modeling import experts_kernels, kernel_choice
 from hf_moe.modeling.modeling_hf_moe import MoEExperts
 
@@ -359,15 +363,18 @@ class LowRankDelta(torch.nn.Module):
         return weight + self.a @ self.b
 
 
-def test_parametrized_weights_are_timed_without_computing_through_their_parameters():
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "parametrize.cached"])
+def test_parametrized_weights_are_timed_without_computing_through_their_parameters(cached):
     """Experts whose weights are parametrized (LoRA on the fused weights, as peft's `target_parameters` does) are
-    timed on the adapted weights, frozen: the adapter's parameters get their gradients from the real call only."""
+    timed on the adapted weights, frozen: the adapter's parameters get their gradients from the real call only. peft
+    runs the adapted module inside `parametrize.cached()`: the timing must not leave its frozen value in that cache."""
     experts, reference = experts_module(), experts_module("eager")
     for module in (experts, reference):
         module.gate_up_proj.requires_grad_(False)
         torch.nn.utils.parametrize.register_parametrization(module, "gate_up_proj", LowRankDelta())
     hidden, index, weights = routed_inputs(40)
-    output = experts(hidden, index, weights)
+    with torch.nn.utils.parametrize.cached() if cached else contextlib.nullcontext():
+        output = experts(hidden, index, weights)
     [key] = kernel_choice.chosen_kernels()
     assert "gradients=weights" in key and "intermediate=64" in key
     assert key in stored_decisions()  # timed (a failed timing would fall back to grouped_mm, unstored)
@@ -377,6 +384,36 @@ def test_parametrized_weights_are_timed_without_computing_through_their_paramete
     for name in ("a", "b"):
         assert_close(getattr(experts.parametrizations.gate_up_proj[0], name).grad,
                      getattr(reference.parametrizations.gate_up_proj[0], name).grad, atol=ATOL, rtol=0)
+
+
+def test_peft_lora_on_the_experts_trains_through_the_timed_first_call_under_activation_checkpointing(monkeypatch):
+    """peft's `target_parameters` LoRA on a whole model's fused experts, activation checkpointing on: the first
+    training call of each shape times the kernels inside the checkpointed layer. The recomputation in the backward,
+    which does not time, must save the same tensors, and the LoRA factors get the gradients of the same step with the
+    chosen kernel pinned (no timing)."""
+    input_ids = random_input_ids(2, 8)
+    gradients, chosen = {}, None
+    for pin in (kernel_choice.CALIBRATE, "chosen"):
+        if pin == "chosen":
+            monkeypatch.setenv(kernel_choice.PIN_ENV, chosen)
+        torch.manual_seed(0)
+        model = randomize_weights_(MixtralMoEForCausalLM(make_mixtral_config())).train()
+        model.activation_checkpointing_enable()
+        model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.0,
+                                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        torch.manual_seed(3)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                torch.nn.init.normal_(parameter, std=0.1)
+        model(input_ids, labels=input_ids).loss.backward()
+        gradients[pin] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        if pin == kernel_choice.CALIBRATE:  # timed once: both layers have the same shapes
+            [(key, chosen)] = kernel_choice.chosen_kernels().items()
+            assert "gradients=weights" in key  # the adapted weights train: timed with their gradients
+    assert len(gradients["chosen"]) == 8  # A and B of two weights in two layers
+    for name, grad in gradients["chosen"].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert_close(gradients[kernel_choice.CALIBRATE][name], grad, atol=ATOL, rtol=0, msg=name)
 
 
 def test_a_timing_that_fails_falls_back_to_grouped_mm_with_a_warning(monkeypatch, caplog):
@@ -422,6 +459,26 @@ def test_gradients_needed_tells_inference_frozen_experts_and_training_apart():
     experts.requires_grad_(False)
     assert kernel_choice.gradients_needed(experts, hidden, weights) == "none"
     assert kernel_choice.gradients_needed(experts, hidden.requires_grad_(), weights) == "inputs"
+
+
+class FactorsHeldAsTensors(torch.nn.Module):
+    """W + A @ B with the factors as plain tensor attributes, not parameters, as peft's LoRA proxy holds them."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, weight):
+        return weight + self.a @ self.b
+
+
+def test_gradients_needed_sees_trainable_factors_that_a_parametrization_holds_as_tensors():
+    hidden, _, weights = routed_inputs(3)
+    a, b = torch.zeros(4, 128, 2, requires_grad=True), torch.zeros(4, 2, 32)
+    for factors, expected in (((a, b * 2), "weights"), ((a.detach(), b), "none")):  # b * 2 requires grad
+        experts = experts_module().requires_grad_(False)
+        torch.nn.utils.parametrize.register_parametrization(experts, "gate_up_proj", FactorsHeldAsTensors(*factors))
+        assert kernel_choice.gradients_needed(experts, hidden, weights) == expected
 
 
 # ------------------------------------------------------------------------------------------------------------------

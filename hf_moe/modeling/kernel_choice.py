@@ -96,8 +96,11 @@ def gradients_needed(experts: nn.Module, hidden_states: torch.Tensor, top_k_weig
     """"none" (inference), "inputs" (autograd records the call, the expert weights are frozen) or "weights"."""
     if not torch.is_grad_enabled():
         return "none"
+    weights = list(experts._parameters.values())
     parametrizations = experts._modules.get("parametrizations")  # LoRA's on the weights, for one
-    weights = [*experts._parameters.values(), *(parametrizations.parameters() if parametrizations is not None else ())]
+    for module in parametrizations.modules() if parametrizations is not None else ():
+        # parameters, and tensors held as plain attributes (peft's LoRA proxy keeps its factors so)
+        weights += [*module._parameters.values(), *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
     if any(weight is not None and weight.requires_grad for weight in weights):
         return "weights"
     return "inputs" if hidden_states.requires_grad or top_k_weights.requires_grad else "none"
@@ -212,8 +215,19 @@ def _stored(experts: nn.Module, name: str) -> torch.Tensor:
 
 
 def _weights(experts: nn.Module) -> dict[str, torch.Tensor]:
-    """The expert weights the kernels read, by name (a parametrized weight, e.g. a LoRA-adapted one, is computed)."""
-    return {name: value for name in _WEIGHT_NAMES if isinstance(value := getattr(experts, name, None), torch.Tensor)}
+    """The expert weights the kernels read, by name. A parametrized weight (e.g. a LoRA-adapted one) is computed from
+    its parametrization, not read through the module's property: inside `parametrize.cached()`, where peft runs its
+    adapted modules, the property would cache the value computed here, and the real call would then read that value,
+    computed for the timing, without the adapter's autograd graph (and a checkpointed layer's recomputation, which does
+    not time, would save other tensors than its forward)."""
+    parametrizations = experts._modules.get("parametrizations")
+    weights = {}
+    for name in _WEIGHT_NAMES:
+        if parametrizations is not None and name in parametrizations:
+            weights[name] = parametrizations[name]()
+        elif isinstance(value := getattr(experts, name, None), torch.Tensor):
+            weights[name] = value
+    return weights
 
 
 def _stand_in(experts: nn.Module, weights_train: bool) -> nn.Module:
