@@ -9,6 +9,7 @@ norms, sinks and the selection bias included); logits must agree within 1e-5 abs
 
 import pytest
 import torch
+from conftest import FAMILIES as OUR_FAMILIES
 from conftest import (
     PAD_TOKEN_ID,
     VOCAB_SIZE,
@@ -187,6 +188,31 @@ def test_greedy_generation_matches_native_and_with_cache_matches_without(family)
     generated = greedy(ours, input_ids, attention_mask)
     assert torch.equal(generated, greedy(native, input_ids, attention_mask))
     assert torch.equal(generated, greedy(ours, input_ids, attention_mask, use_cache=False))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_with_a_static_cache_matches_the_dynamic_cache(family):
+    """`cache_implementation="static"`: generate then makes the masks, one per attention layer type, ahead of each
+    step (`create_masks_for_generate`) and passes them in as a dict; gpt_oss alternates sliding and full layers."""
+    native, ours = make_pair(family)
+    input_ids, attention_mask = left_padded_batch()
+    generated = greedy(ours, input_ids, attention_mask)
+    assert torch.equal(greedy(ours, input_ids, attention_mask, cache_implementation="static"), generated)
+    assert torch.equal(greedy(native, input_ids, attention_mask), generated)
+
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("mixtral", {}), ("deepseek", {}), ("mixtral", {"sliding_window": 4}), ("mixtral", {"num_attention_experts": 3}),
+    ("mixtral", {"block_layout": [["attention", "moe", "attention", "dense"], ["attention", "moe"]]}),
+    ("deepseek", {"attention_type": "mla", "qk_norm": False, "qkv_bias": False, "num_key_value_heads": 4,
+                  "kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                  "v_head_dim": 8}),
+], ids=["mixtral", "deepseek", "sliding window", "attention experts", "block_layout", "mla"])
+def test_our_layouts_generate_with_a_static_cache_as_with_the_dynamic_one(family, overrides):
+    model = OUR_FAMILIES[family].causal_lm(**overrides)
+    input_ids, attention_mask = left_padded_batch()
+    expected = greedy(model, input_ids, attention_mask)
+    assert torch.equal(greedy(model, input_ids, attention_mask, cache_implementation="static"), expected)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

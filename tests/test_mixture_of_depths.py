@@ -218,6 +218,15 @@ def test_training_top_c_is_not_causal():
     assert (differences[0] - differences[1]).abs().max() > 1e-4  # the top-C choice compares with the last token
 
 
+def test_a_static_cache_is_refused_naming_the_setting():
+    """A routed layer marks a skipped token by its zero key in a cache that grows one entry per token; a static
+    cache is preallocated with zeros."""
+    with pytest.raises(ValueError, match="Mixture-of-Depths.*StaticCache.*`cache_implementation`: allowed None or "
+                                         "'dynamic'"):
+        mod_model().generate(random_input_ids(1, 5), max_new_tokens=2, pad_token_id=PAD_TOKEN_ID,
+                             cache_implementation="static")
+
+
 @pytest.mark.parametrize("family", ["mixtral", "deepseek"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_greedy_generation_with_cache_matches_without_cache(family, attn_implementation):

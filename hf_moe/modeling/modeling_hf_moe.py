@@ -966,6 +966,10 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         if implementation not in ("eager", "sdpa"):
             raise ValueError(f"`attn_implementation`={implementation!r} cannot run a Mixture-of-Depths layer "
                              "(`mod_layers`), whose attention mask depends on the router: use 'eager' or 'sdpa'.")
+        if getattr(cache, "is_compileable", False):  # a static cache holds zeros at the positions not yet written
+            raise ValueError(f"A Mixture-of-Depths layer (`mod_layers`) reads a skipped token as a zero key in a cache "
+                             f"that grows one entry per token; {type(cache).__name__} is preallocated: decode with "
+                             f"the default dynamic cache (`cache_implementation`: allowed None or 'dynamic').")
         router_logits, chosen, _ = self.mod_router(hidden_states, token_mask)
         batch, seq_len, hidden = hidden_states.shape
         # C: fixed in training (no host sync); the largest row's count at inference
@@ -1091,6 +1095,18 @@ class MoEPreTrainedModel(PreTrainedModel):
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
+def causal_masks_by_type(config: MoEDecoderConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor, cache: Cache | None) -> dict[str, torch.Tensor | None]:
+    """One mask per attention layer type of the model (`config.attention_layer_types()`): full causal, or causal
+    within the window."""
+    return {
+        layer_type: MASK_FUNCTIONS[layer_type](config=config, inputs_embeds=inputs_embeds,
+                                               attention_mask=attention_mask, position_ids=position_ids,
+                                               **{CACHE_NAME: cache})
+        for layer_type in dict.fromkeys(config.attention_layer_types())
+    }
+
+
 @auto_docstring(custom_intro="The bare MoE decoder, outputting raw hidden states (and router logits on request).")
 class MoEModel(MoEPreTrainedModel):
     def __init__(self, config: MoEDecoderConfig):
@@ -1141,21 +1157,14 @@ class MoEModel(MoEPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        layer_types = self.config.attention_layer_types()  # one per attention (layer or sub-block): its cache layer
-        causal_masks = {  # one mask per attention layer type present: full causal, or causal within the window
-            layer_type: MASK_FUNCTIONS[layer_type](
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                **{CACHE_NAME: cache},
-            )
-            for layer_type in dict.fromkeys(layer_types)
-        }
+        # one mask per attention layer type; generate makes them ahead for a static cache (`create_masks_for_generate`)
+        causal_masks = attention_mask
+        if not isinstance(causal_masks, dict):
+            causal_masks = causal_masks_by_type(self.config, inputs_embeds, attention_mask, position_ids, cache)
 
-        # the padding mask of this forward's tokens, for Soft MoE's slots (a 4D mask given by the caller has none)
+        # the padding mask of this forward's tokens, for Soft MoE's slots (4D masks given by the caller have none)
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -inputs_embeds.shape[1]:]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -1385,6 +1394,14 @@ class MoEForCausalLM(_RouterLossMixin, MoEPreTrainedModel, GenerationMixin):
                 "(dropless inference) to generate."
             )
         return super().generate(*args, **kwargs)
+
+    def create_masks_for_generate(self, config: MoEDecoderConfig, inputs_embeds: torch.Tensor,
+                                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                                  **kwargs) -> dict[str, torch.Tensor | None]:
+        """The masks `generate` makes ahead of each step for a static cache: one per attention layer type, as the
+        model makes them (transformers' own function reads `config.layer_types`, whose None it does not take)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return causal_masks_by_type(config, inputs_embeds, attention_mask, position_ids, cache)
 
     @contextmanager
     def _optimize_model_for_decode(self):
