@@ -22,6 +22,8 @@ import torch
 from common import device_names, markdown_table, onednn_linear, round_robin_medians, write_section
 from models import COMMON, FAMILIES, SMOKE, SMOKE_FAMILIES
 
+from hf_moe.modeling.experts_kernels import expert_pair
+
 WORKING_SET = 256 * 2**20  # bytes cycled per product: well above the last-level cache
 ROUTED = ("expert gate_up", "expert down")  # the products `sorted_mm` runs, through oneDNN in fp32 on x86-64
 PAIRS = "pairs (bmm)"  # `sorted_mm/torch.mm` at one token: two experts per batched product
@@ -29,10 +31,10 @@ PAIRS = "pairs (bmm)"  # `sorted_mm/torch.mm` at one token: two experts per batc
 
 def pair_products(stored: torch.Tensor, vectors: torch.Tensor) -> list[torch.Tensor]:
     """W_a @ x_a and W_b @ x_b for copies a = i and b = i + half of stored [copies, out, in], each pair one
-    `torch.bmm` over a strided view of the two (as `_LoopProducts._pairs_times`), vectors [2, 1, in]."""
-    half, (out_features, in_features) = len(stored) // 2, stored.shape[1:]
-    return [torch.bmm(stored.as_strided((2, out_features, in_features), (half * stored.stride(0), in_features, 1),
-                                        i * stored.stride(0)), vectors.mT) for i in range(half)]
+    `torch.bmm` over the kernel's strided view of the two (`expert_pair`, as `_LoopProducts._pairs_times`), vectors
+    [2, 1, in] passed as the kernel passes its rows (`.mT`)."""
+    half = len(stored) // 2
+    return [torch.bmm(expert_pair(stored, i, i + half), vectors.mT) for i in range(half)]
 
 
 def products(hidden: int, experts: int, top_k: int, width: int, shared: int) -> dict[str, list]:

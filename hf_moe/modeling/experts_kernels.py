@@ -155,11 +155,9 @@ class _LoopProducts:
         faster so than one after the other with every core on each (fp32, 2 cores of an AMD EPYC Zen 4, BENCHMARKS.md
         "Decode at batch 1"), as the products of one token stream their weights at one core's bandwidth."""
         by_row = weight.transpose(1, 2)  # [E, out, in], contiguous rows
-        size, stride = by_row.shape[1:], by_row.stride()
         for first in range(0, len(self.blocks) - 1, 2):  # one row per block: block i is row i
             (a, row, _), (b, _, _) = self.blocks[first], self.blocks[first + 1]
-            pair = by_row.as_strided((2, *size), ((b - a) * stride[0], *stride[1:]),
-                                     by_row.storage_offset() + a * stride[0])  # [2, out, in]: experts a and b
+            pair = expert_pair(by_row, a, b)  # [2, out, in]: experts a and b
             # the rows as [2, in, 1] of strides (in, 1, in), `.mT` of [2, 1, in]: with strides (in, 1, 1) (`[..., None]`)
             # torch took a path 4-5x slower for the same product (one-off timing)
             torch.bmm(pair, rows[row:row + 2, None, :].mT, out=out[row:row + 2, None, :].mT)
@@ -205,6 +203,13 @@ class _GroupedProducts:
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         # some GPUs' kernels leave the blocks of experts without rows unwritten (pytorch#172439): zero them
         return _grouped_mm(left.t(), right, offs=self.offsets).masked_fill_(self.no_pairs, 0)
+
+
+def expert_pair(weights: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Experts a < b of weights [E, ...] as one [2, ...] view whose batch stride is b - a experts: no copy."""
+    stride = weights.stride()
+    return weights.as_strided((2, *weights.shape[1:]), ((b - a) * stride[0], *stride[1:]),
+                              weights.storage_offset() + a * stride[0])
 
 
 def _grouped_kernel_applies(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
