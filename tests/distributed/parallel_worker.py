@@ -19,7 +19,7 @@ from transformers.distributed import DistributedConfig
 
 import hf_moe  # noqa: F401  (registers the model types)
 
-from .results import write_results
+from .results import exit_worker, write_results
 
 LEARNING_RATE = 0.5
 BATCHES = [random_input_ids(2, 8, seed=seed) for seed in (1, 2)]
@@ -69,7 +69,7 @@ def main():
         tensors.update({f"{Path(model_dir).name}.{key}": value for key, value in results.items()})
     if dist.get_rank() == 0:
         write_results(options.out_dir, tensors)
-    dist.destroy_process_group()  # see train_worker.py
+    exit_worker()
 
 
 if __name__ == "__main__":

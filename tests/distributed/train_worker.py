@@ -26,7 +26,7 @@ from hf_moe import ExpertGateConfig, MixLoraConfig
 from hf_moe.finetune.lora_moe import TaskIdsCollator, add_lora_moe_callback
 from hf_moe.finetune.lora_moe.expert_gate import calibrate_feature_statistics
 
-from .results import write_results
+from .results import exit_worker, write_results
 
 ROWS_PER_STEP = 4
 STEPS = 4
@@ -152,8 +152,7 @@ def main():
     )
     if torch.distributed.get_rank() == 0:
         write_results(options.out_dir, tensors, log_history=log_history, **setup)
-    # an exit with the process group alive can abort a rank while gloo's threads are torn down
-    torch.distributed.destroy_process_group()
+    exit_worker()
 
 
 if __name__ == "__main__":
