@@ -30,6 +30,8 @@ own pretraining text), and `pydoc`, the language reference's English topics (`py
                     dense architecture trained from scratch on the same data
     fine_grained    its exact fine-grained upcycle (`arch="deepseek"`): each FFN split into 4 shards, 1 an always-on
                     shared expert, the other 3 copied 8 times into 24 routed experts, top-6 (1.75 FFNs a token)
+    fine_grained_grouped  the same upcycle with `group_copies`: group-limited routing to the best 2 of the 8 copies,
+                    so that a token takes two whole copies of the routed neurons however training moves the router
 
 The runs named after routing presets share one upcycled checkpoint; only the routing fields of the config differ.
 "eval loss at dense's FLOPs" interpolates each run's eval curve at the training FLOPs of the first run (dense); a run
@@ -72,10 +74,12 @@ SHAPE_FIELDS = {"num_local_experts", "n_routed_experts", "n_shared_experts", "n_
 MOE_RUNS = ("mixtral", "deepseek_v3", "switch", "expert_choice", "soft_moe_causal", "mixture_of_depths", "jetmoe")
 NUM_EXPERTS, TOP_K = 8, 2
 FINE_GRAINED = {"arch": "deepseek", "granularity": 4, "shared_experts": 1, "num_experts": 24, "top_k": 6}
-RUNS = ("dense", *MOE_RUNS, "glam", "dense_scratch", "brainformer", "fine_grained")
-DEFAULT_RUNS = tuple(run for run in RUNS if run != "fine_grained")
+FINE_GRAINED_RUNS = {"fine_grained": FINE_GRAINED, "fine_grained_grouped": {**FINE_GRAINED, "group_copies": True}}
+RUNS = ("dense", *MOE_RUNS, "glam", "dense_scratch", "brainformer", *FINE_GRAINED_RUNS)
+DEFAULT_RUNS = tuple(run for run in RUNS if run not in FINE_GRAINED_RUNS)
 UPCYCLE_NAME = "8 experts, top-2"
-FINE_GRAINED_NAME = "fine-grained: 1 shared + 24 routed, top-6"
+FINE_GRAINED_NAMES = {"fine_grained": "fine-grained: 1 shared + 24 routed, top-6",
+                      "fine_grained_grouped": "fine-grained, whole copies: the best 2 of 8 groups of 3"}
 GLAM_NAME = "GLaM: 64 experts, top-2, every other layer"
 
 
@@ -304,8 +308,8 @@ def main():
             if run == "dense":
                 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
                 samples["dense, before training"] = continuation(model, tokenizer, prompt, sample_tokens)
-            elif run == "fine_grained":
-                model = moe_model(upcycled(FINE_GRAINED_NAME, **FINE_GRAINED), None)
+            elif run in FINE_GRAINED_RUNS:
+                model = moe_model(upcycled(FINE_GRAINED_NAMES[run], **FINE_GRAINED_RUNS[run]), None)
             elif run == "glam":
                 layers = AutoConfig.from_pretrained(base).num_hidden_layers
                 model = moe_model(upcycled(GLAM_NAME, arch="deepseek", num_experts=64, top_k=2,

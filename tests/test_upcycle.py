@@ -66,6 +66,8 @@ EXACT_MODES = {
                             partition="shuffled", moe_layers="after-1"),
     "zero_router_softmax_scaled": dict(arch="deepseek", granularity=2, num_experts=6, top_k=2, router_init="zeros",
                                        norm_topk_prob=False),
+    "grouped_copies": dict(arch="deepseek", granularity=3, shared_experts=1, num_experts=6, top_k=4, router_std=1.0,
+                           group_copies=True),
     "kmeans_clustered": dict(arch="deepseek", granularity=3, shared_experts=1, num_experts=4, top_k=2,
                              partition="clustered", router_init="kmeans", calibration_tokens=list(range(3, 100)),
                              calibration_seq_len=40, moe_layers="every-2"),
@@ -220,6 +222,41 @@ def test_zero_router_keeps_whole_copies_together(sources, tmp_path):
     assert torch.count_nonzero(read_tensor(result.out, "model.layers.1.mlp.gate.weight")) == 0
 
 
+def chosen_experts(model: DeepSeekMoEForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """[T, k] experts each router chose, for every sparse layer (a router returns logits, weights, indices and its
+    decision)."""
+    chosen = []
+    hooks = [router.register_forward_hook(lambda module, args, output: chosen.append(output[2]))
+             for router in model.model.routers()]
+    with torch.no_grad():
+        model(input_ids)
+    for hook in hooks:
+        hook.remove()
+    return chosen
+
+
+@pytest.mark.parametrize("group_copies", [True, False])
+def test_grouped_copies_stay_whole_once_the_router_rows_untie(sources, tmp_path, group_copies):
+    """3 copies of 2 routed shards, top-4: with `group_copies` every token takes two whole copies however the router
+    rows move; without it, rows untied by training mix shards of different copies."""
+    options = dict(EXACT_MODES["grouped_copies"], group_copies=group_copies)
+    result = upcycle(sources["llama"], tmp_path / "moe", **QUIET, **options)
+    assert result.verification["passed"]
+    config = json.loads((result.out / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"]) == ((3, 2) if group_copies else (1, 1))
+    assert ("group-limited to the best 2 of 3 copies (group_copies" in result.plan.describe()) == group_copies
+    model = DeepSeekMoEForCausalLM.from_pretrained(result.out).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # what training does to the rows: each expert's own update
+        for router in model.model.routers():
+            router.weight.add_(torch.randn(router.weight.shape, generator=generator))
+    whole = []
+    for top_k_index in chosen_experts(model, sample_ids()):
+        copies = torch.div(top_k_index, 2, rounding_mode="floor").sort(dim=-1).values  # [T, 4]: 2 shards per copy
+        whole.append(bool((copies[:, 0::2] == copies[:, 1::2]).all()))
+    assert all(whole) == group_copies
+
+
 def test_drop_upcycling_reinitialises_the_same_neurons_in_gate_up_and_down(sources, tmp_path):
     out = upcycle(sources["llama"], tmp_path / "moe", **QUIET, **INEXACT_MODES["drop_upcycling"]).out
     layer = "model.layers.1.mlp."
@@ -299,6 +336,7 @@ BAD_OPTIONS = {
     "calibration_file": dict(arch="deepseek", router_init="kmeans"),
     "calibration_tokens": dict(router_init="kmeans", calibration_tokens=[1, 2, 999]),
     "router_init": dict(arch="deepseek", granularity=2, num_experts=4, router_init="zeros", format="qwen3_moe"),
+    "group_copies": dict(arch="deepseek", granularity=2, num_experts=2, group_copies=True),  # one copy: no groups
     "arch": dict(arch="moe"),
     "format": dict(arch="deepseek", format="qwen3_moe"),  # llama has no q/k norm
 }
@@ -319,6 +357,8 @@ def test_invalid_option_is_refused_before_writing(sources, tmp_path, option):
      "sliding_window"),
     ("llama", dict(arch="deepseek", format="qwen2_moe"), "n_shared_experts"),
     ("llama", dict(mystery=1), "unknown upcycle option"),
+    ("qwen3", dict(arch="deepseek", granularity=2, num_experts=4, top_k=2, group_copies=True, format="qwen3_moe"),
+     "`group_copies`.*qwen3_moe has no group-limited routing"),
 ])
 def test_unrepresentable_design_is_refused(sources, tmp_path, source_name, options, match):
     out = tmp_path / "moe"

@@ -11,9 +11,10 @@ Designs (G = granularity, K_s = shared experts, G_r = G - K_s routed shards, w =
   k = m * G_r, top-k then picks m whole copies; renormalised, every expert of selected copy c weighs
   p_c / (G_r * sum of the m selected p), so the routed sum is (1/G_r) * (the FFN of the routed neurons), and a
   routed scale s = G_r makes the layer exactly the dense FFN for any router whose rows differ between copies
-  (normal, kmeans). A zero router ties every expert, so whole copies are then kept together by group-limited
-  routing (`n_group` = C, `topk_group` = m; our format only), which stays in the config: set both to 1 to let the
-  trained router pick single fine-grained experts.
+  (normal, kmeans). Training unties the rows of one copy, and top-k then mixes shards of different copies (some
+  neurons twice, others not at all). Group-limited routing (`n_group` = C, `topk_group` = m: `group_copies`) keeps
+  whole copies together however the rows move; a zero router, which ties every expert, always gets it. It stays in
+  the config: set both to 1 to let the trained router pick single fine-grained experts.
 
 Where the routed scale s goes: `routed_scaling_factor` in our format; native formats have no such field, so s is
 folded into the experts' weights (up rows x a, down x b, a * b = s: powers of two when s is one, else sqrt(s)
@@ -137,6 +138,10 @@ class UpcycleOptions:
                                "centroids of the router's inputs (post-attention-norm activations) on calibration "
                                "tokens, scaled to the norm of a normal row", choices=ROUTER_INITS)
     router_std: float = _option(0.02, "std of the normal router init (and the row norm / sqrt(H) of kmeans)")
+    group_copies: bool = _option(False, "deepseek with several copies of several routed shards: group-limited "
+                                 "routing over whole copies (n_group = copies, topk_group = top_k / routed shards), "
+                                 "so that the router keeps choosing whole copies of the FFN once training unties its "
+                                 "rows; always on with router_init=zeros, which needs it")
     moe_layers: str = _option("all", "layers that become MoE: all; every-N (layers i with (i + 1) % N == 0, "
                               "GShard's every other layer for N=2); after-K (all but the first K, DeepSeek); or "
                               "indices like 1,3,5 (mixtral needs all)")
@@ -274,8 +279,9 @@ class UpcyclePlan:
                      else f"folded into the weights: up x{self.weight_scales[0]:g}, down x{self.weight_scales[1]:g}")
             routing += f", routed output x{self.routed_scale:g} ({where})"
         if c.n_group > 1:
-            routing += (f", group-limited to the best {c.topk_group} of {c.n_group} copies (the zero router ties; set "
-                        f"n_group=1 later to free the router)")
+            why = "group_copies" if o.group_copies else "the zero router ties"
+            routing += (f", group-limited to the best {c.topk_group} of {c.n_group} copies ({why}; set n_group=1 "
+                        f"later to free the router)")
         router = {"normal": f"normal(0, {o.router_std:g})", "zeros": "zeros",
                   "kmeans": f"k-means of the router inputs on {self.num_calibration_tokens} calibration tokens"}
         rows = self.copies if self.routed_shards > 1 else self.num_experts
@@ -428,7 +434,7 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
     _check_float("router_std", o.router_std, 0.0, None)
     if o.router_init in ("normal", "kmeans") and o.router_std <= 0:
         raise _invalid("router_std", o.router_std, f"router_init={o.router_init} needs a std > 0")
-    for name in ("norm_topk_prob", "verify", "dry_run", "overwrite"):
+    for name in ("norm_topk_prob", "group_copies", "verify", "dry_run", "overwrite"):
         if not isinstance(getattr(o, name), bool):
             raise _invalid(name, getattr(o, name), "must be true or false")
     try:
@@ -472,6 +478,11 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
                                        f"of the FFN: exactness)")
     if o.partition == "clustered" and o.granularity == 1:
         raise _invalid("partition", o.partition, "clustering needs granularity > 1")
+    if o.group_copies and (o.arch != "deepseek" or routed == 1 or o.num_experts == routed):
+        raise _invalid("group_copies", True, f"needs arch=deepseek with more than one routed shard "
+                                             f"(granularity - shared_experts > 1) and more than one copy of them "
+                                             f"(num_experts > granularity - shared_experts); here arch {o.arch}, "
+                                             f"{routed} routed shards, {o.num_experts // routed} copies")
 
 
 def routed_scale(o: UpcycleOptions, top_k: int) -> float:
@@ -505,6 +516,12 @@ def _deviations(o: UpcycleOptions, dtype: torch.dtype, scale: float, folded: boo
     return reasons
 
 
+def grouped_copies(o: UpcycleOptions, routed: int, copies: int) -> bool:
+    """Whether group-limited routing keeps whole copies together: asked for, or needed by a zero router (which ties
+    every expert)."""
+    return (o.group_copies or o.router_init == "zeros") and routed > 1 and copies > 1
+
+
 def _our_config(o: UpcycleOptions, source: DenseSource, top_k: int, scale: float, in_config: bool,
                 layer_types: list[str]) -> MoEDecoderConfig:
     fields_ = dict(source.fields)
@@ -518,7 +535,7 @@ def _our_config(o: UpcycleOptions, source: DenseSource, top_k: int, scale: float
     width = fields_["intermediate_size"] // o.granularity
     copies = o.num_experts // routed
     groups = {}
-    if o.router_init == "zeros" and routed > 1 and copies > 1:  # tied rows: keep whole copies together
+    if grouped_copies(o, routed, copies):
         groups = dict(n_group=copies, topk_group=top_k // routed)
     return build_config(
         DeepSeekMoEConfig, "upcycled config", **fields_, **explicit_layer_fields(layer_types), **routing, **groups,
@@ -542,9 +559,12 @@ def plan_upcycle(src: str | os.PathLike, out: str | os.PathLike | None = None, *
     copies = o.num_experts // routed
     scale = routed_scale(o, top_k)
     in_config = o.format == "hf_moe"
-    if not in_config and o.router_init == "zeros" and routed > 1 and copies > 1:
-        raise _invalid("router_init", "zeros", f"ties every expert, and {o.format} has no group-limited routing to "
-                                               f"keep whole copies together (use normal or kmeans, or --format hf_moe)")
+    if not in_config and grouped_copies(o, routed, copies):
+        if o.router_init == "zeros":
+            raise _invalid("router_init", "zeros", f"ties every expert, and {o.format} has no group-limited routing "
+                                                   f"to keep whole copies together (use normal or kmeans, or --format "
+                                                   f"hf_moe)")
+        raise _invalid("group_copies", True, f"{o.format} has no group-limited routing (use --format hf_moe)")
     config = _our_config(o, source, top_k, scale, in_config, layer_types)
     native_config = None
     if o.format != "hf_moe":
