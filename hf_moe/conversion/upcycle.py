@@ -481,8 +481,8 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
     if o.group_copies and (o.arch != "deepseek" or routed == 1 or o.num_experts == routed):
         raise _invalid("group_copies", True, f"needs arch=deepseek with more than one routed shard "
                                              f"(granularity - shared_experts > 1) and more than one copy of them "
-                                             f"(num_experts > granularity - shared_experts); here arch {o.arch}, "
-                                             f"{routed} routed shards, {o.num_experts // routed} copies")
+                                             f"(num_experts > granularity - shared_experts); here arch={o.arch}, "
+                                             f"granularity - shared_experts = {routed}, num_experts = {o.num_experts}")
 
 
 def routed_scale(o: UpcycleOptions, top_k: int) -> float:
