@@ -74,12 +74,14 @@ SHAPE_FIELDS = {"num_local_experts", "n_routed_experts", "n_shared_experts", "n_
 MOE_RUNS = ("mixtral", "deepseek_v3", "switch", "expert_choice", "soft_moe_causal", "mixture_of_depths", "jetmoe")
 NUM_EXPERTS, TOP_K = 8, 2
 FINE_GRAINED = {"arch": "deepseek", "granularity": 4, "shared_experts": 1, "num_experts": 24, "top_k": 6}
-FINE_GRAINED_RUNS = {"fine_grained": FINE_GRAINED, "fine_grained_grouped": {**FINE_GRAINED, "group_copies": True}}
+FINE_GRAINED_RUNS = {  # run -> (upcycle name, upcycle options)
+    "fine_grained": ("fine-grained: 1 shared + 24 routed, top-6", FINE_GRAINED),
+    "fine_grained_grouped": ("fine-grained, whole copies: the best 2 of 8 groups of 3",
+                             {**FINE_GRAINED, "group_copies": True}),
+}
 RUNS = ("dense", *MOE_RUNS, "glam", "dense_scratch", "brainformer", *FINE_GRAINED_RUNS)
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in FINE_GRAINED_RUNS)
 UPCYCLE_NAME = "8 experts, top-2"
-FINE_GRAINED_NAMES = {"fine_grained": "fine-grained: 1 shared + 24 routed, top-6",
-                      "fine_grained_grouped": "fine-grained, whole copies: the best 2 of 8 groups of 3"}
 GLAM_NAME = "GLaM: 64 experts, top-2, every other layer"
 
 
@@ -309,7 +311,8 @@ def main():
                 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
                 samples["dense, before training"] = continuation(model, tokenizer, prompt, sample_tokens)
             elif run in FINE_GRAINED_RUNS:
-                model = moe_model(upcycled(FINE_GRAINED_NAMES[run], **FINE_GRAINED_RUNS[run]), None)
+                name, options = FINE_GRAINED_RUNS[run]
+                model = moe_model(upcycled(name, **options), None)
             elif run == "glam":
                 layers = AutoConfig.from_pretrained(base).num_hidden_layers
                 model = moe_model(upcycled(GLAM_NAME, arch="deepseek", num_experts=64, top_k=2,

@@ -399,8 +399,8 @@ def test_peft_lora_on_the_experts_trains_through_the_timed_first_call_under_acti
         torch.manual_seed(0)
         model = randomize_weights_(MixtralMoEForCausalLM(make_mixtral_config())).train()
         model.activation_checkpointing_enable()
-        model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.0,
-                                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.0, target_parameters=experts))
         torch.manual_seed(3)
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:

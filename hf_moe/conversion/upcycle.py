@@ -478,7 +478,7 @@ def _check_options(o: UpcycleOptions, source: DenseSource) -> None:
                                        f"of the FFN: exactness)")
     if o.partition == "clustered" and o.granularity == 1:
         raise _invalid("partition", o.partition, "clustering needs granularity > 1")
-    if o.group_copies and (o.arch != "deepseek" or routed == 1 or o.num_experts == routed):
+    if o.group_copies and not grouped_copies(o, routed, o.num_experts // routed):
         raise _invalid("group_copies", True, f"needs arch=deepseek with more than one routed shard "
                                              f"(granularity - shared_experts > 1) and more than one copy of them "
                                              f"(num_experts > granularity - shared_experts); here arch={o.arch}, "

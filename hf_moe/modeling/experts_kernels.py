@@ -158,8 +158,8 @@ class _LoopProducts:
         for first in range(0, len(self.blocks) - 1, 2):  # one row per block: block i is row i
             (a, row, _), (b, _, _) = self.blocks[first], self.blocks[first + 1]
             pair = expert_pair(by_row, a, b)  # [2, out, in]: experts a and b
-            # the rows as [2, in, 1] of strides (in, 1, in), `.mT` of [2, 1, in]: with strides (in, 1, 1) (`[..., None]`)
-            # torch took a path 4-5x slower for the same product (one-off timing)
+            # the rows as [2, in, 1] of strides (in, 1, in), `.mT` of [2, 1, in]: with strides (in, 1, 1)
+            # (`[..., None]`) torch took a path 4-5x slower for the same product (one-off timing)
             torch.bmm(pair, rows[row:row + 2, None, :].mT, out=out[row:row + 2, None, :].mT)
         if len(self.blocks) % 2:
             expert, row, _ = self.blocks[-1]

@@ -85,8 +85,9 @@ def load_model(model_dir: str, sharding: str, adapter: str | None, world_size: i
 def train(model_dir: str, output_dir: str, sharding: str = "ddp", adapter: str | None = None, world_size: int = 1,
           sync_each_batch: bool = False):
     """STEPS optimizer steps of SGD on `training_rows()` -> (trained parameters as full tensors, the router biases
-    and Expert Gate's feature statistics, Trainer's log history, how the model was trained). `sync_each_batch`: reduce gradients after every
-    micro-batch instead of once per optimizer step (DDP then also broadcasts the buffers before every forward)."""
+    and Expert Gate's feature statistics, Trainer's log history, how the model was trained). `sync_each_batch`:
+    reduce gradients after every micro-batch instead of once per optimizer step (DDP then also broadcasts the buffers
+    before every forward)."""
     model = load_model(model_dir, sharding, adapter, world_size)
     expert_gate = adapter is not None and adapter.startswith("expert_gate")
     args = TrainingArguments(
